@@ -155,7 +155,9 @@ class _Reader:
         try:
             value = int(raw)
         except ValueError:
-            raise ConfigurationError(f"setting {name} must be an integer, got {raw!r}", details={"variable": name}) from None
+            raise ConfigurationError(
+                f"setting {name} must be an integer, got {raw!r}", details={"variable": name}
+            ) from None
         if value < minimum:
             raise ConfigurationError(f"setting {name} must be >= {minimum}, got {value}", details={"variable": name})
         return value
@@ -167,7 +169,9 @@ class _Reader:
         try:
             value = float(raw)
         except ValueError:
-            raise ConfigurationError(f"setting {name} must be a number, got {raw!r}", details={"variable": name}) from None
+            raise ConfigurationError(
+                f"setting {name} must be a number, got {raw!r}", details={"variable": name}
+            ) from None
         if value <= 0:
             raise ConfigurationError(f"setting {name} must be > 0, got {value}", details={"variable": name})
         return value

@@ -1,0 +1,45 @@
+# Two commands do all set-up on a fresh machine (Python 3.11, Node 20, git):
+#   make run   - install, start Azurite + the local model server + the local Functions host
+#   make test  - install, lint, run every test
+PY ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint format bench clean
+
+install: $(STAMP) node_modules/.installed
+
+$(BIN)/python:
+	$(PY) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "Python 3.11+ is required, found " + sys.version'
+	$(PY) -m venv $(VENV)
+
+$(STAMP): requirements.txt requirements-dev.txt $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: install
+	$(BIN)/python -m local.stack
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python -m bench.optimize
+	$(BIN)/python -m bench.throughput
+
+clean:
+	rm -rf .local drop-results .pytest_cache .ruff_cache

@@ -1,0 +1,294 @@
+"""The blob path: one dropped blob -> exactly one result or error record.
+
+Task resolution: the nearest `_task.json` in the blob's folder or a parent folder
+(cached briefly per instance), else blob metadata, else DEFAULT_TASK. Permanent
+failures become `.error.json` records; transient ones raise so the host retries, and
+each transient failure is noted under `attempts/` in the cache container so the
+attempt count (and, after poisoning, the last error) survives across instances.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidRequest, VlmError
+from .pipeline import AnalysisRequest, Dependencies, analyze
+from .results import ResultWriter, Source, now_iso
+from .tasks import parse_labels
+
+log = logging.getLogger(__name__)
+
+TASK_FILE = "_task.json"
+CONTROL_FILES = (TASK_FILE,)
+TASK_KEYS = {"task", "prompt", "detail", "schema", "labels", "max_tokens", "pages", "strips"}
+TASK_CACHE_TTL_S = 30.0
+
+
+class InvalidTaskConfig(InvalidRequest):
+    code = "invalid_task_config"
+
+
+@dataclass
+class TaskConfig:
+    task: str
+    origin: str  # which _task.json, "metadata" or "default"
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BlobOutcome:
+    status: str  # "succeeded", "failed", "skipped"
+    record: dict[str, Any] | None = None
+    reason: str = ""
+
+
+def folders_up(name: str) -> list[str]:
+    """'a/b/c.jpg' -> ['a/b/', 'a/', ''] (nearest first)."""
+    parts = name.split("/")[:-1]
+    return ["/".join(parts[:i]) + "/" if i else "" for i in range(len(parts), -1, -1)]
+
+
+def is_control_file(name: str) -> bool:
+    return name.rsplit("/", 1)[-1] in CONTROL_FILES
+
+
+class TaskResolver:
+    """Finds the nearest `_task.json`; remembers look-ups (including misses) for a short TTL."""
+
+    def __init__(self, deps: Dependencies, ttl_s: float = TASK_CACHE_TTL_S) -> None:
+        self.deps = deps
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, dict[str, Any] | InvalidTaskConfig | None]] = {}
+
+    async def _load(self, folder: str) -> dict[str, Any] | InvalidTaskConfig | None:
+        now = time.monotonic()
+        hit = self._cache.get(folder)
+        if hit and now - hit[0] < self.ttl_s:
+            return hit[1]
+        from azure.core.exceptions import ResourceNotFoundError
+
+        path = folder + TASK_FILE
+        container = await self.deps.blobs.container(self.deps.settings.images_container)
+        value: dict[str, Any] | InvalidTaskConfig | None
+        try:
+            raw = await (await container.download_blob(path)).readall()
+            value = _parse_task_file(raw, path)
+        except ResourceNotFoundError:
+            value = None
+        except InvalidTaskConfig as err:
+            value = err
+        self._cache[folder] = (now, value)
+        return value
+
+    async def resolve(self, name: str, metadata: dict[str, str] | None) -> TaskConfig:
+        for folder in folders_up(name):
+            found = await self._load(folder)
+            if isinstance(found, InvalidTaskConfig):
+                raise found
+            if found is not None:
+                return TaskConfig(found["task"], folder + TASK_FILE, found)
+        meta = {k.lower(): v for k, v in (metadata or {}).items()}
+        if meta.get("task"):
+            fields = {k: v for k, v in meta.items() if k in TASK_KEYS}
+            return TaskConfig(meta["task"], "metadata", fields)
+        return TaskConfig(self.deps.settings.default_task, "default", {"task": self.deps.settings.default_task})
+
+
+def _parse_task_file(raw: bytes, path: str) -> dict[str, Any]:
+    from .tasks import task_spec
+
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidTaskConfig(f"{path} is not valid JSON: {exc}", details={"task_file": path}) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("task"), str):
+        raise InvalidTaskConfig(f'{path} must be an object with a "task" string', details={"task_file": path})
+    unknown = set(doc) - TASK_KEYS
+    if unknown:
+        raise InvalidTaskConfig(
+            f"{path} has unknown keys: {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(TASK_KEYS))}",
+            details={"task_file": path},
+        )
+    try:
+        task_spec(doc["task"])
+    except InvalidRequest as err:
+        raise InvalidTaskConfig(f"{path}: {err.message}", details={"task_file": path}) from None
+    return doc
+
+
+class BlobProcessor:
+    """Processes blobs for one event loop; keeps the task resolver's short-lived cache."""
+
+    def __init__(self, deps: Dependencies) -> None:
+        self.deps = deps
+        self.resolver = TaskResolver(deps)
+        self.writer = ResultWriter(deps.blobs, deps.settings.results_container)
+
+    async def _schema(self, ref: Any, origin: str) -> dict[str, Any] | None:
+        if ref is None or isinstance(ref, dict):
+            return ref
+        if not isinstance(ref, str) or not ref:
+            raise InvalidTaskConfig(f"{origin}: schema must be an object or a blob name", details={"task_file": origin})
+        from azure.core.exceptions import ResourceNotFoundError
+
+        container = await self.deps.blobs.container(self.deps.settings.schemas_container)
+        for candidate in (ref, ref + ".json"):
+            try:
+                raw = await (await container.download_blob(candidate)).readall()
+            except ResourceNotFoundError:
+                continue
+            try:
+                schema = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise InvalidTaskConfig(f"schema blob {candidate} is not valid JSON: {exc}") from None
+            if not isinstance(schema, dict):
+                raise InvalidTaskConfig(f"schema blob {candidate} must hold a JSON object")
+            return schema
+        raise InvalidTaskConfig(
+            f"{origin} names schema {ref!r}, which is not in the {self.deps.settings.schemas_container} container",
+            details={"task_file": origin, "schema": ref},
+        )
+
+    async def _attempts(self, name: str, etag: str | None) -> dict[str, Any]:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        container = await self.deps.blobs.container(self.deps.settings.cache_container)
+        try:
+            doc = json.loads(await (await container.download_blob(f"attempts/{name}.json")).readall())
+        except (ResourceNotFoundError, json.JSONDecodeError):
+            return {"etag": etag, "failures": 0}
+        return doc if doc.get("etag") == etag else {"etag": etag, "failures": 0}
+
+    async def _note_failure(self, name: str, etag: str | None, err: Exception) -> None:
+        try:
+            doc = await self._attempts(name, etag)
+            doc["failures"] = int(doc.get("failures", 0)) + 1
+            doc["last_error"] = (
+                err.to_dict()["error"] if isinstance(err, VlmError) else {"code": "internal_error", "message": str(err)}
+            )
+            doc["at"] = now_iso()
+            container = await self.deps.blobs.container(self.deps.settings.cache_container)
+            await container.upload_blob(f"attempts/{name}.json", json.dumps(doc).encode(), overwrite=True)
+        except Exception as exc:  # bookkeeping only; the host still retries
+            log.warning("could not record the failed attempt for %s: %s", name, exc)
+
+    async def _clear_attempts(self, name: str) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        container = await self.deps.blobs.container(self.deps.settings.cache_container)
+        try:
+            await container.delete_blob(f"attempts/{name}.json")
+        except ResourceNotFoundError:
+            pass
+
+    async def process(self, name: str, data: bytes, etag: str | None, metadata: dict[str, str] | None) -> BlobOutcome:
+        settings = self.deps.settings
+        if is_control_file(name):
+            return BlobOutcome("skipped", reason="control file")
+        sha = hashlib.sha256(data).hexdigest()
+        source = Source(settings.images_container, name, etag, sha, len(data))
+        existing = await self.writer.existing_for(name, sha)
+        if existing is not None:
+            log.info("skip %s: a record for this content exists", name)
+            return BlobOutcome("skipped", existing, reason="already processed")
+        previous = await self._attempts(name, etag)
+        attempts = int(previous.get("failures", 0)) + 1
+        task = settings.default_task
+        try:
+            config = await self.resolver.resolve(name, metadata)
+            task = config.task
+            f = config.fields
+            max_tokens = f.get("max_tokens")
+            request = AnalysisRequest(
+                images=[data],
+                task=config.task,
+                prompt=f.get("prompt"),
+                detail=f.get("detail") or settings.default_detail,
+                schema=await self._schema(f.get("schema"), config.origin),
+                labels=parse_labels(f.get("labels")),
+                max_tokens=int(max_tokens) if max_tokens not in (None, "") else None,
+                pages=f.get("pages"),
+                strips=str(f.get("strips", "")).lower() in ("1", "true", "yes"),
+            )
+            result = await analyze(request, self.deps)
+        except VlmError as err:
+            if err.transient:
+                await self._note_failure(name, etag, err)
+                raise
+            record = {
+                "status": "failed",
+                "error": err.to_dict()["error"],
+                "source": source.to_dict(),
+                "task": task,
+                "attempts": attempts,
+                "processed_at": now_iso(),
+            }
+            await self.writer.write_error(name, record)
+            await self._clear_attempts(name)
+            return BlobOutcome("failed", record)
+        except Exception as err:
+            await self._note_failure(name, etag, err)
+            raise
+        record = {
+            "status": "succeeded",
+            **result.to_dict(),
+            "source": source.to_dict(),
+            "attempts": attempts,
+            "task_config": config.origin,
+            "processed_at": now_iso(),
+        }
+        record.pop("model_calls", None)
+        await self.writer.write_success(name, record)
+        if attempts > 1:
+            await self._clear_attempts(name)
+        return BlobOutcome("succeeded", record)
+
+    async def record_poison(self, name: str, etag: str | None) -> dict[str, Any]:
+        """After the host gave up on a blob: an `.error.json` with the last error seen, so nothing is lost silently."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        container = await self.deps.blobs.container(self.deps.settings.images_container)
+        try:
+            props = await container.get_blob_client(name).get_blob_properties()
+            size = props.size
+            data = await (await container.download_blob(name)).readall()
+            sha = hashlib.sha256(data).hexdigest()
+        except ResourceNotFoundError:
+            size, sha = 0, ""
+        previous = await self._attempts(name, etag)
+        last = previous.get("last_error") or {"code": "unknown", "message": "no failure was recorded"}
+        record = {
+            "status": "failed",
+            "error": {
+                "code": "poison",
+                "message": f"gave up after {previous.get('failures', 0) or 'repeated'} failed attempts; "
+                f"last error: {last.get('code')}: {last.get('message')}",
+                "details": {"last_error": last},
+            },
+            "source": Source(self.deps.settings.images_container, name, etag, sha, size).to_dict(),
+            "task": None,
+            "attempts": previous.get("failures", 0),
+            "processed_at": now_iso(),
+        }
+        await self.writer.write_error(name, record)
+        await self._clear_attempts(name)
+        return record
+
+
+_PROCESSORS: dict[int, BlobProcessor] = {}
+
+
+def get_processor() -> BlobProcessor:
+    import asyncio
+
+    from .pipeline import get_dependencies
+
+    key = id(asyncio.get_running_loop())
+    if key not in _PROCESSORS:
+        _PROCESSORS[key] = BlobProcessor(get_dependencies())
+    return _PROCESSORS[key]

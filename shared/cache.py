@@ -1,0 +1,128 @@
+"""Content-addressed result cache: a bounded in-memory LRU in front of JSON blobs.
+
+The key is a sha256 over everything that determines the answer (task, prompt,
+detail, schema, deployment, max_tokens and the optimised image bytes), so it doubles
+as the result id and a duplicate image anywhere never costs a second model call.
+Only successes are stored. Storage trouble makes the cache miss, never fail a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+KEY_VERSION = "v1"
+
+
+def cache_key(
+    *,
+    task: str,
+    prompt: str | None,
+    detail: str,
+    schema: Any,
+    deployment: str,
+    max_tokens: int | None,
+    images: Sequence[bytes],
+    options: dict[str, Any] | None = None,
+) -> str:
+    """sha256 hex of a canonical header plus each image's own sha256 (order matters)."""
+    header = {
+        "v": KEY_VERSION,
+        "task": task,
+        "prompt": prompt,
+        "detail": detail,
+        "schema": schema,
+        "deployment": deployment,
+        "max_tokens": max_tokens,
+        "options": options or {},
+    }
+    h = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":"), default=str).encode())
+    for image in images:
+        h.update(b"\x00image\x00")
+        h.update(hashlib.sha256(image).digest())
+    return h.hexdigest()
+
+
+class CacheBackend(Protocol):
+    async def get(self, key: str) -> dict[str, Any] | None: ...
+    async def put(self, key: str, value: dict[str, Any]) -> None: ...
+
+
+class MemoryLRU:
+    """A bounded LRU of JSON-able dicts (copies go in and out so callers cannot alias entries)."""
+
+    def __init__(self, max_items: int = 256) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[str, str] = OrderedDict()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        raw = self._items.get(key)
+        if raw is None:
+            return None
+        self._items.move_to_end(key)
+        return json.loads(raw)
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        if self.max_items <= 0:
+            return
+        self._items[key] = json.dumps(value)
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def blob_name(key: str) -> str:
+    return f"{key[:2]}/{key}.json"
+
+
+class ResultCache:
+    """Memory first, then the cache container; writes go to both."""
+
+    def __init__(self, memory: MemoryLRU, blobs: Any | None = None, container: str = "cache") -> None:
+        self.memory = memory
+        self.blobs = blobs  # a shared.storage.BlobStore, or None for memory only
+        self.container = container
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        hit = self.memory.get(key)
+        if hit is not None or self.blobs is None:
+            return hit
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            container = await self.blobs.container(self.container)
+            downloader = await container.download_blob(blob_name(key))
+            value = json.loads(await downloader.readall())
+        except ResourceNotFoundError:
+            return None
+        except Exception as exc:  # the cache is an optimisation: a storage fault is a miss
+            log.warning("cache read failed for %s: %s", key, exc)
+            return None
+        self.memory.put(key, value)
+        return value
+
+    async def put(self, key: str, value: dict[str, Any]) -> None:
+        self.memory.put(key, value)
+        if self.blobs is None:
+            return
+        try:
+            from azure.storage.blob import ContentSettings
+
+            container = await self.blobs.container(self.container)
+            await container.upload_blob(
+                blob_name(key),
+                json.dumps(value, ensure_ascii=False).encode(),
+                overwrite=True,
+                content_settings=ContentSettings(content_type="application/json"),
+            )
+        except Exception as exc:
+            log.warning("cache write failed for %s: %s", key, exc)

@@ -1,0 +1,293 @@
+"""The one pipeline both entry points use: prepare -> estimate -> cache -> limiter/model -> validate.
+
+Entry points build an `AnalysisRequest` from their trigger and call `analyze`; it
+returns an `AnalysisResult` or raises a `VlmError`. Nothing here knows about
+Functions types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import InvalidRequest, UpstreamTimeout, UpstreamUnavailable, VlmError
+from .settings import DETAILS, Settings
+
+
+@dataclass
+class AnalysisRequest:
+    images: list[bytes]
+    task: str
+    prompt: str | None = None
+    detail: str = "auto"
+    schema: dict[str, Any] | None = None
+    labels: list[str] | None = None
+    max_tokens: int | None = None
+    pages: str | None = None
+    strips: bool = False
+    use_cache: bool = True
+    budget_s: float | None = None  # per-request deadline (HTTP); None: no deadline beyond the SDK timeouts
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    estimated_image_tokens: int = 0
+
+
+@dataclass
+class AnalysisResult:
+    id: str
+    task: str
+    model: str
+    deployment: str
+    result: Any
+    cached: bool
+    usage: Usage
+    cost_usd: float
+    images: list[dict[str, Any]]
+    timings_ms: dict[str, float]
+    model_calls: int = 0
+    deployments: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        body = asdict(self)
+        body.pop("deployments")
+        return body
+
+
+class Dependencies:
+    """What the pipeline talks to, created lazily once per event loop and injectable in tests."""
+
+    def __init__(self, settings: Settings, model: Any = None, cache: Any = None, blobs: Any = None) -> None:
+        self.settings = settings
+        self._model = model
+        self._cache = cache
+        self._blobs = blobs
+
+    @property
+    def blobs(self) -> Any:
+        if self._blobs is None:
+            from .storage import BlobStore
+
+            self._blobs = BlobStore(self.settings)
+        return self._blobs
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from .model import ModelRouter
+
+            self._model = ModelRouter(self.settings)
+        return self._model
+
+    @property
+    def cache(self) -> Any:
+        if self._cache is None:
+            from .cache import MemoryLRU, ResultCache
+
+            self._cache = ResultCache(
+                MemoryLRU(self.settings.cache_memory_items), self.blobs, self.settings.cache_container
+            )
+        return self._cache
+
+    async def close(self) -> None:
+        if self._model is not None and hasattr(self._model, "close"):
+            await self._model.close()
+        if self._blobs is not None:
+            await self._blobs.close()
+
+
+_DEPS: dict[int, Dependencies] = {}
+
+
+def get_dependencies() -> Dependencies:
+    """The process's dependencies for the running event loop (aio clients are loop-bound)."""
+    from .settings import get_settings
+
+    loop_id = id(asyncio.get_running_loop())
+    deps = _DEPS.get(loop_id)
+    if deps is None:
+        deps = _DEPS[loop_id] = Dependencies(get_settings())
+    return deps
+
+
+def request_id(images: list[bytes], fields: dict[str, Any]) -> str:
+    """sha256 of the request as received (before optimisation): stable across retries of the same request."""
+    import json
+
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+    for data in images:
+        h.update(hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
+def validate_request(req: AnalysisRequest, settings: Settings) -> None:
+    from .tasks import task_spec
+
+    spec = task_spec(req.task)
+    if req.detail not in DETAILS:
+        raise InvalidRequest(f"detail must be one of {', '.join(DETAILS)}", details={"field": "detail"})
+    if not req.images:
+        raise InvalidRequest("no image in the request", details={"field": "images"})
+    limit = spec.max_images or settings.max_images_per_request
+    if spec.name != "sequence":
+        limit = min(limit, settings.max_images_per_request)
+    if len(req.images) < spec.min_images or len(req.images) > limit:
+        raise InvalidRequest(
+            f"task {req.task} takes {spec.min_images}-{limit} images, got {len(req.images)}",
+            details={"field": "images", "min": spec.min_images, "max": limit, "got": len(req.images)},
+        )
+    if req.max_tokens is not None and not 1 <= req.max_tokens <= 16384:
+        raise InvalidRequest("max_tokens must be between 1 and 16384", details={"field": "max_tokens"})
+    if req.schema is not None:
+        from .schemas import check_caller_schema, to_strict
+
+        check_caller_schema(req.schema)
+        to_strict(req.schema)  # limits (depth, property count) fail here, before any image work
+
+
+def _prepare_all(req: AnalysisRequest, settings: Settings) -> list[Any]:
+    """CPU-bound: decode and optimise every input (run in a worker thread)."""
+    from .images import ImageLimits, prepare
+    from .tasks import task_spec
+
+    spec = task_spec(req.task)
+    limits = ImageLimits.from_settings(settings)
+    prepared = []
+    for n, data in enumerate(req.images, 1):
+        try:
+            pages = prepare(
+                data,
+                task=req.task,
+                detail=req.detail,
+                limits=limits,
+                model=settings.model_family,
+                pages=req.pages,
+                strips=req.strips,
+            )
+        except VlmError as err:
+            if len(req.images) > 1:
+                err.details.setdefault("image", n)
+            raise
+        prepared.extend(pages if spec.expands_pages else pages[:1])
+    return prepared
+
+
+async def analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
+    if req.budget_s:
+        try:
+            async with asyncio.timeout(req.budget_s):
+                return await _analyze(req, deps)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"no answer within the request budget of {req.budget_s:.0f} s; try again later",
+                details={"budget_s": req.budget_s},
+                retry_after_s=10.0,
+            ) from None
+    return await _analyze(req, deps)
+
+
+async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
+    from .cache import cache_key
+    from .tasks import TaskInput, run_task
+    from .tokens import cost_usd, family_for
+
+    settings = deps.settings
+    t0 = time.perf_counter()
+    validate_request(req, settings)
+    images = await asyncio.to_thread(_prepare_all, req, settings)
+    t_prepared = time.perf_counter()
+    facts = [i.facts.to_dict() for i in images]
+    estimated_image_tokens = sum(i.facts.estimated_tokens for i in images)
+    key = cache_key(
+        task=req.task,
+        prompt=req.prompt,
+        detail=req.detail,
+        schema=req.schema,
+        deployment=settings.vlm_deployment,
+        max_tokens=req.max_tokens,
+        images=[i.data for i in images],
+        options={"labels": req.labels, "pages": req.pages, "strips": req.strips},
+    )
+    if req.use_cache:
+        hit = await deps.cache.get(key)
+        if hit is not None:
+            return AnalysisResult(
+                id=key,
+                task=req.task,
+                model=hit["model"],
+                deployment=hit["deployment"],
+                result=hit["result"],
+                cached=True,
+                usage=Usage(estimated_image_tokens=estimated_image_tokens),
+                cost_usd=0.0,
+                images=facts,
+                timings_ms=_timings(t0, t_prepared, t_prepared),
+            )
+    out = await run_task(
+        TaskInput(
+            task=req.task,
+            images=images,
+            prompt=req.prompt,
+            schema=req.schema,
+            labels=req.labels,
+            max_tokens=req.max_tokens,
+            concurrency=settings.sequence_concurrency,
+        ),
+        deps.model,
+    )
+    t_model = time.perf_counter()
+    usage = Usage(
+        prompt_tokens=sum(c.prompt_tokens for c in out.calls),
+        completion_tokens=sum(c.completion_tokens for c in out.calls),
+        estimated_image_tokens=estimated_image_tokens,
+    )
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    cost = 0.0
+    for call in out.calls:
+        # price by what answered: a known family from the response's model name, else the deployment's
+        name = call.model if family_for(call.model).name in call.model.lower() else settings.model_family
+        cost += cost_usd(call.prompt_tokens, call.completion_tokens, name)
+    last = out.calls[-1] if out.calls else None
+    result = AnalysisResult(
+        id=key,
+        task=req.task,
+        model=last.model if last else "",
+        deployment=last.deployment if last else settings.vlm_deployment,
+        result=out.result,
+        cached=False,
+        usage=usage,
+        cost_usd=round(cost, 6),
+        images=facts,
+        timings_ms=_timings(t0, t_prepared, t_model),
+        model_calls=len(out.calls),
+        deployments=sorted({c.deployment for c in out.calls}),
+    )
+    await deps.cache.put(key, {"model": result.model, "deployment": result.deployment, "result": result.result})
+    return result
+
+
+def _timings(t0: float, t_prepared: float, t_model: float) -> dict[str, float]:
+    now = time.perf_counter()
+    return {
+        "prepare": round((t_prepared - t0) * 1000, 1),
+        "model": round((t_model - t_prepared) * 1000, 1),
+        "total": round((now - t0) * 1000, 1),
+    }
+
+
+__all__ = [
+    "AnalysisRequest",
+    "AnalysisResult",
+    "Dependencies",
+    "UpstreamUnavailable",
+    "Usage",
+    "analyze",
+    "get_dependencies",
+]

@@ -1,0 +1,67 @@
+"""Cache keys are content addresses; the LRU is bounded; only what is put comes back."""
+
+import asyncio
+
+from shared.cache import MemoryLRU, ResultCache, blob_name, cache_key
+
+BASE = dict(task="describe", prompt=None, detail="auto", schema=None, deployment="gpt-4o", max_tokens=None)
+
+
+def test_key_is_stable_and_hex():
+    a = cache_key(**BASE, images=[b"abc"])
+    assert a == cache_key(**BASE, images=[b"abc"])
+    assert len(a) == 64 and int(a, 16) >= 0
+
+
+def test_key_changes_with_every_input():
+    ref = cache_key(**BASE, images=[b"abc"])
+    variants = [
+        cache_key(**{**BASE, "task": "ocr"}, images=[b"abc"]),
+        cache_key(**{**BASE, "prompt": "x"}, images=[b"abc"]),
+        cache_key(**{**BASE, "detail": "high"}, images=[b"abc"]),
+        cache_key(**{**BASE, "schema": {"type": "object"}}, images=[b"abc"]),
+        cache_key(**{**BASE, "deployment": "gpt-4o-mini"}, images=[b"abc"]),
+        cache_key(**{**BASE, "max_tokens": 10}, images=[b"abc"]),
+        cache_key(**BASE, images=[b"abd"]),
+        cache_key(**BASE, images=[b"abc", b"abc"]),
+        cache_key(**BASE, images=[b"abc"], options={"labels": ["a"]}),
+    ]
+    assert len({ref, *variants}) == len(variants) + 1
+
+
+def test_key_depends_on_image_order():
+    assert cache_key(**BASE, images=[b"a", b"b"]) != cache_key(**BASE, images=[b"b", b"a"])
+
+
+def test_schema_key_order_does_not_matter():
+    a = cache_key(**{**BASE, "schema": {"a": 1, "b": 2}}, images=[b"x"])
+    b = cache_key(**{**BASE, "schema": {"b": 2, "a": 1}}, images=[b"x"])
+    assert a == b
+
+
+def test_lru_is_bounded_and_returns_copies():
+    lru = MemoryLRU(2)
+    lru.put("a", {"v": 1})
+    lru.put("b", {"v": 2})
+    assert lru.get("a") == {"v": 1}  # a is now most recent
+    lru.put("c", {"v": 3})
+    assert lru.get("b") is None and len(lru) == 2
+    got = lru.get("a")
+    got["v"] = 99
+    assert lru.get("a") == {"v": 1}
+
+
+def test_memory_only_cache_round_trip():
+    cache = ResultCache(MemoryLRU(4))
+
+    async def go():
+        assert await cache.get("k") is None
+        await cache.put("k", {"result": "x"})
+        return await cache.get("k")
+
+    assert asyncio.run(go()) == {"result": "x"}
+
+
+def test_blob_names_are_sharded():
+    key = "ab" + "0" * 62
+    assert blob_name(key) == f"ab/{key}.json"

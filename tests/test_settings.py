@@ -1,0 +1,88 @@
+"""Settings: DESIGN.md's names and defaults, and clear failures naming the variable."""
+
+import pytest
+
+from shared.errors import ConfigurationError
+from shared.settings import ModelTarget, Settings
+
+BASE = {"VLM_ENDPOINT": "http://127.0.0.1:8089/v1", "VlmStorage": "UseDevelopmentStorage=true"}
+
+
+def test_defaults_match_design():
+    s = Settings.from_env(BASE)
+    assert s.vlm_deployment == "gpt-4o"
+    assert (s.vlm_rpm, s.vlm_tpm) == (0, 0)
+    assert (s.vlm_timeout_s, s.vlm_max_retries) == (60.0, 3)
+    assert (s.images_container, s.results_container, s.cache_container, s.schemas_container) == (
+        "images",
+        "results",
+        "cache",
+        "schemas",
+    )
+    assert s.max_image_bytes == 20 * 1024 * 1024
+    assert s.max_image_pixels == 50_000_000
+    assert s.max_images_per_request == 10
+    assert (s.default_task, s.default_detail) == ("describe", "auto")
+    assert s.vlm_fallback_deployments == ()
+
+
+@pytest.mark.parametrize("missing", ["VLM_ENDPOINT", "VlmStorage"])
+def test_missing_required_setting_names_the_variable(missing):
+    env = {k: v for k, v in BASE.items() if k != missing}
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env(env)
+    assert missing in info.value.message
+    assert info.value.details["variable"] == missing
+
+
+def test_identity_based_storage_is_enough():
+    env = {
+        "VLM_ENDPOINT": "https://x.openai.azure.com",
+        "VlmStorage__blobServiceUri": "https://acct.blob.core.windows.net",
+        "VlmStorage__queueServiceUri": "https://acct.queue.core.windows.net",
+        "VlmStorage__credential": "managedidentity",
+        "VlmStorage__clientId": "abc",
+    }
+    s = Settings.from_env(env)
+    assert s.storage.connection_string is None
+    assert s.storage.blob_service_uri == "https://acct.blob.core.windows.net"
+    assert s.storage.client_id == "abc"
+    assert s.primary.is_azure
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("VLM_RPM", "many"), ("VLM_TIMEOUT_S", "-1"), ("MAX_IMAGE_BYTES", "0"), ("DEFAULT_DETAIL", "ultra")],
+)
+def test_malformed_setting_names_the_variable(name, value):
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env({**BASE, name: value})
+    assert name in info.value.message
+
+
+def test_fallback_chain_parsing():
+    s = Settings.from_env(
+        {**BASE, "VLM_API_KEY": "k", "VLM_FALLBACK_DEPLOYMENTS": "gpt-4o-mini, https://other.openai.azure.com|gpt-4o"}
+    )
+    assert s.model_targets == (
+        ModelTarget("http://127.0.0.1:8089/v1", "gpt-4o", "k"),
+        ModelTarget("http://127.0.0.1:8089/v1", "gpt-4o-mini", "k"),
+        ModelTarget("https://other.openai.azure.com", "gpt-4o", None),
+    )
+    with pytest.raises(ConfigurationError, match="VLM_FALLBACK_DEPLOYMENTS"):
+        Settings.from_env({**BASE, "VLM_FALLBACK_DEPLOYMENTS": "ftp://x|y"})
+
+
+def test_only_settings_reads_the_environment():
+    """Nothing outside shared/settings.py reads os.environ / getenv (local/ stand-ins excepted)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in [*root.glob("shared/*.py"), *root.glob("*/__init__.py")]:
+        if path.name == "settings.py" or ".venv" in path.parts:
+            continue
+        if re.search(r"os\.environ|getenv\(", path.read_text()):
+            offenders.append(str(path.relative_to(root)))
+    assert offenders == []
