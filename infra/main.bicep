@@ -1,0 +1,302 @@
+// vlm-functions on Azure: `azd up` provisions everything below, deploys the app, then
+// infra/hooks/postdeploy.* subscribes the blob trigger to Event Grid.
+//
+//   resource group
+//   ├─ user-assigned identity ── the only credential the app has (no keys, no connection strings)
+//   ├─ storage account ── images/ results/ cache/ schemas/ + deployment package; lifecycle rule on cache/
+//   ├─ Event Grid system topic on the storage account (subscription: postdeploy hook)
+//   ├─ Log Analytics + Application Insights (Entra ID ingestion only)
+//   ├─ Flex Consumption plan (FC1) + function app (Python 3.11)
+//   └─ Azure OpenAI account + gpt-4o deployment (+ optional fallback), unless an existing endpoint is given
+//
+// Plain `resource` declarations only (no registry modules), so it builds without network access.
+targetScope = 'subscription'
+
+@minLength(1)
+@maxLength(64)
+@description('Name of the azd environment; used for the resource group name and the resource token.')
+param environmentName string
+
+@minLength(1)
+@description('Region for all resources (must offer the Flex Consumption plan).')
+@metadata({
+  azd: {
+    type: 'location'
+  }
+})
+param location string
+
+@description('Resource group name; default rg-<environmentName>.')
+param resourceGroupName string = ''
+
+@description('Object id of the principal running azd (AZURE_PRINCIPAL_ID); gets data access when grantPrincipalDataAccess is true.')
+param principalId string = ''
+
+@allowed([
+  'User'
+  'ServicePrincipal'
+  'Group'
+])
+param principalType string = 'User'
+
+@description('Grant the deploying principal blob/queue data and Azure OpenAI access, so local tools and tests can use the deployed resources.')
+param grantPrincipalDataAccess bool = true
+
+// ---- Function app ----
+
+@allowed([
+  512
+  2048
+  4096
+])
+@description('Memory of each Flex Consumption instance (image decoding and PDF rendering want 2048 or more).')
+param instanceMemoryMB int = 2048
+
+@minValue(40)
+@maxValue(1000)
+@description('Upper bound on Flex Consumption instances.')
+param maximumInstanceCount int = 40
+
+@minValue(0)
+@description('Client-side requests-per-minute limit per instance (VLM_RPM); 0 = off.')
+param vlmRpm int = 0
+
+@minValue(0)
+@description('Client-side tokens-per-minute limit per instance (VLM_TPM); 0 = off.')
+param vlmTpm int = 0
+
+// ---- Storage ----
+
+@minValue(1)
+@description('Days after which blobs in the cache container are deleted by the lifecycle rule (CACHE_TTL_DAYS).')
+param cacheTtlDays int = 30
+
+// ---- Azure OpenAI ----
+
+@description('Use this existing Azure OpenAI endpoint (https://NAME.openai.azure.com) instead of creating an account. The app identity needs "Cognitive Services OpenAI User" on it: pass existingOpenAiResourceId to have this template grant it, or grant it yourself.')
+param existingOpenAiEndpoint string = ''
+
+@description('Resource id of the existing Azure OpenAI account behind existingOpenAiEndpoint; when set, the role assignment is made there (needs permission to assign roles on it).')
+param existingOpenAiResourceId string = ''
+
+@description('Region for a new Azure OpenAI account; default: location. Pick one with gpt-4o quota.')
+param openAiLocation string = ''
+
+param openAiSkuName string = 'S0'
+
+@description('Deployment name the app calls (VLM_DEPLOYMENT). With an existing endpoint it must already exist there.')
+param openAiDeploymentName string = 'gpt-4o'
+param openAiModelName string = 'gpt-4o'
+param openAiModelVersion string = '2024-11-20'
+@description('Deployment SKU: GlobalStandard, DataZoneStandard, Standard, ...')
+param openAiDeploymentSkuName string = 'GlobalStandard'
+@minValue(1)
+@description('Deployment capacity in thousands of tokens per minute.')
+param openAiDeploymentCapacity int = 30
+
+@description('Use a fallback deployment (VLM_FALLBACK_DEPLOYMENTS), tried when the primary is throttled or down. Created on a new account; with an existing endpoint it must already exist there.')
+param deployFallback bool = false
+param fallbackDeploymentName string = 'gpt-4o-mini'
+param fallbackModelName string = 'gpt-4o-mini'
+param fallbackModelVersion string = '2024-07-18'
+param fallbackDeploymentSkuName string = 'GlobalStandard'
+@minValue(1)
+param fallbackDeploymentCapacity int = 30
+
+var abbrs = loadJsonContent('./abbreviations.json')
+var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
+var tags = {
+  'azd-env-name': environmentName
+}
+
+// Container names: the contract in DESIGN.md (and the defaults in shared/settings.py).
+var imagesContainerName = 'images'
+var resultsContainerName = 'results'
+var cacheContainerName = 'cache'
+var schemasContainerName = 'schemas'
+
+var functionAppName = '${abbrs.webSitesFunctions}${resourceToken}'
+var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
+var eventGridSystemTopicName = '${abbrs.eventGridSystemTopics}${resourceToken}'
+
+var createOpenAi = empty(existingOpenAiEndpoint)
+var userPrincipalId = grantPrincipalDataAccess ? principalId : ''
+var vlmFallbackDeployments = deployFallback ? fallbackDeploymentName : ''
+
+// An existing account is addressed by its resource id: /subscriptions/S/resourceGroups/G/providers/Microsoft.CognitiveServices/accounts/N
+var existingOpenAiIdParts = split(existingOpenAiResourceId, '/')
+var grantOnExistingOpenAi = !createOpenAi && !empty(existingOpenAiResourceId)
+var existingOpenAiSubscriptionId = grantOnExistingOpenAi ? existingOpenAiIdParts[2] : subscription().subscriptionId
+var existingOpenAiResourceGroup = grantOnExistingOpenAi ? existingOpenAiIdParts[4] : rg.name
+var existingOpenAiAccountName = grantOnExistingOpenAi ? last(existingOpenAiIdParts) : ''
+
+resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
+  name: !empty(resourceGroupName) ? resourceGroupName : '${abbrs.resourcesResourceGroups}${environmentName}'
+  location: location
+  tags: tags
+}
+
+module identity 'modules/identity.bicep' = {
+  name: 'identity'
+  scope: rg
+  params: {
+    name: '${abbrs.managedIdentityUserAssignedIdentities}${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module storage 'modules/storage.bicep' = {
+  name: 'storage'
+  scope: rg
+  params: {
+    name: '${abbrs.storageStorageAccounts}${resourceToken}'
+    location: location
+    tags: tags
+    containerNames: [
+      imagesContainerName
+      resultsContainerName
+      cacheContainerName
+      schemasContainerName
+      deploymentContainerName
+    ]
+    cacheContainerName: cacheContainerName
+    cacheTtlDays: cacheTtlDays
+  }
+}
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'monitoring'
+  scope: rg
+  params: {
+    logAnalyticsName: '${abbrs.operationalInsightsWorkspaces}${resourceToken}'
+    applicationInsightsName: '${abbrs.insightsComponents}${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module rbac 'modules/rbac.bicep' = {
+  name: 'rbac'
+  scope: rg
+  params: {
+    storageAccountName: storage.outputs.name
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    identityPrincipalId: identity.outputs.principalId
+    userPrincipalId: userPrincipalId
+    userPrincipalType: principalType
+  }
+}
+
+module openAi 'modules/openai.bicep' = if (createOpenAi) {
+  name: 'openai'
+  scope: rg
+  params: {
+    name: '${abbrs.cognitiveServicesAccounts}${resourceToken}'
+    location: !empty(openAiLocation) ? openAiLocation : location
+    tags: tags
+    skuName: openAiSkuName
+    deploymentName: openAiDeploymentName
+    modelName: openAiModelName
+    modelVersion: openAiModelVersion
+    deploymentSkuName: openAiDeploymentSkuName
+    deploymentCapacity: openAiDeploymentCapacity
+    deployFallback: deployFallback
+    fallbackDeploymentName: fallbackDeploymentName
+    fallbackModelName: fallbackModelName
+    fallbackModelVersion: fallbackModelVersion
+    fallbackSkuName: fallbackDeploymentSkuName
+    fallbackCapacity: fallbackDeploymentCapacity
+  }
+}
+
+module openAiAccess 'modules/openai-access.bicep' = if (createOpenAi) {
+  name: 'openai-access'
+  scope: rg
+  params: {
+    accountName: createOpenAi ? openAi.outputs.name : ''
+    identityPrincipalId: identity.outputs.principalId
+    userPrincipalId: userPrincipalId
+    userPrincipalType: principalType
+  }
+}
+
+module existingOpenAiAccess 'modules/openai-access.bicep' = if (grantOnExistingOpenAi) {
+  name: 'existing-openai-access'
+  scope: resourceGroup(existingOpenAiSubscriptionId, existingOpenAiResourceGroup)
+  params: {
+    accountName: existingOpenAiAccountName
+    identityPrincipalId: identity.outputs.principalId
+    userPrincipalId: userPrincipalId
+    userPrincipalType: principalType
+  }
+}
+
+var vlmEndpoint = createOpenAi ? openAi.outputs.endpoint : existingOpenAiEndpoint
+
+module functionApp 'modules/functionapp.bicep' = {
+  name: 'functionapp'
+  scope: rg
+  params: {
+    name: functionAppName
+    planName: '${abbrs.webServerFarms}${resourceToken}'
+    location: location
+    tags: tags
+    serviceName: 'api'
+    identityId: identity.outputs.id
+    identityClientId: identity.outputs.clientId
+    storageBlobEndpoint: storage.outputs.blobEndpoint
+    storageQueueEndpoint: storage.outputs.queueEndpoint
+    deploymentContainerName: deploymentContainerName
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    instanceMemoryMB: instanceMemoryMB
+    maximumInstanceCount: maximumInstanceCount
+    vlmEndpoint: vlmEndpoint
+    vlmDeployment: openAiDeploymentName
+    vlmFallbackDeployments: vlmFallbackDeployments
+    vlmRpm: vlmRpm
+    vlmTpm: vlmTpm
+    imagesContainerName: imagesContainerName
+    resultsContainerName: resultsContainerName
+    cacheContainerName: cacheContainerName
+    schemasContainerName: schemasContainerName
+  }
+  // The host starts as soon as the app exists: let it find its storage roles in place.
+  dependsOn: [
+    rbac
+  ]
+}
+
+module eventGrid 'modules/eventgrid.bicep' = {
+  name: 'eventgrid'
+  scope: rg
+  params: {
+    name: eventGridSystemTopicName
+    location: location
+    tags: tags
+    storageAccountId: storage.outputs.id
+    identityId: identity.outputs.id
+  }
+}
+
+// Read by azd (SERVICE_API_*, AZURE_*) and by infra/hooks/postdeploy.*. No secrets here.
+output AZURE_LOCATION string = location
+output AZURE_TENANT_ID string = tenant().tenantId
+output AZURE_SUBSCRIPTION_ID string = subscription().subscriptionId
+output RESOURCE_GROUP string = rg.name
+output AZURE_RESOURCE_GROUP string = rg.name
+output AZURE_FUNCTION_APP_NAME string = functionApp.outputs.name
+output AZURE_FUNCTION_APP_HOSTNAME string = functionApp.outputs.defaultHostName
+output SERVICE_API_NAME string = functionApp.outputs.name
+output SERVICE_API_URI string = 'https://${functionApp.outputs.defaultHostName}'
+output AZURE_MANAGED_IDENTITY_CLIENT_ID string = identity.outputs.clientId
+output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
+output AZURE_STORAGE_BLOB_ENDPOINT string = storage.outputs.blobEndpoint
+output IMAGES_CONTAINER string = imagesContainerName
+output RESULTS_CONTAINER string = resultsContainerName
+output EVENT_GRID_SYSTEM_TOPIC string = eventGrid.outputs.name
+output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsName
+output AZURE_OPENAI_ACCOUNT_NAME string = createOpenAi ? openAi.outputs.name : ''
+output VLM_ENDPOINT string = vlmEndpoint
+output VLM_DEPLOYMENT string = openAiDeploymentName
+output VLM_FALLBACK_DEPLOYMENTS string = vlmFallbackDeployments
