@@ -1,0 +1,498 @@
+"""RateLimiter and FakeClock: bucket arithmetic, FIFO fairness, server feedback, throttle pauses.
+
+Everything runs on a FakeClock: waits are measured in virtual seconds and asserted exactly,
+and each test checks it took (almost) no wall time, so nothing here sleeps for a delay.
+The only real wait is the 1 ms retry-after the openai SDK honours in the end-to-end hook test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+
+from shared.clock import Clock, FakeClock, MonotonicClock
+from shared.limiter import (
+    DEFAULT_RETRY_AFTER_S,
+    MAX_PAUSE_S,
+    RateLimiter,
+    Reservation,
+    parse_retry_after,
+)
+
+try:  # the openai SDK 3.x ships httpx2; older SDKs use httpx (same API)
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx  # type: ignore[no-redef]
+
+
+@pytest.fixture(autouse=True)
+def _no_real_waiting() -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    assert time.perf_counter() - started < 1.0, "a limiter test took real time: something slept"
+
+
+async def _acquire_log(limiter: RateLimiter, clock: FakeClock, tokens: int, name: str, log: list) -> Reservation:
+    reservation = await limiter.acquire(tokens)
+    log.append((name, clock.now()))
+    return reservation
+
+
+def _spawn(limiter: RateLimiter, clock: FakeClock, tokens: int, name: str, log: list) -> asyncio.Task[Reservation]:
+    return asyncio.ensure_future(_acquire_log(limiter, clock, tokens, name, log))
+
+
+# --- FakeClock ----------------------------------------------------------------------------
+
+
+async def test_fake_clock_wakes_concurrent_sleepers_in_order_at_their_own_time() -> None:
+    clock = FakeClock(start=100.0)
+    woke: list[tuple[str, float]] = []
+
+    async def sleeper(name: str, seconds: float) -> None:
+        await clock.sleep(seconds)
+        woke.append((name, clock.now()))
+
+    tasks = [asyncio.ensure_future(sleeper(n, s)) for n, s in (("c", 3.0), ("a", 1.0), ("b", 2.0), ("a2", 1.0))]
+    await clock.run_until_idle()
+    assert clock.sleepers == 4 and clock.next_wake() == 101.0
+    await clock.advance(1.5)
+    assert woke == [("a", 101.0), ("a2", 101.0)] and clock.now() == 101.5
+    await clock.advance(10)
+    assert woke[2:] == [("b", 102.0), ("c", 103.0)]
+    assert clock.now() == 111.5
+    await asyncio.gather(*tasks)
+
+
+async def test_fake_clock_chained_sleeps_within_one_advance_and_cancellation() -> None:
+    clock = FakeClock()
+    ticks: list[float] = []
+
+    async def ticker() -> None:
+        for _ in range(3):
+            await clock.sleep(1.0)
+            ticks.append(clock.now())
+
+    task = asyncio.ensure_future(ticker())
+    doomed = asyncio.ensure_future(clock.sleep(2.5))
+    await clock.run_until_idle()
+    doomed.cancel()
+    await clock.advance(5)
+    assert ticks == [1.0, 2.0, 3.0]
+    assert clock.sleepers == 0 and clock.next_wake() is None
+    await task
+    assert doomed.cancelled()
+
+
+async def test_fake_clock_run_auto_advances_and_detects_deadlock() -> None:
+    clock = FakeClock()
+
+    async def work() -> float:
+        await clock.sleep(2)
+        await clock.sleep(3)
+        return clock.now()
+
+    assert await clock.run(work()) == 5.0
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    with pytest.raises(RuntimeError, match="deadlock"):
+        await clock.run(never)
+    with pytest.raises(RuntimeError, match="virtual time"):
+        await clock.run(clock.sleep(100), max_time=10)
+
+
+def test_clocks_satisfy_the_protocol() -> None:
+    assert isinstance(FakeClock(), Clock) and isinstance(MonotonicClock(), Clock)
+    assert MonotonicClock().now() <= MonotonicClock().now()
+
+
+# --- bucket arithmetic --------------------------------------------------------------------
+
+
+async def test_rpm_bucket_61st_request_waits_exactly_one_second() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=60, tpm=0, clock=clock)
+    for _ in range(60):
+        await limiter.acquire(1)  # immediate: no sleeper, no time passes
+    assert clock.now() == 0.0 and clock.sleepers == 0
+    reservation = await clock.run(limiter.acquire(1))
+    assert clock.now() == pytest.approx(1.0)
+    assert reservation.waited_s == pytest.approx(1.0)
+
+
+async def test_rpm_bucket_releases_a_backlog_at_the_refill_rate() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=60, tpm=0, clock=clock)
+    for _ in range(60):
+        await limiter.acquire(0)
+    log: list = []
+    tasks = [_spawn(limiter, clock, 0, f"r{i}", log) for i in range(5)]
+    await clock.run(asyncio.gather(*tasks))
+    assert [name for name, _ in log] == ["r0", "r1", "r2", "r3", "r4"]
+    assert [t for _, t in log] == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0])
+
+
+async def test_window_s_sets_the_burst_size() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=60, tpm=0, clock=clock, window_s=10)  # 10 requests of burst, 1/s
+    for _ in range(10):
+        await limiter.acquire(0)
+    await clock.run(limiter.acquire(0))
+    assert clock.now() == pytest.approx(1.0)
+
+
+async def test_tpm_waits_until_enough_tokens_have_refilled() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)  # 100 tokens/s
+    await limiter.acquire(5000)
+    await clock.run(limiter.acquire(2000))  # 1000 left, 1000 missing -> 10 s
+    assert clock.now() == pytest.approx(10.0)
+    assert limiter.stats()["available_tokens"] == pytest.approx(0.0)
+
+
+async def test_both_dimensions_wait_for_the_slower_one() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=6, tpm=6000, clock=clock)  # 1 request / 10 s, 100 tokens/s
+    for _ in range(6):
+        await limiter.acquire(100)
+    await clock.run(limiter.acquire(100))  # tokens are plentiful; the request bucket needs 10 s
+    assert clock.now() == pytest.approx(10.0)
+
+
+# --- settle / cancel ----------------------------------------------------------------------
+
+
+async def test_settle_refunds_an_overestimate() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    reservation = await limiter.acquire(5000)
+    assert reservation.settle(3000) == 2000
+    assert limiter.stats()["available_tokens"] == pytest.approx(3000)
+    await limiter.acquire(3000)
+    assert clock.now() == 0.0
+    assert reservation.settle(10) == 0  # only the first settle counts
+
+
+async def test_settle_charges_an_underestimate() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    reservation = await limiter.acquire(1000)
+    assert reservation.settle(4000) == -3000
+    assert limiter.stats()["available_tokens"] == pytest.approx(2000)
+    await clock.run(limiter.acquire(3000))
+    assert clock.now() == pytest.approx(10.0)
+
+
+async def test_settle_never_overfills_the_bucket() -> None:
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=FakeClock())
+    reservation = await limiter.acquire(100)
+    reservation.settle(-50)  # nonsense usage is clamped to 0, refund capped at capacity
+    assert limiter.stats()["available_tokens"] == pytest.approx(6000)
+
+
+async def test_cancel_refunds_the_request_and_all_tokens() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=2, tpm=1000, clock=clock)
+    first = await limiter.acquire(1000)
+    first.cancel()
+    first.cancel()  # idempotent
+    stats = limiter.stats()
+    assert stats["available_requests"] == pytest.approx(2) and stats["available_tokens"] == pytest.approx(1000)
+    await limiter.acquire(1000)
+    assert clock.now() == 0.0
+
+
+async def test_a_refund_wakes_the_waiting_head_early() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    first = await limiter.acquire(6000)
+    log: list = []
+    waiter = _spawn(limiter, clock, 3000, "w", log)
+    await clock.advance(2.0)  # head planned to wake at 30 s
+    assert log == []
+    first.settle(1000)  # 5000 back: 200 + 5000 available now
+    await clock.run_until_idle()
+    assert log == [("w", 2.0)]
+    await waiter
+
+
+async def test_reserve_context_manager_keeps_the_estimate_unless_settled() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    async with limiter.reserve(2000) as r:
+        r.settle(500)
+    assert limiter.stats()["available_tokens"] == pytest.approx(5500)
+    with pytest.raises(ValueError):
+        async with limiter.reserve(1000):
+            raise ValueError("the call failed after it was sent")
+    assert limiter.stats()["available_tokens"] == pytest.approx(4500)  # estimate stays charged
+
+
+# --- fairness and big requests ------------------------------------------------------------
+
+
+async def test_fifo_a_big_request_is_not_starved_by_small_ones() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)  # 100 tokens/s
+    await limiter.acquire(6000)
+    log: list = []
+    big = _spawn(limiter, clock, 5000, "big", log)
+    await clock.run_until_idle()
+    smalls = [_spawn(limiter, clock, 100, f"s{i}", log) for i in range(3)]
+    await clock.run(asyncio.gather(big, *smalls))
+    # Small ones alone would have gone at 1, 2, 3 s; they queue behind the big one.
+    assert log == [
+        ("big", pytest.approx(50.0)),
+        ("s0", pytest.approx(51.0)),
+        ("s1", pytest.approx(52.0)),
+        ("s2", pytest.approx(53.0)),
+    ]
+
+
+async def test_a_new_arrival_queues_behind_waiters_even_if_it_would_fit() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    await limiter.acquire(5900)  # 100 left
+    log: list = []
+    big = _spawn(limiter, clock, 1000, "big", log)
+    await clock.run_until_idle()
+    small = _spawn(limiter, clock, 50, "small", log)  # 50 would fit right now
+    await clock.run_until_idle()
+    assert log == []
+    await clock.run(asyncio.gather(big, small))
+    assert [name for name, _ in log] == ["big", "small"]
+
+
+async def test_a_request_bigger_than_the_bucket_goes_when_full_and_leaves_debt() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    await limiter.acquire(10_000)  # full bucket: allowed at once
+    assert clock.now() == 0.0
+    assert limiter.stats()["available_tokens"] == pytest.approx(-4000)
+    await clock.run(limiter.acquire(1000))  # debt 4000 + 1000 needed = 50 s
+    assert clock.now() == pytest.approx(50.0)
+
+
+async def test_a_request_bigger_than_the_bucket_waits_for_a_full_bucket() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    await limiter.acquire(1000)
+    await clock.run(limiter.acquire(50_000))  # needs the whole 6000: 10 s
+    assert clock.now() == pytest.approx(10.0)
+
+
+async def test_cancelling_a_waiter_removes_it_from_the_queue() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    await limiter.acquire(6000)
+    log: list = []
+    head = _spawn(limiter, clock, 5000, "head", log)
+    await clock.run_until_idle()
+    middle = _spawn(limiter, clock, 100, "middle", log)
+    await clock.run_until_idle()
+    tail = _spawn(limiter, clock, 100, "tail", log)
+    await clock.run_until_idle()
+    assert limiter.stats()["waiting"] == 3
+    middle.cancel()
+    await clock.run_until_idle()
+    head.cancel()  # the next head takes over and computes its own wait
+    await clock.run(tail)
+    assert log == [("tail", pytest.approx(1.0))]
+    assert limiter.stats()["waiting"] == 0
+    assert head.cancelled() and middle.cancelled()
+
+
+# --- server feedback ----------------------------------------------------------------------
+
+
+async def test_headers_lower_the_buckets_but_never_raise_them() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=60, tpm=6000, clock=clock)
+    limiter.observe_headers({"x-ratelimit-remaining-requests": "10", "x-ratelimit-remaining-tokens": "500"})
+    stats = limiter.stats()
+    assert stats["available_requests"] == pytest.approx(10) and stats["available_tokens"] == pytest.approx(500)
+    limiter.observe_headers({"X-RateLimit-Remaining-Tokens": "100000", "x-ratelimit-remaining-requests": "99"})
+    assert limiter.stats()["available_tokens"] == pytest.approx(500)
+    assert limiter.stats()["available_requests"] == pytest.approx(10)
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "-1", "x-ratelimit-remaining-requests": "soon"})
+    assert limiter.stats()["available_tokens"] == pytest.approx(500)
+    limiter.observe_headers({"X-RateLimit-Remaining-Tokens": "200"})  # plain dict, other case
+    assert limiter.stats()["available_tokens"] == pytest.approx(200)
+    await clock.run(limiter.acquire(1000))  # 800 missing at 100/s
+    assert clock.now() == pytest.approx(8.0)
+
+
+async def test_throttle_pauses_all_callers_then_releases_them_at_the_refill_rate() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=60, tpm=0, clock=clock)  # 1 request/s
+    for _ in range(58):
+        await limiter.acquire(0)  # 2 requests left
+    log: list = []
+    early = [_spawn(limiter, clock, 0, f"e{i}", log) for i in range(2)]
+    await clock.run_until_idle()
+    assert [n for n, _ in log] == ["e0", "e1"]  # there was room for these
+    waiting = [_spawn(limiter, clock, 0, f"w{i}", log) for i in range(3)]
+    await clock.advance(0.5)  # w0 would go at 1.0 s
+    limiter.on_throttled(10.0)  # a 429 at 0.5 s: pause until 10.5 s
+    later = [_spawn(limiter, clock, 0, f"l{i}", log) for i in range(2)]  # new arrivals during the pause
+    await clock.advance(9.9)
+    assert len(log) == 2, "nobody may go during the pause"
+    await clock.run(asyncio.gather(*early, *waiting, *later))
+    released = [t for _, t in log[2:]]
+    assert [n for n, _ in log[2:]] == ["w0", "w1", "w2", "l0", "l1"]
+    # The bucket restarts empty at 10.5 s: one request per second, not a burst at 10.5 s.
+    assert released == pytest.approx([11.5, 12.5, 13.5, 14.5, 15.5])
+    assert limiter.stats()["throttles"] == 1
+
+
+async def test_overlapping_throttles_extend_the_pause_never_shorten_it() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    limiter.on_throttled(20.0)
+    limiter.on_throttled(5.0)
+    assert limiter.stats()["paused_for_s"] == pytest.approx(20.0)
+    await clock.run(limiter.acquire(100))  # pause to 20 s, then 100 tokens at 100/s
+    assert clock.now() == pytest.approx(21.0)
+    limiter.on_throttled(float("inf"))
+    assert limiter.stats()["paused_for_s"] == pytest.approx(MAX_PAUSE_S)
+
+
+async def test_refunds_during_a_pause_are_dropped() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    inflight = await limiter.acquire(3000)
+    limiter.on_throttled(5.0)
+    inflight.cancel()
+    await clock.advance(5.0)
+    assert limiter.stats()["available_tokens"] == pytest.approx(0.0)
+
+
+async def test_a_disabled_limiter_never_waits_but_still_honours_a_throttle() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=0, clock=clock)
+    assert not limiter.enabled
+    for _ in range(1000):
+        (await limiter.acquire(1_000_000)).settle(5)
+    assert clock.now() == 0.0 and clock.sleepers == 0
+    stats = limiter.stats()
+    assert stats["available_tokens"] is None and stats["acquired"] == 1000 and stats["total_wait_s"] == 0.0
+    limiter.on_throttled(3.0)  # the server's instruction applies even with no client quota
+    await clock.run(limiter.acquire(10))
+    assert clock.now() == pytest.approx(3.0)
+
+
+def test_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        RateLimiter(rpm=-1, tpm=0)
+    with pytest.raises(ValueError):
+        RateLimiter(rpm=1, tpm=1, window_s=0)
+
+
+async def test_stats_report_waiting_and_wait_time() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=60, tpm=6000, clock=clock)
+    await limiter.acquire(6000)
+    task = asyncio.ensure_future(limiter.acquire(200))
+    await clock.run_until_idle()
+    assert limiter.stats()["waiting"] == 1
+    await clock.run(task)
+    stats = limiter.stats()
+    assert stats["waiting"] == 0 and stats["acquired"] == 2
+    assert stats["total_wait_s"] == pytest.approx(2.0) and stats["max_wait_s"] == pytest.approx(2.0)
+    assert set(stats) >= {"available_requests", "available_tokens", "throttles", "paused_for_s"}
+
+
+# --- retry-after parsing and the HTTP hook -------------------------------------------------
+
+
+def test_parse_retry_after_forms_and_precedence() -> None:
+    assert parse_retry_after({"retry-after-ms": "2500", "retry-after": "9"}) == 2.5
+    assert parse_retry_after({"Retry-After": "7"}) == 7.0
+    assert parse_retry_after({"retry-after": "1.5"}) == 1.5
+    assert parse_retry_after({"retry-after-ms": "junk", "retry-after": "4"}) == 4.0
+    assert parse_retry_after({}) is None
+    assert parse_retry_after({"retry-after": "later"}) is None
+    date = "Wed, 21 Oct 2015 07:28:30 GMT"
+    sent = "Wed, 21 Oct 2015 07:28:00 GMT"
+    assert parse_retry_after({"retry-after": date, "date": sent}) == 30.0  # measured on the server's clock
+    when = email.utils.mktime_tz(email.utils.parsedate_tz(date))  # type: ignore[arg-type]
+    assert parse_retry_after({"retry-after": date}, wall_now=when - 12) == 12.0
+    assert parse_retry_after({"retry-after": date}, wall_now=when + 99) == 0.0
+    assert parse_retry_after({"retry-after": date}) is None  # no reference to measure against
+
+
+async def test_hook_on_stub_responses() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=60, tpm=6000, clock=clock)
+    hook = limiter.httpx_response_hook(wall_clock=lambda: 0.0)
+    await hook(SimpleNamespace(status_code=200, headers={"x-ratelimit-remaining-tokens": "1200"}))
+    assert limiter.stats()["available_tokens"] == pytest.approx(1200)
+    await hook(SimpleNamespace(status_code=429, headers={"retry-after": "7"}))
+    assert limiter.stats()["paused_for_s"] == pytest.approx(7.0)
+    await clock.advance(7.0)
+    await hook(SimpleNamespace(status_code=429, headers={}))
+    assert limiter.stats()["paused_for_s"] == pytest.approx(DEFAULT_RETRY_AFTER_S)
+    await hook(SimpleNamespace(status_code=503, headers={"retry-after": "60"}))  # only 429 pauses
+    assert limiter.stats()["paused_for_s"] == pytest.approx(DEFAULT_RETRY_AFTER_S)
+    assert limiter.stats()["throttles"] == 2
+
+
+async def test_hook_installed_on_an_async_http_client() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=600, tpm=60_000, clock=clock)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/busy":
+            return httpx.Response(429, headers={"retry-after-ms": "2500", "x-ratelimit-remaining-tokens": "0"})
+        return httpx.Response(200, headers={"x-ratelimit-remaining-requests": "42"}, json={})
+
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(handler), event_hooks={"response": [limiter.httpx_response_hook()]}
+    ) as client:
+        await client.get("http://model.test/ok")
+        assert limiter.stats()["available_requests"] == pytest.approx(42)
+        response = await client.get("http://model.test/busy")
+    assert response.status_code == 429
+    stats = limiter.stats()
+    assert stats["throttles"] == 1 and stats["paused_for_s"] == pytest.approx(2.5)
+    assert stats["available_tokens"] == pytest.approx(0) and stats["available_requests"] == pytest.approx(0)
+
+
+async def test_hook_sees_the_429s_the_openai_sdk_retries_internally() -> None:
+    openai = pytest.importorskip("openai")
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=600, tpm=60_000, clock=clock)
+    calls: list[int] = []
+    completion = {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "test-model",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:  # 1 ms so the SDK's own (real) retry wait is negligible
+            return httpx.Response(429, headers={"retry-after-ms": "1"}, json={"error": {"message": "slow down"}})
+        return httpx.Response(200, headers={"x-ratelimit-remaining-tokens": "5000"}, content=json.dumps(completion))
+
+    http_client = httpx.AsyncClient(
+        transport=httpx.MockTransport(handler), event_hooks={"response": [limiter.httpx_response_hook()]}
+    )
+    client = openai.AsyncOpenAI(api_key="k", base_url="http://model.test/v1", http_client=http_client, max_retries=2)
+    try:
+        result = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    finally:
+        await client.close()
+    assert result.choices[0].message.content == "hi"
+    assert len(calls) == 2  # one retry, done by the SDK, not by us
+    stats = limiter.stats()
+    assert stats["throttles"] == 1
+    assert stats["available_tokens"] == pytest.approx(0)  # drained by the 429, pause not over in fake time
