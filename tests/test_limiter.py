@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 
+import openai
 import pytest
 
 from shared.clock import Clock, FakeClock, MonotonicClock
@@ -464,7 +465,6 @@ async def test_hook_installed_on_an_async_http_client() -> None:
 
 
 async def test_hook_sees_the_429s_the_openai_sdk_retries_internally() -> None:
-    openai = pytest.importorskip("openai")
     clock = FakeClock()
     limiter = RateLimiter(rpm=600, tpm=60_000, clock=clock)
     calls: list[int] = []
