@@ -10,6 +10,7 @@ failing one for a cool-down. Input errors and content filters never fall back.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -201,7 +202,12 @@ def check_finish(result: ChatResult) -> ChatResult:
 class ModelRouter:
     """Primary then fallbacks, each behind its own limiter and circuit breaker."""
 
-    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock | None = None,
+        client_factory: Callable[[ModelTarget, dict[str, list[Any]]], AsyncOpenAI] | None = None,
+    ) -> None:
         from .breaker import BreakerBoard
         from .clock import MonotonicClock
 
@@ -212,7 +218,7 @@ class ModelRouter:
         )
         self._clients: dict[str, AsyncOpenAI] = {}
         self._limiters: dict[str, RateLimiter] = {}
-        self.json_schema_unsupported: set[str] = set()
+        self._client_factory = client_factory or (lambda target, hooks: build_client(target, settings, hooks))
 
     def limiter(self, target: ModelTarget) -> RateLimiter:
         from .limiter import RateLimiter
@@ -224,7 +230,7 @@ class ModelRouter:
     def client(self, target: ModelTarget) -> AsyncOpenAI:
         if target.label not in self._clients:
             hook = self.limiter(target).httpx_response_hook()
-            self._clients[target.label] = build_client(target, self.settings, {"response": [hook]})
+            self._clients[target.label] = self._client_factory(target, {"response": [hook]})
         return self._clients[target.label]
 
     async def complete(self, request: ChatRequest) -> ChatResult:
