@@ -290,6 +290,7 @@ output AZURE_FUNCTION_APP_HOSTNAME string = functionApp.outputs.defaultHostName
 output SERVICE_API_NAME string = functionApp.outputs.name
 output SERVICE_API_URI string = 'https://${functionApp.outputs.defaultHostName}'
 output AZURE_MANAGED_IDENTITY_CLIENT_ID string = identity.outputs.clientId
+output AZURE_MANAGED_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
 output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
 output AZURE_STORAGE_BLOB_ENDPOINT string = storage.outputs.blobEndpoint
 output IMAGES_CONTAINER string = imagesContainerName
