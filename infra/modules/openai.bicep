@@ -46,7 +46,7 @@ resource primary 'Microsoft.CognitiveServices/accounts/deployments@2024-10-01' =
       name: modelName
       version: modelVersion
     }
-    versionUpgradeOption: 'NoAutoUpgrade'
+    versionUpgradeOption: 'OnceCurrentVersionExpired'
   }
 }
 
@@ -64,7 +64,7 @@ resource fallback 'Microsoft.CognitiveServices/accounts/deployments@2024-10-01' 
       name: fallbackModelName
       version: fallbackModelVersion
     }
-    versionUpgradeOption: 'NoAutoUpgrade'
+    versionUpgradeOption: 'OnceCurrentVersionExpired'
   }
   dependsOn: [
     primary
