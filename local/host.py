@@ -169,6 +169,7 @@ class LocalHost:
     async def start(self) -> None:
         """Load settings and functions, start listeners and the HTTP server."""
         self._started_at = time.monotonic()
+        self._state = "Starting"
         self._apply_settings()
         try:
             await self._start()
