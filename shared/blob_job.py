@@ -24,13 +24,23 @@ from .tasks import parse_labels
 log = logging.getLogger(__name__)
 
 TASK_FILE = "_task.json"
-CONTROL_FILES = (TASK_FILE,)
+MANIFEST_FILE = "_manifest.json"
+CONTROL_FILES = (TASK_FILE, MANIFEST_FILE)
+MULTI_IMAGE_TASKS = ("compare", "sequence")
 TASK_KEYS = {"task", "prompt", "detail", "schema", "labels", "max_tokens", "pages", "strips"}
 TASK_CACHE_TTL_S = 30.0
 
 
 class InvalidTaskConfig(InvalidRequest):
     code = "invalid_task_config"
+
+
+class ManifestIncomplete(VlmError):
+    """A manifest names images that are not (yet) in the container: retried, then poisoned."""
+
+    status = 503
+    code = "manifest_incomplete"
+    transient = True
 
 
 @dataclass
@@ -188,7 +198,8 @@ class BlobProcessor:
 
     async def process(self, name: str, data: bytes, etag: str | None, metadata: dict[str, str] | None) -> BlobOutcome:
         settings = self.deps.settings
-        if is_control_file(name):
+        basename = name.rsplit("/", 1)[-1]
+        if basename == TASK_FILE:
             return BlobOutcome("skipped", reason="control file")
         sha = hashlib.sha256(data).hexdigest()
         source = Source(settings.images_container, name, etag, sha, len(data))
@@ -200,12 +211,18 @@ class BlobProcessor:
         attempts = int(previous.get("failures", 0)) + 1
         task = settings.default_task
         try:
-            config = await self.resolver.resolve(name, metadata)
+            if basename == MANIFEST_FILE:
+                config, images = await self._manifest(name, data)
+            else:
+                config, images = await self.resolver.resolve(name, metadata), [data]
+                if config.task in MULTI_IMAGE_TASKS:
+                    log.info("skip %s: part of a %s job, run by its %s", name, config.task, MANIFEST_FILE)
+                    return BlobOutcome("skipped", reason=f"waiting for {MANIFEST_FILE}")
             task = config.task
             f = config.fields
             max_tokens = f.get("max_tokens")
             request = AnalysisRequest(
-                images=[data],
+                images=images,
                 task=config.task,
                 prompt=f.get("prompt"),
                 detail=f.get("detail") or settings.default_detail,
@@ -247,6 +264,46 @@ class BlobProcessor:
         if attempts > 1:
             await self._clear_attempts(name)
         return BlobOutcome("succeeded", record)
+
+    async def _manifest(self, name: str, data: bytes) -> tuple[TaskConfig, list[bytes]]:
+        """A multi-image job: `_manifest.json` names the images (relative to its folder; default: all of them)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            doc = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidTaskConfig(f"{name} is not valid JSON: {exc}", details={"manifest": name}) from None
+        if not isinstance(doc, dict):
+            raise InvalidTaskConfig(f"{name} must be a JSON object", details={"manifest": name})
+        folder = name[: -len(MANIFEST_FILE)]
+        fields = {k: v for k, v in doc.items() if k in TASK_KEYS}
+        if "task" not in fields:
+            inherited = await self.resolver.resolve(name, None)
+            fields = {**inherited.fields, **fields, "task": inherited.task}
+        else:
+            _parse_task_file(json.dumps(fields).encode(), name)  # same checks as _task.json
+        container = await self.deps.blobs.container(self.deps.settings.images_container)
+        listed = doc.get("images")
+        if listed is None:
+            listed = sorted(
+                b.name[len(folder) :]
+                async for b in container.list_blobs(name_starts_with=folder)
+                if "/" not in b.name[len(folder) :] and b.name[len(folder) :] not in CONTROL_FILES
+            )
+        if not isinstance(listed, list) or not all(isinstance(x, str) and x for x in listed):
+            raise InvalidTaskConfig(f'{name}: "images" must be a list of blob names', details={"manifest": name})
+        images, missing = [], []
+        for rel in listed:
+            try:
+                images.append(await (await container.download_blob(folder + rel)).readall())
+            except ResourceNotFoundError:
+                missing.append(rel)
+        if missing:
+            raise ManifestIncomplete(
+                f"{name} lists images that are not in the container yet: {', '.join(missing[:10])}",
+                details={"manifest": name, "missing": missing},
+            )
+        return TaskConfig(fields["task"], name, fields), images
 
     async def record_poison(self, name: str, etag: str | None) -> dict[str, Any]:
         """After the host gave up on a blob: an `.error.json` with the last error seen, so nothing is lost silently."""

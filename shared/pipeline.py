@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import InvalidRequest, UpstreamTimeout, UpstreamUnavailable, VlmError
+from .errors import InvalidRequest, UpstreamTimeout, VlmError
 from .settings import DETAILS, Settings
 
 
@@ -69,6 +69,7 @@ class Dependencies:
         self._model = model
         self._cache = cache
         self._blobs = blobs
+        self.inflight: dict[str, asyncio.Future[Any]] = {}  # cache key -> the one model run for it
 
     @property
     def blobs(self) -> Any:
@@ -215,33 +216,55 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
         images=[i.data for i in images],
         options={"labels": req.labels, "pages": req.pages, "strips": req.strips},
     )
+
+    def reused(model: str, deployment: str, answer: Any) -> AnalysisResult:
+        """An answer paid for earlier (cache) or by an identical request in flight: no usage, no cost."""
+        return AnalysisResult(
+            id=key,
+            task=req.task,
+            model=model,
+            deployment=deployment,
+            result=answer,
+            cached=True,
+            usage=Usage(estimated_image_tokens=estimated_image_tokens),
+            cost_usd=0.0,
+            images=facts,
+            timings_ms=_timings(t0, t_prepared, time.perf_counter()),
+        )
+
     if req.use_cache:
         hit = await deps.cache.get(key)
         if hit is not None:
-            return AnalysisResult(
-                id=key,
-                task=req.task,
-                model=hit["model"],
-                deployment=hit["deployment"],
-                result=hit["result"],
-                cached=True,
-                usage=Usage(estimated_image_tokens=estimated_image_tokens),
-                cost_usd=0.0,
-                images=facts,
-                timings_ms=_timings(t0, t_prepared, t_prepared),
-            )
-    out = await run_task(
-        TaskInput(
-            task=req.task,
-            images=images,
-            prompt=req.prompt,
-            schema=req.schema,
-            labels=req.labels,
-            max_tokens=req.max_tokens,
-            concurrency=settings.sequence_concurrency,
-        ),
-        deps.model,
+            return reused(hit["model"], hit["deployment"], hit["result"])
+        shared = await _join_inflight(deps, key)
+        if shared is not None:
+            last_call = shared.calls[-1]
+            return reused(last_call.model, last_call.deployment, shared.result)
+    task_input = TaskInput(
+        task=req.task,
+        images=images,
+        prompt=req.prompt,
+        schema=req.schema,
+        labels=req.labels,
+        max_tokens=req.max_tokens,
+        concurrency=settings.sequence_concurrency,
     )
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    deps.inflight[key] = future
+    try:
+        out = await run_task(task_input, deps.model)
+    except Exception as exc:
+        future.set_exception(exc)
+        future.exception()  # mark retrieved: nobody may be waiting
+        raise
+    except BaseException:
+        future.cancel()
+        raise
+    else:
+        future.set_result(out)
+    finally:
+        if deps.inflight.get(key) is future:
+            del deps.inflight[key]
     t_model = time.perf_counter()
     usage = Usage(
         prompt_tokens=sum(c.prompt_tokens for c in out.calls),
@@ -273,6 +296,23 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
     return result
 
 
+async def _join_inflight(deps: Dependencies, key: str) -> Any:
+    """Wait for an identical request already at the model; None if there is none or it failed."""
+    shared = deps.inflight.get(key)
+    if shared is None:
+        return None
+    try:
+        out = await asyncio.shield(shared)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if shared.cancelled() and task is not None and not task.cancelling():
+            return None  # the other request was cancelled, not us: run it ourselves
+        raise
+    except Exception:
+        return None  # it failed: this request makes its own attempt
+    return out if out.calls else None
+
+
 def _timings(t0: float, t_prepared: float, t_model: float) -> dict[str, float]:
     now = time.perf_counter()
     return {
@@ -280,14 +320,3 @@ def _timings(t0: float, t_prepared: float, t_model: float) -> dict[str, float]:
         "model": round((t_model - t_prepared) * 1000, 1),
         "total": round((now - t0) * 1000, 1),
     }
-
-
-__all__ = [
-    "AnalysisRequest",
-    "AnalysisResult",
-    "Dependencies",
-    "UpstreamUnavailable",
-    "Usage",
-    "analyze",
-    "get_dependencies",
-]

@@ -1,0 +1,238 @@
+"""The whole local stack: Azurite, the local model server and the local Functions host.
+
+`make run` calls `python -m local.stack`: it creates `local.settings.json` from the
+example on first run (with a random LOCAL_FUNCTION_KEY), starts the three services,
+waits until each answers, prints how to call the endpoint and drop a folder, and
+stops all three on Ctrl-C or SIGTERM. Tests use `Stack` with free ports and a temp
+data folder.
+
+Storage set to `UseDevelopmentStorage=true` means Azurite; a VLM_ENDPOINT on
+127.0.0.1 at the model port means the local model server. Point either at Azure in
+local.settings.json and that stand-in is not started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from local import procs
+from local.azurite import Azurite, start_azurite
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = ROOT / "local.settings.json"
+EXAMPLE = ROOT / "local.settings.example.json"
+DEV_STORAGE = "usedevelopmentstorage=true"
+
+
+def ensure_local_settings(path: Path = SETTINGS, example: Path = EXAMPLE) -> dict:
+    """Create local.settings.json from the example with a random function key; return its document."""
+    if not path.exists():
+        doc = json.loads(example.read_text())
+        doc["Values"]["LOCAL_FUNCTION_KEY"] = secrets.token_urlsafe(24)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"created {path.name} with a new LOCAL_FUNCTION_KEY")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class StackConfig:
+    root: Path = ROOT
+    data_dir: Path = ROOT / ".local"
+    host_port: int = 7071
+    blob_port: int = 10000
+    queue_port: int = 10001
+    model_port: int = 8089
+    values: dict[str, str] = field(default_factory=dict)  # settings handed to the host
+    model_args: list[str] = field(default_factory=list)  # extra flags for local.model_server
+    host_args: list[str] = field(default_factory=list)  # extra flags for local.host
+    python: str = sys.executable
+
+
+class Stack:
+    """Starts and stops the three processes; exposes their URLs."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.azurite: Azurite | None = None
+        self.model: procs.Proc | None = None
+        self.host: procs.Proc | None = None
+        self.values = dict(config.values)
+
+    @property
+    def host_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.host_port}"
+
+    @property
+    def model_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.model_port}"
+
+    @property
+    def function_key(self) -> str:
+        return self.values.get("LOCAL_FUNCTION_KEY", "")
+
+    @property
+    def connection_string(self) -> str:
+        return self.values["VlmStorage"]
+
+    def _uses_azurite(self) -> bool:
+        return self.values.get("VlmStorage", DEV_STORAGE).strip().lower().rstrip(";") == DEV_STORAGE
+
+    def _uses_local_model(self) -> bool:
+        endpoint = self.values.get("VLM_ENDPOINT", "")
+        return endpoint.startswith(("http://127.0.0.1:", "http://localhost:")) or not endpoint
+
+    def start(self) -> Stack:
+        c = self.config
+        c.data_dir.mkdir(parents=True, exist_ok=True)
+        logs = c.data_dir / "logs"
+        try:
+            if self._uses_azurite():
+                self.azurite = start_azurite(
+                    c.data_dir / "azurite",
+                    blob_port=c.blob_port,
+                    queue_port=c.queue_port,
+                    log_path=logs / "azurite.log",
+                )
+                for name in ("VlmStorage", "AzureWebJobsStorage"):
+                    self.values[name] = self.azurite.connection_string
+            if self._uses_local_model():
+                self.model = procs.start_process(
+                    [c.python, "-m", "local.model_server", "--port", str(c.model_port), *c.model_args],
+                    name="model-server",
+                    log_path=logs / "model_server.log",
+                    cwd=c.root,
+                )
+                procs.wait_for_http(f"{self.model_url}/health", timeout_s=60, proc=self.model)
+                self.values["VLM_ENDPOINT"] = f"{self.model_url}/v1"
+            host_settings = c.data_dir / "host.settings.json"
+            host_settings.write_text(json.dumps({"IsEncrypted": False, "Values": self.values}, indent=2))
+            self.host = procs.start_process(
+                [
+                    c.python,
+                    "-m",
+                    "local.host",
+                    "--root",
+                    str(c.root),
+                    "--port",
+                    str(c.host_port),
+                    "--settings",
+                    str(host_settings),
+                    "--strict",  # a function that fails to load stops start-up, loudly
+                    *c.host_args,
+                ],
+                name="functions-host",
+                log_path=logs / "host.log",
+                cwd=c.root,
+            )
+            procs.wait_for_http(f"{self.host_url}/admin/host/status", timeout_s=60, proc=self.host)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def restart_host(self) -> None:
+        """Stop and start only the Functions host (tests: a host that dies mid-batch)."""
+        assert self.host is not None
+        cmd = self.host.cmd
+        self.host.stop()
+        self.host = procs.start_process(cmd, name="functions-host", log_path=self.host.log_path, cwd=self.config.root)
+        procs.wait_for_http(f"{self.host_url}/admin/host/status", timeout_s=60, proc=self.host)
+
+    def stop(self) -> None:
+        for proc in (self.host, self.model):
+            if proc is not None:
+                proc.stop()
+        if self.azurite is not None:
+            self.azurite.stop()
+        self.host = self.model = self.azurite = None
+
+    def alive(self) -> list[str]:
+        """Names of processes that have died (empty while all run)."""
+        dead = []
+        for name, proc in (("functions host", self.host), ("model server", self.model)):
+            if proc is not None and not proc.alive():
+                dead.append(name)
+        if self.azurite is not None and not self.azurite.proc.alive():
+            dead.append("azurite")
+        return dead
+
+
+def banner(stack: Stack) -> str:
+    key = stack.function_key
+    sample = ROOT.parent / "shared" / "corpus" / "photos" / "phone_4032x3024.jpg"
+    photo = sample if sample.exists() else Path("photo.jpg")
+    storage = (
+        f"Azurite 127.0.0.1:{stack.config.blob_port} (blob), :{stack.config.queue_port} (queue)"
+        if stack.azurite
+        else "as in local.settings.json"
+    )
+    return f"""
+vlm-functions is running locally
+  Functions host   {stack.host_url}   (analyze_http, blob_trigger, poison_blobs)
+  model server     {stack.model_url if stack.model else stack.values.get("VLM_ENDPOINT")}
+  storage          {storage}
+  logs             {stack.config.data_dir / "logs"}
+
+Analyse an image:
+  curl -F file=@{photo} "{stack.host_url}/api/analyze?code={key}"
+  curl -F file=@invoice.png -F task=invoice "{stack.host_url}/api/analyze?code={key}"
+
+Drop a folder (every image gets results/<path>.json):
+  .venv/bin/python -m local.drop ../shared/corpus/photos --prefix photos/ --wait
+  .venv/bin/python -m local.drop ../shared/corpus/documents --prefix invoices/ --task invoice --wait
+
+Ctrl-C stops everything.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m local.stack", description="Start the whole local stack.")
+    p.add_argument("--host-port", type=int, default=7071)
+    p.add_argument("--blob-port", type=int, default=10000)
+    p.add_argument("--queue-port", type=int, default=10001)
+    p.add_argument("--model-port", type=int, default=8089)
+    p.add_argument("--model-mode", choices=["ocr", "facts"], default="ocr")
+    args = p.parse_args(argv)
+    doc = ensure_local_settings()
+    config = StackConfig(
+        host_port=args.host_port,
+        blob_port=args.blob_port,
+        queue_port=args.queue_port,
+        model_port=args.model_port,
+        values={k: str(v) for k, v in doc.get("Values", {}).items()},
+        model_args=["--mode", args.model_mode],
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stack = Stack(config)
+    print("starting Azurite, the local model server and the local Functions host ...", flush=True)
+    try:
+        stack.start()
+    except procs.ProcessError as exc:
+        print(f"could not start the stack: {exc}", file=sys.stderr)
+        return 1
+    print(banner(stack), flush=True)
+    code = 0
+    try:
+        while not stop.wait(1.0):
+            dead = stack.alive()
+            if dead:
+                print(f"stopped: {', '.join(dead)} exited; see {config.data_dir / 'logs'}", file=sys.stderr)
+                code = 1
+                break
+    finally:
+        print("stopping ...", flush=True)
+        stack.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

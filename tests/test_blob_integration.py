@@ -1,0 +1,175 @@
+"""The blob path end to end: drop folders into Azurite, the local host runs blob_trigger,
+every image ends with exactly one result or error record, redeliveries cost nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+from azure.storage.blob import BlobServiceClient
+
+from tests.conftest import corpus
+
+pytestmark = pytest.mark.integration
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".heic", ".heif", ".webp", ".gif", ".bmp", ".pdf"}
+
+
+def service(stack) -> BlobServiceClient:
+    return BlobServiceClient.from_connection_string(stack.connection_string)
+
+
+def records(stack, prefix: str) -> dict[str, dict]:
+    """results/<prefix>... -> {blob name of the source: record}."""
+    results = service(stack).get_container_client("results")
+    out = {}
+    for blob in results.list_blobs(name_starts_with=prefix):
+        doc = json.loads(results.download_blob(blob.name).readall())
+        out[blob.name] = doc
+    return out
+
+
+def wait_for(stack, names: list[str], prefix: str, timeout_s: float = 240) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = records(stack, prefix)
+        missing = [n for n in names if f"{n}.json" not in got and f"{n}.error.json" not in got]
+        if not missing:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"no record within {timeout_s} s for {len(missing)} blobs, e.g. {missing[:5]}")
+        time.sleep(0.5)
+
+
+def upload(stack, name: str, data: bytes) -> None:
+    container = service(stack).get_container_client("images")
+    if not container.exists():
+        container.create_container()
+    container.upload_blob(name, data, overwrite=True)
+
+
+def drop_folder(stack, folder: Path, prefix: str, **options) -> list[str]:
+    from local.drop import DropOptions, drop
+
+    summary = asyncio.run(
+        drop(
+            DropOptions(
+                folder=folder,
+                prefix=prefix,
+                wait=False,
+                out=None,
+                connection_string=stack.connection_string,
+                **options,
+            ),
+            say=lambda *_: None,
+        )
+    )
+    return [row.blob for row in summary.rows]
+
+
+def test_drop_photos_and_orientations_every_blob_gets_one_record(stack, model_admin):
+    names = drop_folder(stack, corpus("photos"), "batch/photos/")
+    names += drop_folder(stack, corpus("orientation"), "batch/orientation/")
+    assert len(names) >= 25
+    upload(stack, "batch/notes.txt", b"this is not an image\n")
+    upload(stack, "batch/broken/truncated.jpg", corpus("broken", "truncated_3648x2736.jpg").read_bytes())
+    all_names = [*names, "batch/notes.txt", "batch/broken/truncated.jpg"]
+    got = wait_for(stack, all_names, "batch/")
+
+    for name in names:
+        assert f"{name}.json" in got, (name, got.get(f"{name}.error.json"))
+        assert f"{name}.error.json" not in got
+        rec = got[f"{name}.json"]
+        assert rec["status"] == "succeeded" and rec["source"]["name"] == name
+        assert len(rec["source"]["sha256"]) == 64 and rec["source"]["size"] > 0 and rec["source"]["etag"]
+        assert rec["task"] == "describe" and rec["model"] and rec["deployment"] == "gpt-4o"
+        assert rec["usage"]["total_tokens"] > 0 or rec["cached"]
+        assert {"cost_usd", "attempts", "processed_at"} <= set(rec)
+    text = got["batch/notes.txt.error.json"]
+    assert text["status"] == "failed" and text["error"]["code"] == "unsupported_media_type"
+    assert "batch/notes.txt.json" not in got
+    broken = [k for k in got if k.startswith("batch/broken/truncated.jpg")]
+    assert len(broken) == 1  # a result or a clear error, never neither, never both
+    if broken[0].endswith(".error.json"):
+        assert got[broken[0]]["error"]["code"] in {"invalid_request", "unsupported_media_type"}
+
+    # the same files again: the recorded sha256 matches, so no model call at all
+    before = model_admin.requests()
+    drop_folder(stack, corpus("photos"), "batch/photos/")
+    upload(stack, "batch/notes.txt", b"this is not an image\n")
+    time.sleep(3)  # let the host see the new etags and run the function
+    after = records(stack, "batch/")
+    assert model_admin.requests() == before
+    assert {k: v["processed_at"] for k, v in after.items()} == {k: v["processed_at"] for k, v in got.items()}
+
+
+def test_same_image_in_another_folder_is_served_from_the_cache(stack, model_admin):
+    data = corpus("photos", "gps_tagged_640x480.jpg").read_bytes()
+    upload(stack, "dupes/a/one.jpg", data)
+    got = wait_for(stack, ["dupes/a/one.jpg"], "dupes/")
+    before = model_admin.requests()
+    upload(stack, "dupes/b/two.jpg", data)
+    got = wait_for(stack, ["dupes/b/two.jpg"], "dupes/")
+    assert got["dupes/b/two.jpg.json"]["cached"] is True
+    assert model_admin.requests() == before
+
+
+def test_task_json_configures_a_folder_and_is_never_analysed(stack):
+    upload(stack, "folder-ocr/_task.json", json.dumps({"task": "ocr"}).encode())
+    upload(stack, "folder-ocr/sub/receipt.png", corpus("documents", "oyo.png").read_bytes())
+    got = wait_for(stack, ["folder-ocr/sub/receipt.png"], "folder-ocr/")
+    rec = got["folder-ocr/sub/receipt.png.json"]
+    assert rec["task"] == "ocr" and "OYO" in rec["result"].upper()
+    assert rec["task_config"] == "folder-ocr/_task.json"
+    assert not any(k.startswith("folder-ocr/_task.json") for k in got)
+
+
+def test_invalid_task_json_gives_each_file_an_error_record(stack):
+    upload(stack, "badcfg/_task.json", b'{"task": "paint"}')
+    img = corpus("photos", "gps_tagged_640x480.jpg").read_bytes()
+    upload(stack, "badcfg/x.jpg", img)
+    upload(stack, "badcfg/y.jpg", img[:-10] + b"0123456789")
+    got = wait_for(stack, ["badcfg/x.jpg", "badcfg/y.jpg"], "badcfg/")
+    for name in ("badcfg/x.jpg", "badcfg/y.jpg"):
+        err = got[f"{name}.error.json"]["error"]
+        assert err["code"] == "invalid_task_config" and "paint" in err["message"]
+
+
+def _synthetic_images(n: int, seed: int) -> list[bytes]:
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        im = Image.new("RGB", (640, 480), tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(im)
+        for _ in range(12):
+            x, y = rng.randrange(600), rng.randrange(440)
+            draw.rectangle([x, y, x + 40, y + 40], fill=tuple(rng.randrange(256) for _ in range(3)))
+        draw.text((20, 20), f"IMAGE {seed}-{i}", fill=(0, 0, 0))
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def test_host_restart_mid_drop_loses_nothing_and_recomputes_little(stack, model_admin):
+    images = _synthetic_images(50, seed=7)
+    names = [f"restart/img{i:02d}.png" for i in range(len(images))]
+    before = model_admin.requests()
+    for name, data in zip(names, images, strict=True):
+        upload(stack, name, data)
+    deadline = time.monotonic() + 120
+    while len(records(stack, "restart/")) < 10 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stack.restart_host()
+    got = wait_for(stack, names, "restart/")
+    for name in names:
+        kinds = [k for k in got if k in (f"{name}.json", f"{name}.error.json")]
+        assert kinds == [f"{name}.json"], (name, kinds)
+    in_flight_bound = 4  # host.json extensions.blobs.maxDegreeOfParallelism
+    assert model_admin.requests() - before <= len(images) + in_flight_bound
