@@ -1,0 +1,1234 @@
+"""Answers of the local model: descriptions, comparisons, syntheses and schema-shaped JSON from OCR and facts.
+
+Nothing here pretends to understand a picture. Every answer is built from what was measured
+(size, orientation, brightness, colours, sharpness) and what RapidOCR read, and says so, so the
+plumbing (prompts, structured outputs, validation, re-asks) is exercised against honest content.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from local.ocr_engine import DecodedImage, Fragment, ImageFacts, OcrLine
+from local.ocr_parse import currencies, is_numeric_fragment, numbers, parse_date, parse_number
+
+MODEL_BANNER = "Local OCR model (not GPT-4o)."
+STOPWORDS = set(
+    "the a an and or of to in on for with at by from is are was were be this that these those it its as "
+    "image images photo picture describe please analyze analyse text what which into about your you "
+    "their there here have has had not but all any each more most other some such than then them they "
+    "will would should could can may also only over under between compare comparison synthesis common "
+    "themes found reading order local model brightness mostly lines none".split()
+)
+
+
+@dataclass
+class Analysis:
+    """Everything an answer may use: the request's text, the decoded images and whether OCR ran."""
+
+    prompt: str
+    images: list[DecodedImage]
+    ocr: bool = True
+
+    @property
+    def lines(self) -> list[OcrLine]:
+        return [line for im in self.images for line in im.lines]
+
+    @property
+    def full_text(self) -> str:
+        return "\n".join(line.text for line in self.lines)
+
+
+def wants_synthesis(prompt: str) -> bool:
+    p = prompt.lower()
+    return "synthesis" in p or "synthesi" in p or "common themes" in p or "common_themes" in p
+
+
+def wants_compare(prompt: str, n_images: int) -> bool:
+    p = prompt.lower()
+    return n_images >= 2 and ("compar" in p or "difference" in p or re.search(r"\[image \d+\]", p) is not None)
+
+
+# ---------------------------------------------------------------------------------------- text
+
+
+def _text_block(im: DecodedImage, ocr: bool, limit: int | None = None) -> str:
+    if not ocr:
+        return "Text: not read (facts mode, OCR off)."
+    if not im.lines:
+        return "Text found: none."
+    lines = im.lines if limit is None else im.lines[:limit]
+    more = "" if limit is None or len(im.lines) <= limit else f"\n... ({len(im.lines) - limit} more lines)"
+    return f"Text found (reading order, {len(im.lines)} lines):\n" + "\n".join(ln.text for ln in lines) + more
+
+
+def describe(a: Analysis) -> str:
+    """One image: facts, then the OCR lines top to bottom, left to right."""
+    im = a.images[0]
+    return f"{MODEL_BANNER} Image: {im.facts.phrase()}.\n{_text_block(im, a.ocr)}"
+
+
+def _words(lines: list[OcrLine]) -> set[str]:
+    return {w for w in re.findall(r"[a-zäöüéèàç]{3,}", " ".join(ln.text for ln in lines).lower()) if w not in STOPWORDS}
+
+
+def compare(a: Analysis) -> str:
+    """Two or more images: per-image facts, then similarities and differences, each image as [Image N]."""
+    ims = a.images
+    facts = [im.facts for im in ims]
+    tag = [f"[Image {i + 1}]" for i in range(len(ims))]
+    out = [f"{MODEL_BANNER} Comparison of {len(ims)} images."]
+    for t, im in zip(tag, ims, strict=True):
+        snippet = "; ".join(ln.text for ln in im.lines[:3]) if im.lines else ""
+        text = (
+            "text not read (facts mode)"
+            if not a.ocr
+            else (f'{len(im.lines)} text lines, starting "{snippet}"' if im.lines else "no text found")
+        )
+        out.append(f"{t}: {im.facts.phrase()}; {text}.")
+    same: list[str] = []
+    diff: list[str] = []
+    orient = {f.orientation for f in facts}
+    if len(orient) == 1:
+        same.append(f"all are {facts[0].orientation}")
+    else:
+        diff.append("orientation: " + ", ".join(f"{t} {f.orientation}" for t, f in zip(tag, facts, strict=True)))
+    colours = {f.colour for f in facts}
+    if len(colours) == 1:
+        same.append(f"all are mostly {facts[0].colour}")
+    else:
+        diff.append("dominant colour: " + ", ".join(f"{t} {f.colour}" for t, f in zip(tag, facts, strict=True)))
+    b = [f.brightness for f in facts]
+    if max(b) - min(b) < 20:
+        same.append(f"similar brightness (about {round(sum(b) / len(b))}/255)")
+    else:
+        hi, lo = b.index(max(b)), b.index(min(b))
+        diff.append(f"{tag[hi]} is the brightest ({round(b[hi])}/255), {tag[lo]} the darkest ({round(b[lo])}/255)")
+    px = [f.width * f.height for f in facts]
+    if max(px) <= 1.1 * min(px):
+        same.append(f"similar size (about {facts[0].width}x{facts[0].height})")
+    else:
+        big, small = px.index(max(px)), px.index(min(px))
+        diff.append(
+            f"{tag[big]} is the largest ({facts[big].width}x{facts[big].height}), "
+            f"{tag[small]} the smallest ({facts[small].width}x{facts[small].height})"
+        )
+    sharp = {f.sharpness_word for f in facts}
+    if len(sharp) == 1:
+        same.append(f"all look {facts[0].sharpness_word}")
+    else:
+        diff.append("sharpness: " + ", ".join(f"{t} {f.sharpness_word}" for t, f in zip(tag, facts, strict=True)))
+    if a.ocr:
+        has = [bool(im.lines) for im in ims]
+        if all(has):
+            common = set.intersection(*(_words(im.lines) for im in ims))
+            same.append("all contain text" + (f"; shared words: {', '.join(sorted(common)[:8])}" if common else ""))
+            for t, im in zip(tag, ims, strict=True):
+                only = _words(im.lines) - set().union(*(_words(o.lines) for o in ims if o is not im))
+                if only:
+                    diff.append(f"words only in {t}: {', '.join(sorted(only)[:6])}")
+        elif not any(has):
+            same.append("none contains readable text")
+        else:
+            diff.append(
+                "text: " + ", ".join(f"{t} {'has text' if h else 'no text'}" for t, h in zip(tag, has, strict=True))
+            )
+    out.append("Similarities: " + ("; ".join(same) if same else "none measured") + ".")
+    out.append("Differences: " + ("; ".join(diff) if diff else "none measured") + ".")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------- synthesis
+
+
+@dataclass
+class _Item:
+    label: str
+    orientation: str | None = None
+    colour: str | None = None
+    brightness: float | None = None
+    sharpness_word: str | None = None
+    text_lines: int = 0
+    words: set[str] = field(default_factory=set)
+
+
+_PHRASE_RE = re.compile(
+    r"(\d+)x(\d+) (landscape|portrait|square), mostly ([a-z ]+?)(?: with some [a-z ]+?)?, brightness (\d+)/255"
+)
+
+
+def _items(a: Analysis) -> list[_Item]:
+    """The sequence's members: decoded images, or the `[Image N]` sections of a text-only prompt."""
+    if a.images:
+        return [
+            _Item(
+                f"[Image {i + 1}]",
+                im.facts.orientation,
+                im.facts.colour,
+                im.facts.brightness,
+                im.facts.sharpness_word,
+                len(im.lines),
+                _words(im.lines),
+            )
+            for i, im in enumerate(a.images)
+        ]
+    parts = re.split(r"\[Image (\d+)\]", a.prompt)
+    items: list[_Item] = []
+    for n, body in zip(parts[1::2], parts[2::2], strict=False):
+        item = _Item(f"[Image {n}]")
+        m = _PHRASE_RE.search(body)
+        if m:
+            item.orientation, item.colour, item.brightness = m[3], m[4].strip(), float(m[5])
+        for word in ("blurry", "soft", "sharp"):
+            if re.search(rf"\b{word}\b", body):
+                item.sharpness_word = word
+                break
+        t = re.search(r"Text found \(reading order, (\d+) lines\)", body)
+        item.text_lines = int(t[1]) if t else (0 if "Text found: none" in body else len(body.splitlines()))
+        item.words = {w for w in re.findall(r"[a-zäöüéèàç]{4,}", body.lower()) if w not in STOPWORDS}
+        items.append(item)
+    return items
+
+
+@dataclass
+class Synthesis:
+    items: int
+    common_themes: list[str]
+    progression: list[str]
+    key_insights: list[str]
+    recommendations: list[str]
+
+    def text(self) -> str:
+        def block(title: str, rows: list[str]) -> str:
+            return title + ":\n" + "\n".join(f"- {r}" for r in rows)
+
+        return "\n".join(
+            [
+                f"{MODEL_BANNER} Synthesis over {self.items} items, from measured facts and OCR only.",
+                block("Common themes", self.common_themes),
+                block("Progression / changes", self.progression),
+                block("Key insights", self.key_insights),
+                block("Recommendations", self.recommendations),
+            ]
+        )
+
+
+def synthesize(a: Analysis) -> Synthesis:
+    """Themes (what all share), progression (changes between neighbours), insights and recommendations."""
+    items = _items(a)
+    n = len(items)
+    themes: list[str] = []
+    changes: list[str] = []
+    insights: list[str] = []
+    recs: list[str] = []
+    if n == 0:
+        return Synthesis(
+            0,
+            ["no images or [Image N] sections to synthesise"],
+            ["nothing to compare"],
+            [f"the prompt has {len(a.prompt)} characters and no image analyses"],
+            ["send the per-image analyses labelled [Image N]"],
+        )
+    orient = Counter(i.orientation for i in items if i.orientation)
+    if orient:
+        o, c = orient.most_common(1)[0]
+        themes.append(f"{c} of {n} are {o}")
+    colours = Counter(i.colour for i in items if i.colour)
+    if colours:
+        col, c = colours.most_common(1)[0]
+        themes.append(f"dominant colour {col} in {c} of {n}")
+    with_text = sum(1 for i in items if i.text_lines)
+    themes.append(f"{with_text} of {n} contain readable text")
+    word_counts = Counter(w for i in items for w in i.words)
+    recurring = [w for w, c in word_counts.most_common(30) if c >= max(2, (n + 1) // 2)][:6]
+    if recurring:
+        themes.append("recurring words: " + ", ".join(recurring))
+    for prev, cur in itertools.pairwise(items):
+        step: list[str] = []
+        if prev.brightness is not None and cur.brightness is not None and abs(cur.brightness - prev.brightness) >= 20:
+            word = "brighter" if cur.brightness > prev.brightness else "darker"
+            step.append(f"{word} ({round(prev.brightness)} -> {round(cur.brightness)}/255)")
+        if prev.colour and cur.colour and prev.colour != cur.colour:
+            step.append(f"colour {prev.colour} -> {cur.colour}")
+        if prev.orientation and cur.orientation and prev.orientation != cur.orientation:
+            step.append(f"{prev.orientation} -> {cur.orientation}")
+        if bool(prev.text_lines) != bool(cur.text_lines):
+            step.append("text appears" if cur.text_lines else "text disappears")
+        if step:
+            changes.append(f"{prev.label} -> {cur.label}: " + ", ".join(step))
+    if not changes:
+        changes.append("no marked change between consecutive items")
+    bright = [(i.brightness, i.label) for i in items if i.brightness is not None]
+    if bright:
+        insights.append(
+            f"brightest {max(bright)[1]} ({round(max(bright)[0])}/255), darkest {min(bright)[1]} ({round(min(bright)[0])}/255)"
+        )
+    most_text = max(items, key=lambda i: i.text_lines)
+    if most_text.text_lines:
+        insights.append(f"most text in {most_text.label} ({most_text.text_lines} lines)")
+    blurry = [i.label for i in items if i.sharpness_word == "blurry"]
+    if blurry:
+        insights.append("blurry: " + ", ".join(blurry))
+    dark = [i.label for i in items if i.brightness is not None and i.brightness < 85]
+    if dark:
+        recs.append("re-capture with more light: " + ", ".join(dark))
+    if blurry:
+        recs.append("re-shoot or steady the camera: " + ", ".join(blurry))
+    if with_text and with_text < n:
+        recs.append("route the text-bearing items to OCR with detail high")
+    if not recs:
+        recs.append("no issues measured; the set is consistent enough to process as is")
+    return Synthesis(n, themes, changes, insights, recs)
+
+
+def text_answer(a: Analysis) -> str:
+    """The plain-text answer for whatever the prompt asks: synthesis, comparison or description."""
+    if wants_synthesis(a.prompt):
+        return synthesize(a).text()
+    if not a.images:
+        return (
+            f"{MODEL_BANNER} No image in the request, so there is nothing to read (prompt: {len(a.prompt)} characters)."
+        )
+    if len(a.images) == 1:
+        return describe(a)
+    if wants_compare(a.prompt, len(a.images)):
+        return compare(a)
+    return "\n".join(
+        [f"{MODEL_BANNER} {len(a.images)} images."]
+        + [f"[Image {i + 1}]: {im.facts.phrase()}.\n{_text_block(im, a.ocr)}" for i, im in enumerate(a.images)]
+    )
+
+
+# ------------------------------------------------------------------------------ schema filling
+
+_LABEL_WORDS = {
+    "address", "name", "date", "mode", "id", "no", "number", "details", "total", "amount", "qty", "price",
+    "rate", "description", "from", "to", "phone", "email", "bill", "ship", "shipping", "billing", "invoice",
+    "payment", "order", "customer", "seller", "vendor", "tax", "rooms", "check", "in", "out", "code", "account",
+}  # fmt: skip
+TITLE_WORDS = {
+    "invoice",
+    "receipt",
+    "bill",
+    "tax invoice",
+    "payment receipt",
+    "retail invoice",
+    "facture",
+    "rechnung",
+    "factuur",
+}
+COMPANY_RE = re.compile(
+    r"(?<![a-z])(pvt\.?\s*ltd|ltd|limited|gmbh|inc|llc|l\.l\.c|s\.?a\.?s?|sarl|b\.v|bv|ag|corp|corporation|co\.|plc|oy|ab|srl|spa)(?![a-z])",
+    re.I,
+)
+EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
+VENDOR_PARENTS = {
+    "vendor",
+    "seller",
+    "supplier",
+    "issuer",
+    "merchant",
+    "company",
+    "from",
+    "biller",
+    "store",
+    "shop",
+    "sender",
+}
+CUSTOMER_PARENTS = {
+    "customer",
+    "buyer",
+    "client",
+    "bill_to",
+    "billed_to",
+    "recipient",
+    "guest",
+    "to",
+    "ship_to",
+    "purchaser",
+    "billing",
+}
+VENDOR_LABELS = ["sold by", "seller", "vendor", "supplier", "issued by", "from", "company name", "merchant"]
+CUSTOMER_LABELS = [
+    "bill to",
+    "billed to",
+    "billing address",
+    "sold to",
+    "customer name",
+    "customer",
+    "client",
+    "guest name",
+    "buyer",
+    "ship to",
+    "name",
+]
+TOTAL_LABELS = [
+    "grand total", "total amount", "amount due", "total due", "balance due", "total payable", "amount payable",
+    "invoice total", "total to pay", "total ttc", "montant total", "gesamtbetrag", "totaal", "total",
+]  # fmt: skip
+TOTAL_EXCLUDE = re.compile(r"sub\s*-?\s*total|total\s*(tax|vat|excl|ht|before)|tax\s*total|total\s*\(?%", re.I)
+SUBTOTAL_LABELS = [
+    "subtotal",
+    "sub total",
+    "sub-total",
+    "net total",
+    "net amount",
+    "total excl",
+    "total ht",
+    "taxable amount",
+    "zwischensumme",
+    "nettobetrag",
+]
+TAX_LABELS = [
+    "total tax",
+    "tax amount",
+    "tax total",
+    "vat amount",
+    "total vat",
+    "sales tax",
+    "igst",
+    "cgst",
+    "mwst",
+    "tva",
+    "btw",
+    "vat",
+    "gst",
+    "tax",
+]
+TAX_EXCLUDE = re.compile(r"tin\b|/tin|tax\s*id|vat\s*(no|id|number|reg)|gstin|invoice|%", re.I)
+INVOICE_NO_LABELS = [
+    "invoice no", "invoice number", "invoice #", "invoice num", "invoice nr", "inv no", "bill no", "receipt no",
+    "receipt number", "facture n", "rechnungsnummer", "factuurnummer", "booking id", "invoice",
+]  # fmt: skip
+TAX_ID_LABELS = [
+    "gstin",
+    "vat id",
+    "vat no",
+    "vat number",
+    "vat reg",
+    "tax id",
+    "vat/tin",
+    "tin",
+    "ein",
+    "siret",
+    "ust-idnr",
+    "btw",
+]
+ID_WORDS = {"number", "no", "num", "id", "code", "reference", "ref", "nr"}
+AMOUNT_WORDS = {
+    "total", "amount", "subtotal", "tax", "vat", "gst", "price", "cost", "fee", "balance", "discount", "shipping",
+    "paid", "due", "sum", "net", "gross", "charge", "charges", "rate",
+}  # fmt: skip
+CLASS_NAMES = {"label", "category", "class", "type", "kind", "classification", "document_type", "doc_type"}
+ITEM_HEADERS: dict[str, list[str]] = {
+    "description": [
+        "description",
+        "item",
+        "product",
+        "title",
+        "details",
+        "particulars",
+        "service",
+        "article",
+        "designation",
+    ],
+    "quantity": ["qty", "quantity", "units", "nights", "menge", "aantal", "qté"],
+    "unit_price": ["unit price", "price", "rate", "unit cost", "prix", "preis", "prijs"],
+    "tax": ["tax", "vat", "gst"],
+    "total": ["amount", "total", "line total", "value", "montant", "betrag", "bedrag"],
+}
+THEME_KEYS = {
+    "common_themes": "common_themes", "themes": "common_themes", "theme": "common_themes",
+    "progression": "progression", "changes": "progression", "progression_changes": "progression",
+    "evolution": "progression", "trends": "progression", "progression_and_changes": "progression",
+    "key_insights": "key_insights", "insights": "key_insights", "findings": "key_insights",
+    "recommendations": "recommendations", "next_steps": "recommendations", "actions": "recommendations",
+}  # fmt: skip
+
+
+def name_words(name: str) -> list[str]:
+    """`invoiceNumber`, `invoice_number`, `invoice-number` -> ["invoice", "number"]."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name)
+    return [w for w in re.split(r"[^a-zA-Z0-9]+", spaced.lower()) if w]
+
+
+def label_pattern(label: str) -> re.Pattern[str]:
+    parts = label.lower().split()
+    body = r"[\s._\-]*".join(re.escape(p) for p in parts)
+    tail = r"(?![a-z])" if label[-1].isalpha() else ""
+    return re.compile(r"(?<![a-z0-9])" + body + tail, re.I)
+
+
+def _label_like(text: str) -> bool:
+    t = text.strip()
+    if t.endswith(":"):
+        return True
+    if any(ch.isdigit() for ch in t):
+        return False
+    if re.fullmatch(r"[A-Z][A-Z .]{1,20}", t):
+        return True  # a short all-caps heading such as IFSC CODE or GSTIN
+    words = re.findall(r"[a-z]+", t.lower())
+    return 0 < len(words) <= 3 and any(w in _LABEL_WORDS for w in words)
+
+
+@dataclass
+class Found:
+    value: Any
+    line: int  # index into Doc.lines
+
+
+class Doc:
+    """OCR lines of all pages with label -> value lookup (same fragment, to the right, or just below)."""
+
+    def __init__(self, lines: list[OcrLine]) -> None:
+        self.lines = lines
+        self.text = "\n".join(ln.text for ln in lines)
+
+    def _column_below(self, li: int, frag: Fragment, max_lines: int) -> list[str]:
+        """Fragments under `frag` (overlapping it horizontally) on the next lines, stopping at a gap."""
+        out: list[str] = []
+        prev = self.lines[li]
+        for lj in range(li + 1, len(self.lines)):
+            nxt = self.lines[lj]
+            if nxt.page != prev.page or nxt.y0 - prev.y1 > 2.5 * prev.height:
+                break
+            best, best_ov = None, 0.0
+            for f in nxt.fragments:
+                ov = min(f.x1, frag.x1) - max(f.x0, frag.x0)
+                if ov > best_ov:
+                    best, best_ov = f, ov
+            if best is None or (out and _label_like(best.text)):
+                if out or lj - li > 1:
+                    break
+                continue
+            out.append(best.text)
+            prev = nxt
+            if len(out) >= max_lines:
+                break
+        return out
+
+    def _below(self, li: int, frag: Fragment) -> Iterator[str]:
+        yield from self._column_below(li, frag, 1)
+
+    def _candidates(self, li: int, fi: int, end: int, kind: str) -> Iterator[str]:
+        line = self.lines[li]
+        frag = line.fragments[fi]
+        rem = frag.text[end:].strip(" :#.-|=\t")
+        if rem:
+            yield rem
+        right = [f.text for f in line.fragments[fi + 1 :]]
+        if kind == "address":
+            if not rem:
+                below = self._column_below(li, frag, 5)
+                if len(below) > 1 and not any(ch.isdigit() for ch in below[0]):
+                    below = below[1:]  # the first line under "Bill to" is usually the name
+                if below:
+                    yield ", ".join(b.strip(" ,") for b in below[:4])
+            return
+        if kind == "amount":
+            yield from reversed(right)  # amounts sit in the right-hand column
+        elif right and not _label_like(right[0]):
+            yield right[0]
+        yield from self._below(li, frag)
+
+    def find(self, labels: list[str], kind: str, exclude: re.Pattern[str] | None = None) -> Found | None:
+        """The first label (in priority order) with a value of the right kind next to it."""
+        for label in labels:
+            pattern = label_pattern(label)
+            for li, line in enumerate(self.lines):
+                for fi, frag in enumerate(line.fragments):
+                    if exclude is not None and exclude.search(frag.text):
+                        continue
+                    m = pattern.search(frag.text)
+                    if not m:
+                        continue
+                    for cand in self._candidates(li, fi, m.end(), kind):
+                        value = convert(cand, kind)
+                        if value is not None:
+                            return Found(value, li)
+        return None
+
+    def first_date(self) -> str | None:
+        for line in self.lines:
+            d = parse_date(line.text)
+            if d:
+                return d
+        return None
+
+    def company_line(self) -> str | None:
+        for line in self.lines:
+            for frag in line.fragments:
+                if COMPANY_RE.search(frag.text) and re.search(r"[a-z]{3}", frag.text, re.I):
+                    return frag.text.strip(" :,.")
+        return None
+
+    def prominent_line(self) -> str | None:
+        """The tallest text in the top third of the first page that is not just the document's title."""
+        first = [ln for ln in self.lines if ln.page == (self.lines[0].page if self.lines else 0)]
+        top = first[: max(1, len(first) // 3)]
+        frags = [
+            f
+            for ln in top
+            for f in ln.fragments
+            if re.search(r"[a-z]{2}", f.text, re.I) and f.text.strip().lower() not in TITLE_WORDS
+        ]
+        return max(frags, key=lambda f: f.h).text if frags else None
+
+
+def convert(text: str, kind: str) -> Any:
+    text = text.strip()
+    if not text:
+        return None
+    if kind == "amount":
+        return parse_number(text)
+    if kind == "date":
+        return parse_date(text)
+    if kind == "id":
+        if _label_like(text) or not any(ch.isdigit() for ch in text):
+            return None
+        token = text.split()[0].strip(" :#.,")
+        return token if any(ch.isdigit() for ch in token) else text
+    if kind in ("text", "address"):
+        return None if _label_like(text) or not re.search(r"[a-z0-9]", text, re.I) else text.strip(" :,")
+    return text
+
+
+@dataclass
+class FieldSpec:
+    kind: str  # amount | date | id | text | currency | party | email
+    labels: list[str]
+    exclude: re.Pattern[str] | None = None
+    fallback: str | None = None  # first_date | company | prominent
+
+
+def field_spec(path: tuple[str, ...]) -> FieldSpec:
+    """What a property probably holds, from its name and its parent's name."""
+    name = path[-1] if path else ""
+    words = name_words(name)
+    wset = set(words)
+    parent = set(name_words(path[-2])) if len(path) > 1 else set()
+    joined = " ".join(words)
+    not_party = {"address", "id", "email", "phone"}
+    is_vendor = bool(parent & VENDOR_PARENTS) or bool(wset & VENDOR_PARENTS and not wset & not_party)
+    is_customer = bool(parent & CUSTOMER_PARENTS) or bool(wset & CUSTOMER_PARENTS and not wset & not_party)
+    if "currency" in wset:
+        return FieldSpec("currency", [])
+    if "email" in wset or "mail" in wset:
+        return FieldSpec("email", [])
+    if "date" in wset or name.endswith("_at"):
+        if "due" in wset:
+            return FieldSpec("date", ["due date", "payment due", "due on", "due by", "pay by", "échéance", "fällig"])
+        rest = [w for w in words if w != "date"]
+        if not rest or wset & {"invoice", "issue", "issued", "bill", "document", "receipt", "billing"}:
+            return FieldSpec(
+                "date",
+                [
+                    "invoice date",
+                    "date of issue",
+                    "issue date",
+                    "issued on",
+                    "bill date",
+                    "receipt date",
+                    "dated",
+                    "date",
+                ],
+                fallback="first_date",
+            )
+        return FieldSpec("date", [" ".join([*rest, "date"]), " ".join(rest)])
+    if wset & {"tax", "vat", "gstin", "tin", "ein", "siret"} and wset & (ID_WORDS | {"gstin", "tin", "ein", "siret"}):
+        if is_customer:  # an unlabelled number belongs to the issuer, not the customer
+            return FieldSpec(
+                "id", [f"{p} {t}" for p in ("customer", "buyer", "client") for t in ("vat", "gstin", "tax id")]
+            )
+        return FieldSpec("id", TAX_ID_LABELS)
+    if wset & ID_WORDS and not wset & AMOUNT_WORDS - {"due"}:
+        base = [w for w in words if w not in ID_WORDS]
+        b = " ".join(base)
+        if not base or "invoice" in base or "receipt" in base or "bill" in base:
+            labels = INVOICE_NO_LABELS if (not base or "invoice" in base) else [f"{b} no", f"{b} number", f"{b} #"]
+            return FieldSpec("id", [*labels, "number", "no"])
+        if "phone" in base or "tel" in base or "mobile" in base:
+            return FieldSpec("id", ["phone", "tel", "telephone", "mobile", "ph"])
+        return FieldSpec("id", [f"{b} {s}" for s in ("no", "number", "#", "num", "id", "nr", "ref", "code")])
+    if wset & {"phone", "telephone", "mobile", "tel"}:
+        return FieldSpec("id", ["phone", "tel", "telephone", "mobile", "ph"])
+    if "subtotal" in wset or {"sub", "total"} <= wset or ("net" in wset and wset & {"total", "amount"}):
+        return FieldSpec("amount", SUBTOTAL_LABELS)
+    if wset & {"tax", "vat", "gst"}:
+        return FieldSpec("amount", TAX_LABELS, TAX_EXCLUDE)
+    if wset & {"total", "due", "balance", "grand"} or joined in ("amount", "total amount", "amount due"):
+        return FieldSpec("amount", TOTAL_LABELS, TOTAL_EXCLUDE)
+    if wset & {"price", "rate", "cost"}:
+        return FieldSpec("amount", ["unit price", "price", "rate", "cost"])
+    if wset & {"quantity", "qty"}:
+        return FieldSpec("amount", ["quantity", "qty"])
+    if wset & AMOUNT_WORDS:
+        return FieldSpec("amount", [joined, *words])
+    if "address" in wset:
+        if is_customer:
+            return FieldSpec("address", ["billing address", "bill to", "shipping address", "customer address"])
+        return FieldSpec("address", ["address", "registered office", "warehouse address"])
+    if wset & {"name", "company", "legal", "title"} or is_vendor or is_customer:
+        if is_customer:
+            return FieldSpec("text", CUSTOMER_LABELS)
+        if is_vendor:
+            return FieldSpec("text", VENDOR_LABELS, fallback="company")
+    return FieldSpec("text", [joined] if joined else [])
+
+
+class SchemaError(ValueError):
+    """The schema uses something the filler cannot satisfy (an unresolvable $ref)."""
+
+
+def resolve_ref(root: dict[str, Any], ref: str) -> dict[str, Any]:
+    if not ref.startswith("#"):
+        raise SchemaError(f"only local $ref are supported, got {ref!r}")
+    node: Any = root
+    for part in [p for p in ref[1:].split("/") if p]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node:
+            raise SchemaError(f"$ref {ref!r} does not resolve")
+        node = node[part]
+    if not isinstance(node, dict):
+        raise SchemaError(f"$ref {ref!r} is not a schema")
+    return node
+
+
+_MISSING = object()
+
+
+class SchemaFiller:
+    """Builds an instance of a JSON Schema from the OCR document, the facts and the prompt.
+
+    Strategy, per property: classification-like enums first (they set the confidence), then
+    label/value lookups by property name (FieldSpec), then facts, then null when the schema allows
+    it, otherwise a type-correct default that honours const/enum/minimum/minItems/minLength.
+    """
+
+    MAX_DEPTH = 8
+
+    def __init__(self, root: dict[str, Any], analysis: Analysis) -> None:
+        self.root = root
+        self.a = analysis
+        self.doc = Doc(analysis.lines)
+        self.confidence = 0.5
+        self._synthesis: Synthesis | None = None
+
+    # -- schema helpers
+    def normalize(self, schema: Any) -> tuple[dict[str, Any], bool]:
+        """Resolve $ref, anyOf/oneOf (first non-null branch), allOf and type lists; report nullability."""
+        if not isinstance(schema, dict):
+            return {}, True
+        seen = 0
+        while "$ref" in schema and seen < 32:
+            target = resolve_ref(self.root, schema["$ref"])
+            schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+            seen += 1
+        nullable = False
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                branches = [self.normalize(b) for b in schema[key]]
+                nullable = nullable or any(_is_null(b) or n for b, n in branches)
+                real = [b for b, _ in branches if not _is_null(b)]
+                merged = {k: v for k, v in schema.items() if k != key}
+                schema = {**merged, **(real[0] if real else {"type": "null"})}
+        if "allOf" in schema:
+            merged = {k: v for k, v in schema.items() if k != "allOf"}
+            for sub in schema["allOf"]:
+                s, n = self.normalize(sub)
+                nullable = nullable or n
+                props = {**merged.get("properties", {}), **s.get("properties", {})}
+                req = list(dict.fromkeys([*merged.get("required", []), *s.get("required", [])]))
+                merged = {**merged, **s}
+                if props:
+                    merged["properties"] = props
+                if req:
+                    merged["required"] = req
+            schema = merged
+        t = schema.get("type")
+        if isinstance(t, list):
+            nullable = nullable or "null" in t
+            real_t = [x for x in t if x != "null"]
+            schema = {**schema, "type": real_t[0] if real_t else "null"}
+        if "enum" in schema and None in schema["enum"]:
+            nullable = True
+        if "type" not in schema:
+            if "properties" in schema:
+                schema = {**schema, "type": "object"}
+            elif "items" in schema:
+                schema = {**schema, "type": "array"}
+            elif schema.get("enum"):
+                first = next((v for v in schema["enum"] if v is not None), None)
+                schema = {**schema, "type": _json_type(first)}
+            elif "const" in schema:
+                schema = {**schema, "type": _json_type(schema["const"])}
+        return schema, nullable
+
+    # -- entry
+    def fill(self) -> Any:
+        return self.value(self.root, (), 0)
+
+    def value(self, schema: Any, path: tuple[str, ...], depth: int) -> Any:
+        s, nullable = self.normalize(schema)
+        if "const" in s:
+            return s["const"]
+        t = s.get("type")
+        if depth > self.MAX_DEPTH:
+            return None if nullable else self.default(s)
+        if "enum" in s:
+            return self.enum(s, path, nullable)
+        if t == "object":
+            return self.obj(s, path, depth)
+        if t == "array":
+            return self.array(s, path, depth, nullable)
+        if t == "null":
+            return None
+        found = self.scalar(s, path)
+        if found is _MISSING or found is None:
+            return None if nullable else self.default(s)
+        return found
+
+    def default(self, s: dict[str, Any]) -> Any:
+        t = s.get("type")
+        if "const" in s:
+            return s["const"]
+        if s.get("enum"):
+            return next((v for v in s["enum"] if v is not None), s["enum"][0])
+        if t == "string":
+            return "x" * int(s.get("minLength", 0))
+        if t in ("number", "integer"):
+            lo = s.get("minimum", s.get("exclusiveMinimum"))
+            v = 0 if lo is None else (lo + 1 if "exclusiveMinimum" in s and "minimum" not in s else lo)
+            return int(v) if t == "integer" else v
+        if t == "boolean":
+            return False
+        if t == "array":
+            return [self.default(self.normalize(s.get("items", {}))[0]) for _ in range(int(s.get("minItems", 0)))]
+        if t == "object":
+            return {k: self.default(self.normalize(v)[0]) for k, v in s.get("properties", {}).items()}
+        return None
+
+    # -- objects and arrays
+    def obj(self, s: dict[str, Any], path: tuple[str, ...], depth: int) -> dict[str, Any]:
+        props: dict[str, Any] = s.get("properties", {})
+        out: dict[str, Any] = {}
+        order = sorted(props, key=lambda k: 0 if "enum" in self.normalize(props[k])[0] else 1)
+        for key in order:
+            out[key] = self.value(props[key], (*path, key), depth + 1)
+        return {k: out[k] for k in props}
+
+    def array(self, s: dict[str, Any], path: tuple[str, ...], depth: int, nullable: bool) -> list[Any] | None:
+        items_schema, _ = self.normalize(s.get("items", {}))
+        name = path[-1] if path else ""
+        key = "_".join(name_words(name))
+        values: list[Any] = []
+        if key in THEME_KEYS:
+            texts = getattr(self.synthesis(), THEME_KEYS[key])
+            values = [self._from_text(items_schema, t, (*path, "item"), depth) for t in texts]
+        elif items_schema.get("type") == "object" and self._is_line_item(items_schema):
+            values = [
+                self._line_item(items_schema, row, (*path, "item"), depth) for row in self.line_items(items_schema)
+            ]
+        elif key in ("rows",) and self.a.lines:
+            cols, rows = self.table()
+            values = [self._row(items_schema, cols, r, (*path, "row"), depth) for r in rows]
+        elif key in ("columns", "headers", "header") and items_schema.get("type") == "string":
+            values = self.table()[0]
+        elif items_schema.get("type") == "string" and (
+            set(name_words(name)) & {"lines", "text", "texts", "ocr", "transcript"} or key == "text_lines"
+        ):
+            values = [ln.text for ln in self.a.lines]
+        elif items_schema.get("type") == "string" and set(name_words(name)) & {"keywords", "tags", "words"}:
+            counts = Counter(w for ln in self.a.lines for w in _words([ln]))
+            values = [w for w, _ in counts.most_common(10)]
+        elif items_schema.get("type") == "string" and set(name_words(name)) & {"colors", "colours"}:
+            values = list(
+                dict.fromkeys(c for im in self.a.images for c in (im.facts.colour, im.facts.second_colour) if c)
+            )
+        elif items_schema.get("type") == "string" and "enum" in items_schema:
+            values = [self.enum(items_schema, path, False)]
+        lo, hi = int(s.get("minItems", 0)), s.get("maxItems")
+        if hi is not None:
+            values = values[: int(hi)]
+        while len(values) < lo:
+            values.append(self.value(items_schema, (*path, "item"), depth + 1))
+        if s.get("uniqueItems"):
+            uniq: list[Any] = []
+            for v in values:
+                if v not in uniq:
+                    uniq.append(v)
+            values = uniq
+        return values
+
+    def _from_text(self, items_schema: dict[str, Any], text: str, path: tuple[str, ...], depth: int) -> Any:
+        if items_schema.get("type") == "string":
+            return self._fit_string(items_schema, text)
+        if items_schema.get("type") == "object":
+            obj = self.obj(items_schema, path, depth + 1)
+            for k, v in items_schema.get("properties", {}).items():
+                if self.normalize(v)[0].get("type") == "string":
+                    obj[k] = self._fit_string(self.normalize(v)[0], text)
+                    break
+            return obj
+        return self.value(items_schema, path, depth + 1)
+
+    # -- tables and line items
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """Columns from the line with the most fragments; rows aligned to them by x position."""
+        lines = self.a.lines
+        if not lines:
+            return [], []
+        header_i = max(range(len(lines)), key=lambda i: (len(lines[i].fragments), -i))
+        header = lines[header_i]
+        if len(header.fragments) < 2:
+            return ["text"], [[ln.text] for ln in lines]
+        cols = [f.text for f in header.fragments]
+        rows: list[list[str]] = []
+        for ln in lines[header_i + 1 :]:
+            if ln.page != header.page or len(ln.fragments) < 2:
+                continue
+            cells = [""] * len(cols)
+            for f in ln.fragments:
+                j = min(range(len(cols)), key=lambda c: abs(header.fragments[c].xc - f.xc))
+                cells[j] = (cells[j] + " " + f.text).strip()
+            rows.append(cells)
+        return cols, rows
+
+    def _row(
+        self, items_schema: dict[str, Any], cols: list[str], cells: list[str], path: tuple[str, ...], depth: int
+    ) -> Any:
+        if items_schema.get("type") == "array":
+            inner, _ = self.normalize(items_schema.get("items", {}))
+            return [self._fit_string(inner, c) if inner.get("type") == "string" else self.default(inner) for c in cells]
+        if items_schema.get("type") == "object":
+            obj = self.obj(items_schema, path, depth + 1)
+            for k, v in items_schema.get("properties", {}).items():
+                vs, _ = self.normalize(v)
+                for c, cell in zip(cols, cells, strict=False):
+                    if set(name_words(k)) & set(name_words(c)):
+                        obj[k] = self._typed(vs, cell, obj[k])
+            return obj
+        return self.default(items_schema)
+
+    def _is_line_item(self, items_schema: dict[str, Any]) -> bool:
+        roles = {self._item_role(k) for k in items_schema.get("properties", {})}
+        return "description" in roles and len(roles & {"quantity", "unit_price", "total"}) >= 1
+
+    @staticmethod
+    def _item_role(prop: str) -> str | None:
+        w = set(name_words(prop))
+        if w & {"description", "item", "product", "name", "title", "details", "service"}:
+            return "description"
+        if w & {"quantity", "qty", "units", "count"}:
+            return "quantity"
+        if w & {"price", "rate", "cost"} or {"unit", "price"} <= w:
+            return "unit_price"
+        if w & {"tax", "vat", "gst"}:
+            return "tax"
+        if w & {"total", "amount", "value", "sum"}:
+            return "total"
+        return None
+
+    def line_items(self, items_schema: dict[str, Any]) -> list[dict[str, Any]]:
+        """Rows under a header naming at least two of description/qty/price/amount, until a total line."""
+        lines = self.a.lines
+        rows: list[dict[str, Any]] = []
+        i = 0
+        while i < len(lines):
+            header = lines[i]
+            roles: list[tuple[str, Fragment]] = []
+            for f in header.fragments:
+                for role, names in ITEM_HEADERS.items():
+                    if any(label_pattern(n).search(f.text) for n in names):
+                        roles.append((role, f))
+                        break
+            if len({r for r, _ in roles}) < 2 or not any(r == "description" for r, _ in roles):
+                i += 1
+                continue
+            j = i + 1
+            while j < len(lines) and lines[j].page == header.page:
+                ln = lines[j]
+                if re.search(r"(?<![a-z])(sub\s*-?\s*total|total|balance|amount due)(?![a-z])", ln.text, re.I):
+                    break
+                j += 1
+                numeric = [f for f in ln.fragments if is_numeric_fragment(f.text)]
+                if not numeric or not any(re.search(r"[a-z]{2}", f.text, re.I) for f in ln.fragments):
+                    continue
+                row: dict[str, Any] = {}
+                desc: list[str] = []
+                for f in ln.fragments:
+                    role, _ = min(roles, key=lambda rf: abs(rf[1].xc - f.xc))
+                    if role == "description" or (
+                        not is_numeric_fragment(f.text) and f.x1 < numeric[0].x0 and role != "unit_price"
+                    ):
+                        desc.append(f.text)
+                    elif role not in row:
+                        n = numbers(f.text)
+                        if n:
+                            row[role] = n[0] if role != "total" else n[-1]
+                row["description"] = " ".join(desc)
+                if "quantity" not in row and row.get("unit_price") and row.get("total"):
+                    row["quantity"] = round(row["total"] / row["unit_price"], 3)
+                rows.append(row)
+            i = j + 1
+            if rows:
+                break
+        return rows
+
+    def _line_item(
+        self, items_schema: dict[str, Any], row: dict[str, Any], path: tuple[str, ...], depth: int
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in items_schema.get("properties", {}).items():
+            vs, nullable = self.normalize(v)
+            role = self._item_role(k)
+            if role in row and row[role] not in (None, ""):
+                out[k] = self._typed(vs, row[role], None if nullable else self.default(vs))
+            else:
+                out[k] = None if nullable else self.default(vs)
+        return out
+
+    def _typed(self, s: dict[str, Any], raw: Any, fallback: Any) -> Any:
+        t = s.get("type")
+        if t in ("number", "integer"):
+            n = raw if isinstance(raw, (int, float)) else parse_number(str(raw))
+            return fallback if n is None else self._fit_number(s, n)
+        if t == "string":
+            return self._fit_string(s, str(raw))
+        return fallback
+
+    # -- scalars
+    def scalar(self, s: dict[str, Any], path: tuple[str, ...]) -> Any:
+        t = s.get("type")
+        name = path[-1] if path else ""
+        words = set(name_words(name))
+        if t == "boolean":
+            return self.boolean(words)
+        if t in ("number", "integer"):
+            n = self.number(words, path)
+            return _MISSING if n is None else self._fit_number(s, n)
+        if t == "string":
+            v = self.string(s, words, path)
+            return _MISSING if v is None else self._fit_string(s, v, strict=True)
+        return _MISSING
+
+    def boolean(self, words: set[str]) -> bool:
+        f = self.a.images[0].facts if self.a.images else None
+        if words & {"text", "readable", "document"} and self.a.ocr:
+            return bool(self.a.lines)
+        if f is not None:
+            for w in ("landscape", "portrait", "square"):
+                if w in words:
+                    return f.orientation == w
+            if "dark" in words:
+                return f.brightness_word == "dark"
+            if "bright" in words:
+                return f.brightness_word == "bright"
+            if words & {"blurry", "blur", "blurred"}:
+                return f.sharpness_word == "blurry"
+            if "sharp" in words:
+                return f.sharpness_word == "sharp"
+        content = [w for w in words if w not in {"is", "has", "contains", "contain", "with", "any"} and len(w) > 2]
+        text = self.doc.text.lower()
+        return bool(content) and all(re.search(rf"(?<![a-z]){re.escape(w)}", text) for w in content)
+
+    def number(self, words: set[str], path: tuple[str, ...]) -> float | None:
+        f: ImageFacts | None = self.a.images[0].facts if self.a.images else None
+        if words & {"confidence", "score", "probability", "certainty"}:
+            return self.confidence
+        if f is not None:
+            for w in ("width", "height", "brightness", "sharpness", "contrast"):
+                if w in words and not words & AMOUNT_WORDS:
+                    return float(getattr(f, w))
+        if (words & {"pages", "page"} and words & {"count", "number", "num", "total"}) or words == {"pages"}:
+            return float(len(self.a.images))
+        if words & {"lines"}:
+            return float(len(self.a.lines))
+        spec = field_spec(path)
+        if spec.kind == "amount" and spec.labels:
+            found = self.doc.find(spec.labels, "amount", spec.exclude)
+            return None if found is None else float(found.value)
+        return None
+
+    def string(self, s: dict[str, Any], words: set[str], path: tuple[str, ...]) -> str | None:
+        f: ImageFacts | None = self.a.images[0].facts if self.a.images else None
+        key = "_".join(name_words(path[-1])) if path else ""
+        if key in THEME_KEYS:
+            return "; ".join(getattr(self.synthesis(), THEME_KEYS[key]))
+        if key in ("summary", "overview", "synthesis") and wants_synthesis(self.a.prompt):
+            syn = self.synthesis()
+            return "; ".join(syn.common_themes + syn.key_insights)
+        if words & {"text", "ocr", "transcript", "transcription", "content", "raw"} and not words & {"date", "number"}:
+            return self.doc.text
+        if key in ("description", "summary", "caption", "answer", "result", "analysis", "comparison"):
+            return text_answer(self.a)
+        if f is not None:
+            if words & {"orientation"}:
+                return f.orientation
+            if words & {"color", "colour", "dominant"}:
+                return f.colour
+        fmt = s.get("format")
+        spec = field_spec(path)
+        if fmt == "date" and spec.kind != "date":
+            spec = FieldSpec("date", [*spec.labels, "date"], fallback="first_date")
+        if spec.kind == "currency":
+            codes = currencies(self.doc.text)
+            return codes[0] if codes else None
+        if spec.kind == "email":
+            m = EMAIL_RE.search(self.doc.text)
+            return m.group() if m else None
+        if spec.kind == "date":
+            found = self.doc.find(spec.labels, "date")
+            if found is not None:
+                return found.value
+            return self.doc.first_date() if spec.fallback == "first_date" else None
+        if spec.kind == "amount":
+            return None
+        if spec.labels:
+            found = self.doc.find(spec.labels, spec.kind)
+            if found is not None:
+                return str(found.value)
+        if spec.fallback == "company":
+            return self.doc.company_line() or self.doc.prominent_line()
+        if key in ("title", "heading", "name") and self.a.lines:
+            return self.a.lines[0].text
+        return None
+
+    def enum(self, s: dict[str, Any], path: tuple[str, ...], nullable: bool) -> Any:
+        """The enum value best supported by the OCR text, then by the image facts; sets the confidence."""
+        values = [v for v in s["enum"] if v is not None]
+        if not values:
+            return None
+        name = path[-1] if path else ""
+        text = self.doc.text.lower()
+        fact_words: set[str] = set()
+        for im in self.a.images:
+            fact_words |= im.facts.words()
+        many_text = len(self.a.lines) >= 5
+        if self.a.images:
+            fact_words |= (
+                {"document", "text", "scan", "page", "paper", "form"}
+                if many_text
+                else {"photo", "photograph", "picture", "image", "scene"}
+            )
+        codes = currencies(self.doc.text) if "currency" in name_words(name) else []
+        best, best_score, best_pos = None, 0.0, 1e9
+        for v in values:
+            sv = str(v)
+            words = [w for w in re.split(r"[\s_\-/]+", sv.lower()) if w]
+            score, pos = 0.0, 1e9
+            if sv.upper() in codes:
+                score += 3 - codes.index(sv.upper()) * 0.5
+            for w in words:
+                for variant in {w, w.rstrip("s"), w + "s"}:
+                    hits = [m.start() for m in re.finditer(rf"(?<![a-z]){re.escape(variant)}(?![a-z])", text)]
+                    if hits:
+                        score += 2 * min(3, len(hits))
+                        pos = min(pos, hits[0])
+                        break
+                if w in fact_words:
+                    score += 1
+            if score > best_score or (score == best_score and score > 0 and pos < best_pos):
+                best, best_score, best_pos = v, score, pos
+        if best is None:
+            self.confidence = round(1 / len(values), 3)
+            if nullable and set(name_words(name)) & CLASS_NAMES == set():
+                return None
+            return values[0]
+        self.confidence = round(min(0.95, 0.5 + 0.08 * best_score), 3)
+        return best
+
+    # -- fitting values to constraints
+    def _fit_number(self, s: dict[str, Any], n: float) -> float | int:
+        if "minimum" in s:
+            n = max(n, s["minimum"])
+        if "maximum" in s:
+            n = min(n, s["maximum"])
+        if "exclusiveMinimum" in s and n <= s["exclusiveMinimum"]:
+            n = s["exclusiveMinimum"] + (1 if s.get("type") == "integer" else 1e-6)
+        if "exclusiveMaximum" in s and n >= s["exclusiveMaximum"]:
+            n = s["exclusiveMaximum"] - (1 if s.get("type") == "integer" else 1e-6)
+        if s.get("type") == "integer":
+            return round(n)
+        return float(n)
+
+    def _fit_string(self, s: dict[str, Any], v: str, strict: bool = False) -> Any:
+        if s.get("enum"):
+            return v if v in s["enum"] else s["enum"][0]
+        if "maxLength" in s:
+            v = v[: int(s["maxLength"])]
+        if len(v) < int(s.get("minLength", 0)):
+            v = v + " " * (int(s["minLength"]) - len(v))
+        pattern = s.get("pattern")
+        if pattern and not re.search(pattern, v):
+            return None if strict else self.default(s)
+        fmt = s.get("format")
+        if fmt == "date" and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
+            return None if strict else "1970-01-01"
+        return v
+
+    def synthesis(self) -> Synthesis:
+        if self._synthesis is None:
+            self._synthesis = synthesize(self.a)
+        return self._synthesis
+
+
+def _is_null(s: dict[str, Any]) -> bool:
+    return s.get("type") == "null"
+
+
+def _json_type(v: Any) -> str:
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer"
+    if isinstance(v, float):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    if isinstance(v, dict):
+        return "object"
+    return "null"
+
+
+def schema_answer(a: Analysis, schema: dict[str, Any]) -> Any:
+    """An instance of `schema` filled from OCR and facts."""
+    return SchemaFiller(schema, a).fill()
+
+
+def find_schema_in_prompt(prompt: str) -> dict[str, Any] | None:
+    """The first JSON object in the prompt that looks like a JSON Schema (json_object mode carries it as text)."""
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"\{", prompt):
+        try:
+            obj, _ = decoder.raw_decode(prompt, m.start())
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and ("properties" in obj or obj.get("type") == "object" or "$defs" in obj):
+            return obj
+    return None
+
+
+def json_object_answer(a: Analysis) -> dict[str, Any]:
+    """json_object mode: fill a schema found in the prompt, else a synthesis object, else {"text": ...}."""
+    schema = find_schema_in_prompt(a.prompt)
+    if schema is not None:
+        value = schema_answer(a, schema)
+        return value if isinstance(value, dict) else {"value": value}
+    if wants_synthesis(a.prompt):
+        syn = synthesize(a)
+        return {
+            "common_themes": syn.common_themes,
+            "progression": syn.progression,
+            "key_insights": syn.key_insights,
+            "recommendations": syn.recommendations,
+        }
+    return {"text": text_answer(a)}
