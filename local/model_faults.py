@@ -91,6 +91,7 @@ class FaultSettings:
     rates: dict[str, float] = field(default_factory=dict)
     script: list[str] = field(default_factory=list)
     model: str | None = None  # only requests for this deployment are faulted
+    match: str | None = None  # only requests whose text contains this are faulted (target one blob's prompt)
     timeout_s: float = 120.0  # how long a `timeout` fault holds the request
     retry_after_ms: int = 200  # what an injected 429/503 asks the client to wait
     seed: int | None = None
@@ -114,14 +115,17 @@ class FaultInjector:
             "rates": dict(s.rates),
             "script": list(self._script),
             "model": s.model,
+            "match": s.match,
             "timeout_s": s.timeout_s,
             "retry_after_ms": s.retry_after_ms,
             "seed": s.seed,
         }
 
-    def pick(self, model: str) -> str | None:
+    def pick(self, model: str, text: str = "") -> str | None:
         s = self.settings
         if s.model is not None and s.model != model:
+            return None
+        if s.match is not None and s.match not in text:
             return None
         kind: str | None = None
         if self._script:

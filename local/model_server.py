@@ -426,6 +426,9 @@ class ModelServer:
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise FaultSpecError("'model' must be a string or null")
+        match = body.get("match")
+        if match is not None and not isinstance(match, str):
+            raise FaultSpecError("'match' must be a string or null")
         try:
             timeout_s = float(body.get("timeout_s", c.fault_timeout_s))
             retry_after_ms = int(body.get("retry_after_ms", c.fault_retry_after_ms))
@@ -437,6 +440,7 @@ class ModelServer:
             rates=parse_rates(body.get("rates")),
             script=parse_script(body.get("script")),
             model=model,
+            match=match,
             timeout_s=timeout_s,
             retry_after_ms=retry_after_ms,
             seed=seed,
@@ -539,7 +543,7 @@ class ModelServer:
         decision = self.quota.try_acquire(req.model, charge)
         if not decision.allowed:
             return self._throttled(decision, req.model)
-        fault = self.faults.pick(req.model)
+        fault = self.faults.pick(req.model, "\n".join(req.texts))
         delay = c.latency_ms + (self.rng.uniform(0, c.jitter_ms) if c.jitter_ms > 0 else 0.0)
         if delay > 0:
             await asyncio.sleep(delay / 1000)

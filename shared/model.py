@@ -273,7 +273,7 @@ class ModelRouter:
         reservation = await self.limiter(target).acquire(request.estimated_tokens)
         try:
             response = await self.client(target).chat.completions.create(**kwargs)
-        except openai.OpenAIError as exc:
+        except (openai.OpenAIError, ValueError) as exc:  # ValueError: a 200 whose body is not JSON
             reservation.cancel()
             raise map_openai_error(exc, target) from exc
         except Exception:

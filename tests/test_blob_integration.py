@@ -173,3 +173,22 @@ def test_host_restart_mid_drop_loses_nothing_and_recomputes_little(stack, model_
         assert kinds == [f"{name}.json"], (name, kinds)
     in_flight_bound = 4  # host.json extensions.blobs.maxDegreeOfParallelism
     assert model_admin.requests() - before <= len(images) + in_flight_bound
+
+
+def test_a_blob_failing_transiently_five_times_is_poisoned_and_recorded(stack, model_admin):
+    model_admin.faults(rates={"503": 1.0}, match="POISON-PROBE", retry_after_ms=10)
+    try:
+        upload(stack, "poison/_task.json", json.dumps({"task": "describe", "prompt": "POISON-PROBE"}).encode())
+        upload(stack, "poison/doomed.jpg", corpus("photos", "rgb_436x547.tiff").read_bytes())
+        upload(stack, "flowing/fine.jpg", _synthetic_images(1, seed=99)[0])
+        got = wait_for(stack, ["flowing/fine.jpg"], "flowing/")
+        assert got["flowing/fine.jpg.json"]["status"] == "succeeded"
+        got = wait_for(stack, ["poison/doomed.jpg"], "poison/", timeout_s=120)
+    finally:
+        model_admin.faults(rates={})
+    err = got["poison/doomed.jpg.error.json"]
+    assert "poison/doomed.jpg.json" not in got
+    assert err["error"]["code"] == "poison"
+    assert err["attempts"] == 5
+    assert err["error"]["details"]["last_error"]["code"] == "upstream_unavailable"
+    assert err["source"]["name"] == "poison/doomed.jpg" and len(err["source"]["sha256"]) == 64
