@@ -13,12 +13,14 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRequest, ModelOutputInvalid
-from .images import PreparedImage
 from .model import ChatBackend, ChatRequest, ChatResult, ResponseFormatRejected
 from .tokens import prompt_tokens
+
+if TYPE_CHECKING:
+    from .images import PreparedImage
 
 SYSTEM_PROMPT = (
     "You are a careful vision assistant. Answer only from what is visible in the images. "
