@@ -27,6 +27,8 @@ def records(stack, prefix: str) -> dict[str, dict]:
     """results/<prefix>... -> {blob name of the source: record}."""
     results = service(stack).get_container_client("results")
     out = {}
+    if not results.exists():  # created by the first record written
+        return out
     for blob in results.list_blobs(name_starts_with=prefix):
         doc = json.loads(results.download_blob(blob.name).readall())
         out[blob.name] = doc
