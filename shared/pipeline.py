@@ -197,7 +197,7 @@ async def analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
 async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
     from .cache import cache_key
     from .tasks import TaskInput, run_task
-    from .tokens import cost_usd, family_for
+    from .tokens import cost_usd, known_family
 
     settings = deps.settings
     t0 = time.perf_counter()
@@ -274,8 +274,8 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     cost = 0.0
     for call in out.calls:
-        # price by what answered: a known family from the response's model name, else the deployment's
-        name = call.model if family_for(call.model).name in call.model.lower() else settings.model_family
+        # price by what answered: the response's model name when it names a family, else the deployment's
+        name = call.model if known_family(call.model) else settings.model_family
         cost += cost_usd(call.prompt_tokens, call.completion_tokens, name)
     last = out.calls[-1] if out.calls else None
     result = AnalysisResult(

@@ -52,14 +52,16 @@ PATCH = 32
 MAX_PATCHES = 1536
 
 
+def known_family(model: str | None) -> ModelFamily | None:
+    """The family a model or deployment name starts with (longest prefix wins: gpt-4o-mini before gpt-4o)."""
+    name = (model or "").lower()
+    best = max((key for key in FAMILIES if name.startswith(key)), key=len, default=None)
+    return FAMILIES[best] if best else None
+
+
 def family_for(model: str | None) -> ModelFamily:
-    """The family of a model or deployment name: longest known prefix wins (gpt-4o-mini before gpt-4o)."""
-    name = (model or DEFAULT_FAMILY).lower()
-    best = None
-    for key in FAMILIES:
-        if name.startswith(key) and (best is None or len(key) > len(best)):
-            best = key
-    return FAMILIES[best or DEFAULT_FAMILY]
+    """Like `known_family`, defaulting to gpt-4o for names that say nothing (custom deployment names)."""
+    return known_family(model) or FAMILIES[DEFAULT_FAMILY]
 
 
 def high_detail_size(width: int, height: int) -> tuple[int, int]:

@@ -37,14 +37,14 @@ def test_multipart_files_and_fields():
             ("file", "a.jpg", b"\xff\xd8\xffA"),
             ("file", "b.png", b"\x89PNG\r\n\x1a\nB"),
             ("task", None, b"compare"),
-            ("prompt", None, "Vergleiche bitte".encode()),
+            ("prompt", None, "Vergleiche die Größe".encode()),
             ("max_tokens", None, b"300"),
             ("detail", None, b"low"),
         ]
     )
     req = parse(inp(body, ct))
     assert req.images == [b"\xff\xd8\xffA", b"\x89PNG\r\n\x1a\nB"]
-    assert (req.task, req.prompt, req.max_tokens, req.detail) == ("compare", "Vergleiche bitte", 300, "low")
+    assert (req.task, req.prompt, req.max_tokens, req.detail) == ("compare", "Vergleiche die Größe", 300, "low")
     assert req.use_cache
 
 
