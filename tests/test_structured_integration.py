@@ -80,7 +80,8 @@ def test_pdf_invoice_becomes_a_multi_image_request(stack):
 
 def test_classify_returns_one_of_the_labels(stack):
     status, body, _ = call(
-        stack, fields={"file": ("p.jpg", SMALL.read_bytes(), "image/jpeg"), "task": "classify", "labels": "indoor,outdoor"}
+        stack,
+        fields={"file": ("p.jpg", SMALL.read_bytes(), "image/jpeg"), "task": "classify", "labels": "indoor,outdoor"},
     )
     assert status == 200, body
     assert body["result"]["label"] in {"indoor", "outdoor"} and 0 <= body["result"]["confidence"] <= 1
@@ -108,7 +109,9 @@ def test_too_deep_schema_is_400_naming_where(stack):
     deep = {"type": "string"}
     for i in range(7):
         deep = {"type": "object", "properties": {f"l{i}": deep}, "required": [f"l{i}"]}
-    status, body, _ = call(stack, fields={"file": ("p.jpg", SMALL.read_bytes(), "image/jpeg"), "schema": json.dumps(deep)})
+    status, body, _ = call(
+        stack, fields={"file": ("p.jpg", SMALL.read_bytes(), "image/jpeg"), "schema": json.dumps(deep)}
+    )
     assert status == 400 and body["error"]["code"] == "invalid_schema"
     assert "/properties/l6" in body["error"]["message"]
 
@@ -153,7 +156,9 @@ def test_endpoint_without_json_schema_falls_back_to_json_object(stack, model_adm
     try:
         png = corpus("documents", "oyo.png").read_bytes()
         status, body, _ = call(
-            stack, fields={"file": ("o.png", png, "image/png"), "task": "invoice"}, headers={"Cache-Control": "no-cache"}
+            stack,
+            fields={"file": ("o.png", png, "image/png"), "task": "invoice"},
+            headers={"Cache-Control": "no-cache"},
         )
     finally:
         model_admin.config(json_schema=True)
@@ -166,7 +171,9 @@ def test_compare_takes_2_to_10_images(stack):
     assert status == 400 and body["error"]["details"]["got"] == 1
     status, body, _ = call(stack, fields=[("task", "compare"), *files(*([SMALL] * 11))])
     assert status == 400 and body["error"]["details"]["got"] == 11
-    status, body, _ = call(stack, fields=[("task", "compare"), *files(SMALL, corpus("photos", "trailcam_2048x1536.jpg"))])
+    status, body, _ = call(
+        stack, fields=[("task", "compare"), *files(SMALL, corpus("photos", "trailcam_2048x1536.jpg"))]
+    )
     assert status == 200, body
     assert "[Image 1]" in body["result"] and "[Image 2]" in body["result"] and len(body["images"]) == 2
 
