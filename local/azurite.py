@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from local import procs
+from shared.storage import DEV_ACCOUNT, dev_connection_string
 
-ACCOUNT_NAME = "devstoreaccount1"
-# The emulator's well-known key (public, documented; not a secret).
-ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+ACCOUNT_NAME = DEV_ACCOUNT
 DEFAULT_BLOB_PORT = 10000
 DEFAULT_QUEUE_PORT = 10001
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -33,11 +32,7 @@ def connection_string(
     blob_port: int = DEFAULT_BLOB_PORT, queue_port: int = DEFAULT_QUEUE_PORT, host: str = "127.0.0.1"
 ) -> str:
     """The connection string for Azurite on these ports (what `UseDevelopmentStorage=true` means on defaults)."""
-    return (
-        f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
-        f"BlobEndpoint=http://{host}:{blob_port}/{ACCOUNT_NAME};"
-        f"QueueEndpoint=http://{host}:{queue_port}/{ACCOUNT_NAME};"
-    )
+    return dev_connection_string(blob_port, queue_port, host)
 
 
 def azurite_binary(project_root: Path = PROJECT_ROOT) -> Path:

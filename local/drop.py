@@ -29,13 +29,13 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import ContentSettings
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
+from shared.errors import UnsupportedMediaType
+from shared.image_formats import sniff as sniff_format
+from shared.storage import dev_connection_string, expand_connection_string
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_SETTINGS = REPO_ROOT / "local.settings.json"
 TASK_FILE = "_task.json"
-
-# Azurite's well-known development account (public, documented by Microsoft; not a secret).
-AZURITE_ACCOUNT = "devstoreaccount1"
-AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -44,10 +44,6 @@ EXIT_ERROR = 3
 
 # --------------------------------------------------------------------------- format sniffing
 
-_HEIF_BRANDS = frozenset(
-    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1", b"mif2"}
-)
-_BMP_DIB_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
 SNIFF_BYTES = 1024
 
 CONTENT_TYPES = {
@@ -64,27 +60,11 @@ CONTENT_TYPES = {
 
 
 def sniff(head: bytes) -> str | None:
-    """Name the format from the first bytes, or None; extensions lie, magic bytes do not."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_DIB_SIZES:
-        return "bmp"  # "BM" alone is too weak: plenty of text files start with it
-    if head[4:8] == b"ftyp":
-        box = min(int.from_bytes(head[:4], "big"), len(head))
-        brands = {head[8:12]} | {head[i : i + 4] for i in range(16, box - 3, 4)}
-        if brands & _HEIF_BRANDS:
-            return "heic" if head[8:12] in {b"heic", b"heix", b"heim", b"heis"} else "heif"
-    if b"%PDF-" in head[:SNIFF_BYTES]:
-        return "pdf"  # the PDF spec allows junk before the header within the first 1024 bytes
-    return None
+    """Name the format from the first bytes (the service's own sniffer), or None if it is not analysable."""
+    try:
+        return sniff_format(head)
+    except UnsupportedMediaType:
+        return None
 
 
 # --------------------------------------------------------------------------- options and results
@@ -247,22 +227,6 @@ class _Upload:
 # --------------------------------------------------------------------------- storage connection
 
 
-def azurite_connection_string(host: str = "127.0.0.1", port: int = 10000) -> str:
-    """What `UseDevelopmentStorage=true` means, spelled out (the SDK's own expansion varies)."""
-    return (
-        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-        f"BlobEndpoint=http://{host}:{port}/{AZURITE_ACCOUNT};"
-    )
-
-
-def expand_connection_string(value: str) -> str:
-    """Expand the development-storage shorthand; leave real connection strings alone."""
-    parts = dict(p.split("=", 1) for p in value.split(";") if "=" in p)
-    if parts.get("UseDevelopmentStorage", "").lower() == "true":
-        return azurite_connection_string()
-    return value
-
-
 def resolve_storage(options: DropOptions) -> tuple[str | None, str | None]:
     """(connection string, account url): flags first, then local.settings.json, then Azurite."""
     if options.account_url:
@@ -278,7 +242,7 @@ def resolve_storage(options: DropOptions) -> tuple[str | None, str | None]:
         return expand_connection_string(values["VlmStorage"]), None
     if values.get("VlmStorage__blobServiceUri"):
         return None, values["VlmStorage__blobServiceUri"]
-    return azurite_connection_string(), None
+    return dev_connection_string(), None
 
 
 # --------------------------------------------------------------------------- scanning the folder

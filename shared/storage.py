@@ -20,13 +20,19 @@ DEV_ACCOUNT = "devstoreaccount1"
 DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
+def dev_connection_string(blob_port: int = 10000, queue_port: int = 10001, host: str = "127.0.0.1") -> str:
+    """Azurite's well-known account (public, not a secret) on these ports."""
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT};AccountKey={DEV_KEY};"
+        f"BlobEndpoint=http://{host}:{blob_port}/{DEV_ACCOUNT};QueueEndpoint=http://{host}:{queue_port}/{DEV_ACCOUNT};"
+    )
+
+
 def expand_connection_string(conn: str) -> str:
     """`UseDevelopmentStorage=true` -> the explicit Azurite connection string the SDK understands."""
-    if conn.strip().lower().rstrip(";") == "usedevelopmentstorage=true":
-        return (
-            f"DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT};AccountKey={DEV_KEY};"
-            f"BlobEndpoint=http://127.0.0.1:10000/{DEV_ACCOUNT};QueueEndpoint=http://127.0.0.1:10001/{DEV_ACCOUNT};"
-        )
+    parts = dict(p.split("=", 1) for p in conn.split(";") if "=" in p)
+    if parts.get("UseDevelopmentStorage", "").strip().lower() == "true":
+        return dev_connection_string()
     return conn
 
 

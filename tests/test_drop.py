@@ -26,6 +26,7 @@ from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 from PIL import Image
 
 from local import drop as d
+from shared.storage import dev_connection_string
 
 REPO = Path(__file__).resolve().parent.parent
 AZURITE_BLOB = REPO / "node_modules" / ".bin" / "azurite-blob"
@@ -84,7 +85,7 @@ def _azurite_blob_only(data: Path) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     pytest.fail("azurite did not start")
                 time.sleep(0.1)
-        yield d.azurite_connection_string(port=port)
+        yield dev_connection_string(blob_port=port)
     finally:
         proc.terminate()
         try:
@@ -238,7 +239,7 @@ async def _containers(conn: str) -> tuple[BlobServiceClient, ContainerClient, Co
         (_image("BMP", "red"), "bmp"),
         (_image("TIFF", "red"), "tiff"),
         (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "heic"),
-        (b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00mif1heicmiaf", "heif"),
+        (b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00mif1heicmiaf", "heic"),  # HEVC-coded HEIF
         (b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2", None),  # an MP4 is not an image
         (b"%PDF-1.7\n", "pdf"),
         (b"BMW is a car, not a bitmap header at all", None),
