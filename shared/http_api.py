@@ -11,9 +11,8 @@ import base64
 import binascii
 import json
 import logging
+import re
 from dataclasses import dataclass, field
-from email.parser import BytesParser
-from email.policy import HTTP
 from typing import Any
 
 from .errors import ConfigurationError, ImageTooLarge, InvalidRequest, InvalidSchema, VlmError
@@ -49,19 +48,41 @@ def error_response(err: VlmError) -> HttpOutput:
     return HttpOutput(err.status, err.to_dict(), headers)
 
 
+_PARAM = re.compile(r'(\w+)\*?=(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))')
+
+
+def _params(header: str) -> dict[str, str]:
+    """`form-data; name="file"; filename="a.jpg"` -> {"name": "file", "filename": "a.jpg"}."""
+    return {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3) for m in _PARAM.finditer(header)}
+
+
 def _multipart(content_type: str, body: bytes) -> tuple[list[bytes], dict[str, str]]:
-    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-    if not message.is_multipart():
-        raise InvalidRequest("malformed multipart/form-data body", details={"content_type": content_type})
+    """A plain multipart/form-data split (RFC 7578). The stdlib email parser takes ~100 ms on a
+    3 MB photo; splitting on the boundary takes about one copy of the body."""
+    boundary = _params(content_type).get("boundary")
+    if not boundary:
+        raise InvalidRequest("multipart/form-data without a boundary", details={"content_type": content_type})
+    delimiter = b"--" + boundary.encode("latin-1")
+    chunks = body.split(delimiter)
+    if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
+        raise InvalidRequest("malformed multipart/form-data body (no closing boundary)")
     images: list[bytes] = []
     fields: dict[str, str] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True) or b""
-        if name in ("file", "files", "image", "images") or part.get_filename():
-            images.append(payload)
+    for chunk in chunks[1:-1]:
+        head, sep, content = chunk.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        if not sep:
+            raise InvalidRequest("malformed multipart/form-data part (no header end)")
+        content = content.removesuffix(b"\r\n")
+        headers = {}
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        disposition = _params(headers.get("content-disposition", ""))
+        name = disposition.get("name")
+        if name in ("file", "files", "image", "images") or "filename" in disposition:
+            images.append(content)
         elif name in FIELDS:
-            fields[str(name)] = payload.decode("utf-8", "replace")
+            fields[name] = content.decode("utf-8", "replace")
     return images, fields
 
 

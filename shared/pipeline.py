@@ -8,7 +8,6 @@ Functions types.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -118,16 +117,6 @@ def get_dependencies() -> Dependencies:
     return deps
 
 
-def request_id(images: list[bytes], fields: dict[str, Any]) -> str:
-    """sha256 of the request as received (before optimisation): stable across retries of the same request."""
-    import json
-
-    h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
-    for data in images:
-        h.update(hashlib.sha256(data).digest())
-    return h.hexdigest()
-
-
 def validate_request(req: AnalysisRequest, settings: Settings) -> None:
     from .tasks import task_spec
 
@@ -194,52 +183,74 @@ async def analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
     return await _analyze(req, deps)
 
 
-async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
+def _key(req: AnalysisRequest, settings: Settings, images: list[bytes], stage: str) -> str:
+    """The content address of a request: over the optimised bytes ("sent") or the bytes as received ("raw")."""
     from .cache import cache_key
-    from .tasks import TaskInput, run_task
-    from .tokens import cost_usd, known_family
 
-    settings = deps.settings
-    t0 = time.perf_counter()
-    validate_request(req, settings)
-    images = await asyncio.to_thread(_prepare_all, req, settings)
-    t_prepared = time.perf_counter()
-    facts = [i.facts.to_dict() for i in images]
-    estimated_image_tokens = sum(i.facts.estimated_tokens for i in images)
-    key = cache_key(
+    options = {"labels": req.labels, "pages": req.pages, "strips": req.strips}
+    if stage == "raw":  # the optimiser's output depends on the model family too
+        options |= {"stage": "raw", "model": settings.model_family}
+    return cache_key(
         task=req.task,
         prompt=req.prompt,
         detail=req.detail,
         schema=req.schema,
         deployment=settings.vlm_deployment,
         max_tokens=req.max_tokens,
-        images=[i.data for i in images],
-        options={"labels": req.labels, "pages": req.pages, "strips": req.strips},
+        images=images,
+        options=options,
     )
 
-    def reused(model: str, deployment: str, answer: Any) -> AnalysisResult:
+
+async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
+    from .tasks import TaskInput, run_task
+
+    settings = deps.settings
+    t0 = time.perf_counter()
+    validate_request(req, settings)
+
+    def reused(key: str, hit: dict[str, Any], facts: list[dict[str, Any]], t_prepared: float) -> AnalysisResult:
         """An answer paid for earlier (cache) or by an identical request in flight: no usage, no cost."""
         return AnalysisResult(
             id=key,
             task=req.task,
-            model=model,
-            deployment=deployment,
-            result=answer,
+            model=hit["model"],
+            deployment=hit["deployment"],
+            result=hit["result"],
             cached=True,
-            usage=Usage(estimated_image_tokens=estimated_image_tokens),
+            usage=Usage(estimated_image_tokens=sum(f["estimated_tokens"] for f in facts)),
             cost_usd=0.0,
             images=facts,
             timings_ms=_timings(t0, t_prepared, time.perf_counter()),
         )
 
+    # A repeat of the very same bytes skips decoding: the raw request's address points at the answer.
+    raw_key = _key(req, settings, req.images, "raw")
+    if req.use_cache:
+        alias = await deps.cache.get(raw_key)
+        hit = await deps.cache.get(alias["key"]) if alias and "key" in alias else None
+        if hit is not None:
+            return reused(alias["key"], hit, alias["images"], t0)
+
+    images = await asyncio.to_thread(_prepare_all, req, settings)
+    t_prepared = time.perf_counter()
+    facts = [i.facts.to_dict() for i in images]
+    key = _key(req, settings, [i.data for i in images], "sent")
+    alias = {"key": key, "images": facts}
     if req.use_cache:
         hit = await deps.cache.get(key)
+        if hit is None:
+            shared = await _join_inflight(deps, key)
+            if shared is not None:
+                hit = {
+                    "model": shared.calls[-1].model,
+                    "deployment": shared.calls[-1].deployment,
+                    "result": shared.result,
+                }
         if hit is not None:
-            return reused(hit["model"], hit["deployment"], hit["result"])
-        shared = await _join_inflight(deps, key)
-        if shared is not None:
-            last_call = shared.calls[-1]
-            return reused(last_call.model, last_call.deployment, shared.result)
+            await deps.cache.put(raw_key, alias)
+            return reused(key, hit, facts, t_prepared)
+
     task_input = TaskInput(
         task=req.task,
         images=images,
@@ -249,6 +260,15 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
         max_tokens=req.max_tokens,
         concurrency=settings.sequence_concurrency,
     )
+    out = await _run_once(deps, key, task_input, run_task)
+    result = _priced(req, settings, key, out, facts, _timings(t0, t_prepared, time.perf_counter()))
+    await deps.cache.put(key, {"model": result.model, "deployment": result.deployment, "result": result.result})
+    await deps.cache.put(raw_key, alias)
+    return result
+
+
+async def _run_once(deps: Dependencies, key: str, task_input: Any, run_task: Any) -> Any:
+    """Run the task, publishing the outcome to identical requests that arrive meanwhile."""
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     deps.inflight[key] = future
     try:
@@ -265,20 +285,27 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
     finally:
         if deps.inflight.get(key) is future:
             del deps.inflight[key]
-    t_model = time.perf_counter()
+    return out
+
+
+def _priced(
+    req: AnalysisRequest, settings: Settings, key: str, out: Any, facts: list[dict[str, Any]], timings: dict[str, float]
+) -> AnalysisResult:
+    """Usage and cost over every call the task made, priced by the family that answered."""
+    from .tokens import cost_usd, known_family
+
     usage = Usage(
         prompt_tokens=sum(c.prompt_tokens for c in out.calls),
         completion_tokens=sum(c.completion_tokens for c in out.calls),
-        estimated_image_tokens=estimated_image_tokens,
+        estimated_image_tokens=sum(f["estimated_tokens"] for f in facts),
     )
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     cost = 0.0
     for call in out.calls:
-        # price by what answered: the response's model name when it names a family, else the deployment's
         name = call.model if known_family(call.model) else settings.model_family
         cost += cost_usd(call.prompt_tokens, call.completion_tokens, name)
     last = out.calls[-1] if out.calls else None
-    result = AnalysisResult(
+    return AnalysisResult(
         id=key,
         task=req.task,
         model=last.model if last else "",
@@ -288,12 +315,10 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
         usage=usage,
         cost_usd=round(cost, 6),
         images=facts,
-        timings_ms=_timings(t0, t_prepared, t_model),
+        timings_ms=timings,
         model_calls=len(out.calls),
         deployments=sorted({c.deployment for c in out.calls}),
     )
-    await deps.cache.put(key, {"model": result.model, "deployment": result.deployment, "result": result.result})
-    return result
 
 
 async def _join_inflight(deps: Dependencies, key: str) -> Any:

@@ -48,6 +48,13 @@ def test_multipart_files_and_fields():
     assert req.use_cache
 
 
+def test_multipart_quoted_boundary_and_boundary_like_bytes_inside_a_file():
+    payload = b"\xff\xd8\xff--not-the-boundary\r\n\r\n--q"
+    body, _ = multipart([("file", "a.jpg", payload), ("task", None, b"ocr")], boundary="q q")
+    req = parse(inp(body, 'multipart/form-data; boundary="q q"'))
+    assert req.images == [payload] and req.task == "ocr"
+
+
 def test_json_body_with_base64_and_data_urls():
     a = base64.b64encode(b"\xff\xd8\xffA").decode()
     body = {
@@ -84,6 +91,11 @@ def test_schema_implies_the_schema_task_and_no_cache_header_bypasses_the_cache()
         (inp(b"x", "image/jpeg", {"max_tokens": "many"}), InvalidRequest),
         (inp(b"x", "image/jpeg", {"labels": "[1, 2]"}), InvalidRequest),
         (inp(b"x" * (12 * 1024 * 1024), "image/jpeg"), ImageTooLarge),
+        (inp(b"--a\r\n\r\nx\r\n--a--", "multipart/form-data"), InvalidRequest),  # no boundary parameter
+        (
+            inp(b"--a\r\nContent-Disposition: form-data; name=file\r\n\r\nxx", "multipart/form-data; boundary=a"),
+            InvalidRequest,
+        ),
     ],
 )
 def test_bad_requests_raise_typed_errors(i, error):

@@ -62,6 +62,20 @@ async def test_cache_hit_costs_nothing_and_no_cache_bypasses_it():
     assert len(scripted.requests) == 2
 
 
+async def test_a_repeat_of_the_same_bytes_is_answered_without_decoding(monkeypatch):
+    import shared.pipeline as pipeline
+
+    prepared = []
+    real = pipeline._prepare_all
+    monkeypatch.setattr(pipeline, "_prepare_all", lambda req, s: prepared.append(1) or real(req, s))
+    deps = deps_with(router(ScriptedModel()))
+    first = await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
+    again = await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
+    assert len(prepared) == 1 and again.cached and again.images == first.images and again.id == first.id
+    other = await analyze(AnalysisRequest(images=[jpeg(colour=(1, 2, 3))], task="describe"), deps)
+    assert len(prepared) == 2 and not other.cached
+
+
 class SlowModel:
     """A ChatBackend that answers after a delay and counts calls."""
 
