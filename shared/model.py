@@ -282,7 +282,11 @@ class ModelRouter:
         usage = response.usage
         prompt_tokens = usage.prompt_tokens if usage else 0
         completion_tokens = usage.completion_tokens if usage else 0
-        reservation.settle(prompt_tokens + completion_tokens)
+        # The quota is charged at admission with the prompt plus max_tokens, and a shorter answer is not
+        # refunded (Azure; the local model server does the same). Settle to that charge, correcting only
+        # our prompt estimate: settling to the billed usage would hand the unused max_tokens back to the
+        # limiter, which would then admit calls the server refuses with 429.
+        reservation.settle(prompt_tokens + request.max_tokens if usage else request.estimated_tokens)
         if not response.choices:
             raise UpstreamError(f"{target.deployment} returned no choices", details={"deployment": target.deployment})
         choice = response.choices[0]
