@@ -1,0 +1,354 @@
+"""Throughput at a fixed quota: images per minute and the share of the TPM quota used.
+
+    python -m bench.throughput [--images N] [--tpm T] [--rpm R] [--latency-ms L]
+                               [--concurrency C] [--baseline-quota both|same|seed] [--only ours|baseline]
+
+One local model server subprocess (facts mode: no OCR, answers from measured image facts; no
+random faults; quota enforced as Azure does: each request is charged its prompt tokens plus
+max_tokens when it is admitted, nothing is refunded, over a sliding window of 60 s, and a request
+that does not fit is refused with 429 + retry-after-ms). The same distinct synthetic images go
+through, with C in flight (default 10, the seed's semaphore):
+
+- ours: `shared.pipeline.analyze` with a memory-only cache that stores nothing (every image
+  costs a model call) and the real ModelRouter (the openai SDK as the only retry layer, the
+  client-side limiter set to the server's quota with VLM_TPM / VLM_RPM);
+- baseline (seed design): bench/seed_baseline_client.py, the seed's semaphore, sliding-log
+  limiter and retry loop, with the openai SDK's own retries off; its limiter set to the server's
+  quota (fair) and/or to the seed's own 100 RPM / 100,000 TPM.
+
+The server is reset between runs (empty quota window, zeroed counters). Per design: images done,
+failed items, elapsed, images/min, tokens from the server's stats, quota utilisation, 429s.
+Two token figures, both from the server:
+
+- charged: what the quota counts, prompt tokens + max_tokens per admitted request;
+- used: prompt + completion tokens as billed (what `usage` reports).
+
+quota utilisation = charged / (TPM x elapsed minutes). The same ratio over used tokens is printed
+too; it can never exceed used/charged per request (~15% here), whatever the client does.
+
+Mind the window: the server's window starts empty, so any client may send a whole window's quota
+at once and again at each window boundary; a run that needs k windows can therefore end a little
+after (k-1) minutes (utilisation above 100%) if the client bursts, or after k minutes if it paces
+evenly. "fastest possible s" is that lower bound for the run's charges; in a short run the
+difference between bursting and pacing dominates, over many windows it fades.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.seed_baseline import LABEL as BASELINE
+
+ROOT = Path(__file__).resolve().parent.parent
+OURS = "ours (vlm-functions)"
+WINDOW_S = 60.0  # the model server's default quota window
+
+
+def synthetic_images(n: int, seed: int = 1, size: tuple[int, int] = (320, 240)) -> list[bytes]:
+    """`n` distinct PNGs: random background, random rectangles, an index label."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    w, h = size
+    out = []
+    for i in range(n):
+        im = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(im)
+        for _ in range(8):
+            x, y = rng.randrange(w - 30), rng.randrange(h - 30)
+            draw.rectangle([x, y, x + rng.randrange(10, 60), y + rng.randrange(10, 60)], fill=_colour(rng))
+        draw.text((10, 10), f"bench {seed}-{i}", fill=(0, 0, 0))
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _colour(rng: random.Random) -> tuple[int, int, int]:
+    return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+
+
+class ServerAdmin:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method="GET" if body is None else "POST",
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"{}")
+
+    def stats(self) -> dict[str, Any]:
+        return self.call("/stats")
+
+    def reset(self) -> None:
+        self.call("/admin/reset", {})
+
+
+@dataclass
+class Run:
+    design: str
+    limiter: str
+    images: int
+    done: int = 0
+    failed: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    server: dict[str, Any] = field(default_factory=dict)
+    max_tokens: int = 0
+    tpm: int = 0
+    notes: str = ""
+
+    @property
+    def minutes(self) -> float:
+        return self.elapsed_s / 60.0
+
+    @property
+    def images_per_min(self) -> float:
+        return self.done / self.minutes if self.elapsed_s else 0.0
+
+    @property
+    def used_tokens(self) -> int:
+        t = self.server.get("tokens", {})
+        return int(t.get("prompt", 0)) + int(t.get("completion", 0))
+
+    @property
+    def charged_tokens(self) -> int:
+        """What the server's quota counted: prompt + max_tokens for each admitted (completed) request."""
+        return (
+            int(self.server.get("tokens", {}).get("prompt", 0)) + int(self.server.get("completed", 0)) * self.max_tokens
+        )
+
+    @property
+    def throttled(self) -> int:
+        return int(self.server.get("by_status", {}).get("429", 0))
+
+    def fastest_s(self, window_s: float, latency_s: float) -> float:
+        """The shortest run any client could achieve for these charges: one full window at the start and at
+        every window boundary after it, then the latency of the last call."""
+        if not self.tpm:
+            return latency_s
+        return window_s * (math.ceil(self.charged_tokens / self.tpm) - 1) + latency_s
+
+    def share(self, tokens: int) -> float:
+        return tokens / (self.tpm * self.minutes) if self.elapsed_s and self.tpm else 0.0
+
+
+async def run_ours(url: str, images: list[bytes], tpm: int, rpm: int, concurrency: int) -> Run:
+    from shared.cache import MemoryLRU, ResultCache
+    from shared.errors import VlmError
+    from shared.pipeline import AnalysisRequest, Dependencies, analyze
+    from shared.settings import Settings
+    from shared.tasks import DEFAULT_MAX_TOKENS
+
+    settings = Settings.from_env(
+        {
+            "VLM_ENDPOINT": f"{url}/v1",
+            "VlmStorage": "UseDevelopmentStorage=true",  # never touched: the cache below has no blob tier
+            "VLM_TPM": str(tpm),
+            "VLM_RPM": str(rpm),
+            "VLM_TIMEOUT_S": "60",
+            "VLM_MAX_RETRIES": "3",
+        }
+    )
+    deps = Dependencies(settings, cache=ResultCache(MemoryLRU(0)))
+    run = Run(OURS, f"RateLimiter {rpm} RPM / {tpm} TPM (the server's quota)", len(images))
+    run.max_tokens = DEFAULT_MAX_TOKENS["describe"]
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(data: bytes) -> None:
+        async with gate:
+            try:
+                await analyze(AnalysisRequest(images=[data], task="describe"), deps)
+                run.done += 1
+            except VlmError as err:
+                run.failed += 1
+                run.failures[err.code] = run.failures.get(err.code, 0) + 1
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(d) for d in images))
+    finally:
+        run.elapsed_s = time.perf_counter() - t0
+        limiter = deps.model.limiter(settings.primary).stats()
+        run.notes = f"limiter: {limiter['throttles']} pauses after 429, longest wait {limiter['max_wait_s']:.1f} s"
+        await deps.close()
+    return run
+
+
+async def run_baseline(url: str, images: list[bytes], tpm: int, rpm: int, concurrency: int, quota: str) -> Run:
+    from bench.seed_baseline_client import SEED_RPM, SEED_TPM, SeedClient
+
+    if quota == "seed":
+        rpm_b, tpm_b, which = SEED_RPM, SEED_TPM, "the seed's own setting"
+    else:
+        rpm_b, tpm_b, which = rpm, tpm, "set to the server's quota for fairness"
+    max_tokens = 1000  # the same as ours for describe, so both are charged alike
+    client = SeedClient(f"{url}/v1", rpm=rpm_b, tpm=tpm_b, timeout_s=60)
+    run = Run(BASELINE, f"sliding-log limiter {rpm_b} RPM / {tpm_b} TPM ({which})", len(images))
+    run.max_tokens = max_tokens
+    t0 = time.perf_counter()
+    try:
+        results = await client.process_batch(images, concurrency=concurrency, max_tokens=max_tokens)
+    finally:
+        run.elapsed_s = time.perf_counter() - t0
+        await client.close()
+    for r in results:
+        if r.get("success"):
+            run.done += 1
+        else:
+            run.failed += 1
+            code = r.get("error", "error")
+            key = "content_filtered" if code == "content_filtered" else ("rate limited" if "429" in code else "other")
+            run.failures[key] = run.failures.get(key, 0) + 1
+    s = client.stats
+    run.notes = f"retry loop: {s.rate_limited} rate-limit errors, {s.other_errors} other, slept {s.slept_s:.0f} s"
+    return run
+
+
+def table(runs: list[Run], latency_s: float) -> str:
+    head = (
+        "| design | client limiter | images | done | failed | elapsed s | fastest possible s | images/min "
+        "| model calls | 429s | tokens charged | quota utilisation | tokens used (prompt+completion) "
+        "| used / (TPM x min) |"
+    )
+    rows = [head, "|" + "---|" * 14]
+    for r in runs:
+        mark = " *" if r.failed else ""  # figures over what finished only: not a throughput at this quota
+        failed = str(r.failed) + (
+            f" ({', '.join(f'{k} {v}' for k, v in sorted(r.failures.items()))})" if r.failed else ""
+        )
+        rows.append(
+            f"| {r.design} | {r.limiter} | {r.images} | {r.done} | {failed} | {r.elapsed_s:.1f} "
+            f"| {'n/a' if r.failed else f'{r.fastest_s(WINDOW_S, latency_s):.0f}'} | {r.images_per_min:.1f}{mark} "
+            f"| {r.server.get('requests', 0)} "
+            f"| {r.throttled} | {r.charged_tokens:,} | {r.share(r.charged_tokens):.0%}{mark} | {r.used_tokens:,} "
+            f"| {r.share(r.used_tokens):.0%}{mark} |"
+        )
+    if any(r.failed for r in runs):
+        rows.append(
+            "\n\\* items failed: the figures count only what finished, so they are no throughput at this quota."
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=40, help="distinct synthetic images per design (default 40)")
+    p.add_argument("--tpm", type=int, default=30_000, help="the server's token quota per 60 s (default 30000)")
+    p.add_argument("--rpm", type=int, default=None, help="request quota per 60 s (default: 6 per 1000 TPM, as Azure)")
+    p.add_argument("--latency-ms", type=float, default=1000.0, help="model latency per call (default 1000)")
+    p.add_argument("--concurrency", type=int, default=10, help="images in flight per design (default 10, the seed's)")
+    p.add_argument(
+        "--baseline-quota",
+        choices=["both", "same", "seed"],
+        default="both",
+        help="baseline limiter: set to the server's quota (same, fair), the seed's own 100 RPM / 100,000 TPM "
+        "(seed), or one run of each (both, the default)",
+    )
+    p.add_argument("--only", choices=["ours", "baseline"], default=None, help="run one design only")
+    a = p.parse_args(argv)
+    rpm = a.rpm if a.rpm is not None else max(1, a.tpm * 6 // 1000)
+    from local import procs
+
+    images = synthetic_images(a.images)
+    port = procs.free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "local.model_server",
+        "--port",
+        str(port),
+        "--mode",
+        "facts",
+        "--tpm",
+        str(a.tpm),
+        "--rpm",
+        str(rpm),
+        "--window-s",
+        str(WINDOW_S),
+        "--latency-ms",
+        str(a.latency_ms),
+        "--seed",
+        "1",
+        "--log-level",
+        "WARNING",
+    ]
+    print(
+        f"model server: facts mode, {a.tpm} TPM / {rpm} RPM over a 60 s sliding window, latency {a.latency_ms:.0f} ms; "
+        f"{a.images} distinct 320x240 PNGs per design; {a.concurrency} in flight",
+        flush=True,
+    )
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
+        server = procs.start_process(cmd, name="model-server", log_path=Path(tmp) / "model_server.log", cwd=ROOT)
+        try:
+            procs.wait_for_http(f"{url}/health", timeout_s=60, proc=server)
+            admin = ServerAdmin(url)
+            quotas = ["same", "seed"] if a.baseline_quota == "both" else [a.baseline_quota]
+            plan = [("ours", "")] if a.only != "baseline" else []
+            plan += [("baseline", q) for q in quotas] if a.only != "ours" else []
+            for key, quota in plan:
+                admin.reset()
+                print(f"running {OURS if key == 'ours' else f'{BASELINE}, limiter quota: {quota}'} ...", flush=True)
+                if key == "ours":
+                    run = asyncio.run(run_ours(url, images, a.tpm, rpm, a.concurrency))
+                else:
+                    run = asyncio.run(run_baseline(url, images, a.tpm, rpm, a.concurrency, quota))
+                run.tpm = a.tpm
+                run.server = admin.stats()
+                runs.append(run)
+                print(
+                    f"  {run.done}/{run.images} done, {run.failed} failed in {run.elapsed_s:.1f} s; "
+                    f"{run.throttled} 429s; {run.notes}",
+                    flush=True,
+                )
+        finally:
+            server.stop()
+    print()
+    print(table(runs, a.latency_ms / 1000))
+    print()
+    ours_runs = [r for r in runs if r.design == OURS]
+    for base in (r for r in runs if r.design == BASELINE):
+        if ours_runs and base.images_per_min:
+            ours = ours_runs[0]
+            speed = (
+                f"images/min x{ours.images_per_min / base.images_per_min:.2f}, "
+                if not (ours.failed or base.failed)
+                else ""  # a rate over a run that dropped items compares nothing
+            )
+            print(
+                f"ours vs baseline ({base.limiter}): {speed}done {ours.done} vs {base.done}, "
+                f"failed {ours.failed} vs {base.failed}, 429s {ours.throttled} vs {base.throttled}"
+            )
+    for run in runs:
+        if run.design == OURS:
+            per_image = run.charged_tokens / max(1, run.server.get("completed", 1))
+            met = run.share(run.charged_tokens) >= 0.9 and run.failed == 0
+            print(
+                f"ours: {per_image:.0f} tokens charged per call; target (>= 90% quota utilisation, no failed items): "
+                f"{'met' if met else 'NOT met'}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
