@@ -28,7 +28,6 @@ MANIFEST_FILE = "_manifest.json"
 CONTROL_FILES = (TASK_FILE, MANIFEST_FILE)
 MULTI_IMAGE_TASKS = ("compare", "sequence")
 TASK_KEYS = {"task", "prompt", "detail", "schema", "labels", "max_tokens", "pages", "strips"}
-TASK_CACHE_TTL_S = 30.0
 
 
 class InvalidTaskConfig(InvalidRequest):
@@ -57,6 +56,14 @@ class BlobOutcome:
     reason: str = ""
 
 
+def job_fingerprint(fields: dict[str, Any], images: list[bytes]) -> str:
+    """What was asked of which bytes: a changed `_task.json` or manifest image makes a new job."""
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+    for image in images:
+        h.update(hashlib.sha256(image).digest())
+    return h.hexdigest()
+
+
 def folders_up(name: str) -> list[str]:
     """'a/b/c.jpg' -> ['a/b/', 'a/', ''] (nearest first)."""
     parts = name.split("/")[:-1]
@@ -70,9 +77,9 @@ def is_control_file(name: str) -> bool:
 class TaskResolver:
     """Finds the nearest `_task.json`; remembers look-ups (including misses) for a short TTL."""
 
-    def __init__(self, deps: Dependencies, ttl_s: float = TASK_CACHE_TTL_S) -> None:
+    def __init__(self, deps: Dependencies) -> None:
         self.deps = deps
-        self.ttl_s = ttl_s
+        self.ttl_s = deps.settings.task_config_ttl_s
         self._cache: dict[str, tuple[float, dict[str, Any] | InvalidTaskConfig | None]] = {}
 
     async def _load(self, folder: str) -> dict[str, Any] | InvalidTaskConfig | None:
@@ -174,10 +181,11 @@ class BlobProcessor:
             return {"etag": etag, "failures": 0}
         return doc if doc.get("etag") == etag else {"etag": etag, "failures": 0}
 
-    async def _note_failure(self, name: str, etag: str | None, err: Exception) -> None:
+    async def _note_failure(self, name: str, etag: str | None, err: Exception, task: str, job: str | None) -> None:
         try:
             doc = await self._attempts(name, etag)
             doc["failures"] = int(doc.get("failures", 0)) + 1
+            doc["task"], doc["job"] = task, job
             doc["last_error"] = (
                 err.to_dict()["error"] if isinstance(err, VlmError) else {"code": "internal_error", "message": str(err)}
             )
@@ -203,13 +211,9 @@ class BlobProcessor:
             return BlobOutcome("skipped", reason="control file")
         sha = hashlib.sha256(data).hexdigest()
         source = Source(settings.images_container, name, etag, sha, len(data))
-        existing = await self.writer.existing_for(name, sha)
-        if existing is not None:
-            log.info("skip %s: a record for this content exists", name)
-            return BlobOutcome("skipped", existing, reason="already processed")
-        previous = await self._attempts(name, etag)
-        attempts = int(previous.get("failures", 0)) + 1
         task = settings.default_task
+        job: str | None = None
+        attempts = 1
         try:
             if basename == MANIFEST_FILE:
                 config, images = await self._manifest(name, data)
@@ -219,29 +223,23 @@ class BlobProcessor:
                     log.info("skip %s: part of a %s job, run by its %s", name, config.task, MANIFEST_FILE)
                     return BlobOutcome("skipped", reason=f"waiting for {MANIFEST_FILE}")
             task = config.task
-            f = config.fields
-            max_tokens = f.get("max_tokens")
-            request = AnalysisRequest(
-                images=images,
-                task=config.task,
-                prompt=f.get("prompt"),
-                detail=f.get("detail") or settings.default_detail,
-                schema=await self._schema(f.get("schema"), config.origin),
-                labels=parse_labels(f.get("labels")),
-                max_tokens=int(max_tokens) if max_tokens not in (None, "") else None,
-                pages=f.get("pages"),
-                strips=str(f.get("strips", "")).lower() in ("1", "true", "yes"),
-            )
-            result = await analyze(request, self.deps)
+            job = job_fingerprint(config.fields, images)
+            existing = await self.writer.existing_for(name, sha, job, etag)
+            if existing is not None:
+                log.info("skip %s: a record for this content and task exists", name)
+                return BlobOutcome("skipped", existing, reason="already processed")
+            attempts += int((await self._attempts(name, etag)).get("failures", 0))
+            result = await analyze(await self._request(config, images), self.deps)
         except VlmError as err:
             if err.transient:
-                await self._note_failure(name, etag, err)
+                await self._note_failure(name, etag, err, task, job)
                 raise
             record = {
                 "status": "failed",
                 "error": err.to_dict()["error"],
                 "source": source.to_dict(),
                 "task": task,
+                "job": job,
                 "attempts": attempts,
                 "processed_at": now_iso(),
             }
@@ -249,7 +247,7 @@ class BlobProcessor:
             await self._clear_attempts(name)
             return BlobOutcome("failed", record)
         except Exception as err:
-            await self._note_failure(name, etag, err)
+            await self._note_failure(name, etag, err, task, job)
             raise
         record = {
             "status": "succeeded",
@@ -257,6 +255,7 @@ class BlobProcessor:
             "source": source.to_dict(),
             "attempts": attempts,
             "task_config": config.origin,
+            "job": job,
             "processed_at": now_iso(),
         }
         record.pop("model_calls", None)
@@ -264,6 +263,21 @@ class BlobProcessor:
         if attempts > 1:
             await self._clear_attempts(name)
         return BlobOutcome("succeeded", record)
+
+    async def _request(self, config: TaskConfig, images: list[bytes]) -> AnalysisRequest:
+        f = config.fields
+        max_tokens = f.get("max_tokens")
+        return AnalysisRequest(
+            images=images,
+            task=config.task,
+            prompt=f.get("prompt"),
+            detail=f.get("detail") or self.deps.settings.default_detail,
+            schema=await self._schema(f.get("schema"), config.origin),
+            labels=parse_labels(f.get("labels")),
+            max_tokens=int(max_tokens) if max_tokens not in (None, "") else None,
+            pages=f.get("pages"),
+            strips=str(f.get("strips", "")).lower() in ("1", "true", "yes"),
+        )
 
     async def _manifest(self, name: str, data: bytes) -> tuple[TaskConfig, list[bytes]]:
         """A multi-image job: `_manifest.json` names the images (relative to its folder; default: all of them)."""
@@ -311,12 +325,10 @@ class BlobProcessor:
 
         container = await self.deps.blobs.container(self.deps.settings.images_container)
         try:
-            props = await container.get_blob_client(name).get_blob_properties()
-            size = props.size
             data = await (await container.download_blob(name)).readall()
-            sha = hashlib.sha256(data).hexdigest()
         except ResourceNotFoundError:
-            size, sha = 0, ""
+            data = b""  # deleted since: still record that it was given up on
+        sha = hashlib.sha256(data).hexdigest() if data else ""
         previous = await self._attempts(name, etag)
         last = previous.get("last_error") or {"code": "unknown", "message": "no failure was recorded"}
         record = {
@@ -327,8 +339,9 @@ class BlobProcessor:
                 f"last error: {last.get('code')}: {last.get('message')}",
                 "details": {"last_error": last},
             },
-            "source": Source(self.deps.settings.images_container, name, etag, sha, size).to_dict(),
-            "task": None,
+            "source": Source(self.deps.settings.images_container, name, etag, sha, len(data)).to_dict(),
+            "task": previous.get("task"),
+            "job": previous.get("job"),
             "attempts": previous.get("failures", 0),
             "processed_at": now_iso(),
         }

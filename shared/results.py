@@ -56,13 +56,22 @@ class ResultWriter:
         except json.JSONDecodeError:
             return None  # unreadable: treat as absent, it will be rewritten
 
-    async def existing_for(self, name: str, sha256: str) -> dict[str, Any] | None:
-        """A record (success first, then error) already written for exactly this content, if any."""
-        for suffix in (SUCCESS_SUFFIX, ERROR_SUFFIX):
-            record = await self.read(name, suffix)
-            if record and (record.get("source") or {}).get("sha256") == sha256:
-                return record
-        return None
+    async def existing_for(self, name: str, sha256: str, job: str, etag: str | None) -> dict[str, Any] | None:
+        """A record already written for exactly this content and job, if any.
+
+        Both kinds must match the job (a changed `_task.json` is new work). A poison record
+        stands only for the same etag, so uploading the same file again retries what failed for
+        transient reasons.
+        """
+        record = await self.read(name, SUCCESS_SUFFIX)
+        if record and (record.get("source") or {}).get("sha256") == sha256 and record.get("job") == job:
+            return record
+        record = await self.read(name, ERROR_SUFFIX)
+        if not record or (record.get("source") or {}).get("sha256") != sha256 or record.get("job") != job:
+            return None  # invalid_task_config records have no job: a fixed folder config is retried
+        if (record.get("error") or {}).get("code") == "poison" and record["source"].get("etag") != etag:
+            return None
+        return record
 
     async def write_success(self, name: str, record: dict[str, Any]) -> None:
         await self._put(name + SUCCESS_SUFFIX, record)

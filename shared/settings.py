@@ -77,6 +77,7 @@ class Settings:
     default_detail: str = "auto"
     cache_memory_items: int = 256
     sequence_concurrency: int = 4
+    task_config_ttl_s: float = 30.0
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -131,6 +132,7 @@ class Settings:
             default_detail=default_detail,
             cache_memory_items=r.integer("CACHE_MEMORY_ITEMS", 256),
             sequence_concurrency=r.integer("SEQUENCE_CONCURRENCY", 4, minimum=1),
+            task_config_ttl_s=r.number("TASK_CONFIG_TTL_S", 30.0),
         )
 
 

@@ -86,6 +86,7 @@ def stack(tmp_path_factory):
         model_args=["--mode", "ocr"],
         host_args=["--poll-interval", "0.2", "--retry-base-delay", "0.05"],
         MAX_IMAGE_BYTES=str(8 * 1024 * 1024),
+        TASK_CONFIG_TTL_S="0.5",  # tests change folder configs and re-drop at once
     )
     yield s
     s.stop()

@@ -194,3 +194,18 @@ def test_a_blob_failing_transiently_five_times_is_poisoned_and_recorded(stack, m
     assert err["attempts"] == 5
     assert err["error"]["details"]["last_error"]["code"] == "upstream_unavailable"
     assert err["source"]["name"] == "poison/doomed.jpg" and len(err["source"]["sha256"]) == 64
+
+
+def test_a_changed_task_json_makes_the_same_file_new_work(stack, model_admin):
+    png = corpus("documents", "oyo.png").read_bytes()
+    upload(stack, "retask/_task.json", json.dumps({"task": "describe"}).encode())
+    upload(stack, "retask/r.png", png)
+    first = wait_for(stack, ["retask/r.png"], "retask/")["retask/r.png.json"]
+    assert first["task"] == "describe"
+    upload(stack, "retask/_task.json", json.dumps({"task": "ocr"}).encode())
+    time.sleep(1)  # past the folder-config TTL the test stack sets
+    upload(stack, "retask/r.png", png)
+    deadline = time.monotonic() + 60
+    while records(stack, "retask/")["retask/r.png.json"]["task"] != "ocr":
+        assert time.monotonic() < deadline, "the re-dropped file was not re-analysed with the new task"
+        time.sleep(0.3)
