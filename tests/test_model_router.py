@@ -125,3 +125,16 @@ async def test_connection_failure_everywhere_is_503():
     model = ScriptedModel(default=lambda body: Reply(exception=httpx2.ConnectError("refused")))
     with pytest.raises(UpstreamUnavailable):
         await router(model).complete(REQ)
+
+
+async def test_the_limiter_is_settled_to_what_the_quota_charged():
+    """Azure charges prompt + max_tokens at admission and refunds nothing: so does our limiter."""
+    from shared.clock import FakeClock
+
+    model = ScriptedModel()
+    r = ModelRouter(
+        Settings.from_env({**ENV, "VLM_TPM": "10000"}), clock=FakeClock(), client_factory=model.client_factory()
+    )
+    await r.complete(REQ)  # the server reports 100 prompt tokens; max_tokens is 50
+    target = r.settings.primary
+    assert r.limiter(target).stats()["available_tokens"] == 10000 - (100 + 50)
