@@ -39,7 +39,17 @@ HIGH_TASKS = {"ocr", "table_extraction", "detailed_analysis"}
 LOW_TASKS = {"classification", "object_detection", "quick_summary"}
 # The seed's tasks for ours: what each of our tasks is called in the seed design.
 SEED_TASK = {"ocr": "ocr", "table": "table_extraction", "classify": "classification", "describe": "describe"}
-CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
+CONTENT_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".heic": "image/heic",
+    ".heif": "image/heif",
+    ".pdf": "application/pdf",
+}
 
 
 class Unsupported(ValueError):

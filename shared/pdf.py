@@ -71,10 +71,6 @@ def _reason(e: Exception) -> str:
     return text or type(e).__name__
 
 
-def page_count(doc: Any) -> int:
-    return len(doc)
-
-
 @contextmanager
 def load_page(doc: Any, index: int) -> Iterator[Any]:
     """Page `index` (0-based), closed afterwards; a page PDFium cannot load is a 400."""

@@ -255,6 +255,34 @@ def test_broken_png_is_a_clear_400() -> None:
     assert err.value.to_dict()["error"]["code"] == "invalid_request"
 
 
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "PDF", "HEIF"])
+def test_corrupted_inputs_give_an_image_or_a_4xx_never_a_crash(fmt: str) -> None:
+    import random
+
+    if fmt == "PDF":
+        seed = make_pdf([(300, 400, 0.5)] * 2)
+    elif fmt == "HEIF":
+        seed = corpus("heic", "small_640x426.heif")
+    elif fmt in ("GIF", "TIFF"):
+        seed = _frames(fmt, 3)
+    else:
+        seed = encode(noise((160, 120)), fmt)
+    rng = random.Random(fmt)
+    for _ in range(40):
+        data = bytearray(seed)
+        if rng.random() < 0.3:
+            data = data[: rng.randrange(12, len(data))]
+        else:
+            for _ in range(rng.randrange(1, 8)):
+                data[rng.randrange(12, len(data))] = rng.randrange(256)
+        try:
+            for p in prepare(bytes(data), task="ocr"):
+                assert_within_view(p.facts)
+        except VlmError as e:
+            assert 400 <= e.status < 500, e
+
+
 def test_text_is_415_naming_what_it_is() -> None:
     with pytest.raises(UnsupportedMediaType, match="text/plain") as err:
         prepare(b"hello, this is not an image\n" * 10)
