@@ -38,18 +38,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import math
 import random
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.seed_baseline import LABEL as BASELINE
+from local.model_admin import ModelAdmin
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = "ours (vlm-functions)"
@@ -78,28 +77,6 @@ def synthetic_images(n: int, seed: int = 1, size: tuple[int, int] = (320, 240)) 
 
 def _colour(rng: random.Random) -> tuple[int, int, int]:
     return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
-
-
-class ServerAdmin:
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method="GET" if body is None else "POST",
-            headers={"content-type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read() or b"{}")
-
-    def stats(self) -> dict[str, Any]:
-        return self.call("/stats")
-
-    def reset(self) -> None:
-        self.call("/admin/reset", {})
 
 
 @dataclass
@@ -302,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         server = procs.start_process(cmd, name="model-server", log_path=Path(tmp) / "model_server.log", cwd=ROOT)
         try:
             procs.wait_for_http(f"{url}/health", timeout_s=60, proc=server)
-            admin = ServerAdmin(url)
+            admin = ModelAdmin(url)
             quotas = ["same", "seed"] if a.baseline_quota == "both" else [a.baseline_quota]
             plan = [("ours", "")] if a.only != "baseline" else []
             plan += [("baseline", q) for q in quotas] if a.only != "ours" else []

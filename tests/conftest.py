@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import secrets
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from local.model_admin import ModelAdmin
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
@@ -19,42 +19,6 @@ def corpus(*parts: str) -> Path:
     path = CORPUS.joinpath(*parts)
     assert path.exists(), f"missing corpus file {path}: the corpus lives in ../shared/corpus"
     return path
-
-
-class ModelAdmin:
-    """The local model server's test endpoints: request counts, faults, quota."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def _call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method="GET" if body is None else "POST",
-            headers={"content-type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read() or b"{}")
-
-    def stats(self) -> dict[str, Any]:
-        return self._call("/stats")
-
-    def requests(self) -> int:
-        return int(self.stats()["requests"])
-
-    def reset(self) -> None:
-        self._call("/admin/reset", {})
-
-    def faults(self, **body: Any) -> None:
-        self._call("/admin/faults", body)
-
-    def quota(self, **body: Any) -> None:
-        self._call("/admin/quota", body)
-
-    def config(self, **body: Any) -> None:
-        self._call("/admin/config", body)
 
 
 def make_stack(tmp: Path, *, model_args: list[str], host_args: list[str] | None = None, **values: str):
