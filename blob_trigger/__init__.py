@@ -29,5 +29,8 @@ async def main(blob: func.InputStream) -> None:
         container = await processor.deps.blobs.container(settings.images_container)
         live = await container.get_blob_client(name).get_blob_properties()
         etag, metadata = etag or live.etag, metadata if metadata is not None else dict(live.metadata or {})
-    outcome = await processor.process(name, blob.read(), etag, metadata)
+    if blob.length is not None and blob.length > settings.max_image_bytes:
+        outcome = await processor.too_large(name, etag, blob.length)
+    else:
+        outcome = await processor.process(name, blob.read(), etag, metadata)
     logging.info("blob %s: %s %s", name, outcome.status, outcome.reason)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidRequest, VlmError
+from .errors import ImageTooLarge, InvalidRequest, VlmError
 from .pipeline import AnalysisRequest, Dependencies, analyze
 from .results import ResultWriter, Source, now_iso
 from .tasks import parse_labels
@@ -263,6 +263,23 @@ class BlobProcessor:
         if attempts > 1:
             await self._clear_attempts(name)
         return BlobOutcome("succeeded", record)
+
+    async def too_large(self, name: str, etag: str | None, size: int) -> BlobOutcome:
+        """A blob over MAX_IMAGE_BYTES is refused before it is read into memory."""
+        limit = self.deps.settings.max_image_bytes
+        err = ImageTooLarge(f"the blob is {size} bytes, over MAX_IMAGE_BYTES ({limit})", details={"limit": limit})
+        source = Source(self.deps.settings.images_container, name, etag, "", size)
+        record = {
+            "status": "failed",
+            "error": err.to_dict()["error"],
+            "source": source.to_dict(),
+            "task": None,
+            "job": None,
+            "attempts": 1,
+            "processed_at": now_iso(),
+        }
+        await self.writer.write_error(name, record)
+        return BlobOutcome("failed", record)
 
     async def _request(self, config: TaskConfig, images: list[bytes]) -> AnalysisRequest:
         f = config.fields

@@ -19,6 +19,7 @@ from .errors import ConfigurationError, ImageTooLarge, InvalidRequest, InvalidSc
 
 log = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 100 * 1024 * 1024  # the Functions host's own request-size limit
 FIELDS = ("task", "prompt", "detail", "schema", "labels", "max_tokens", "pages", "strips")
 
 
@@ -121,8 +122,11 @@ def parse_request(inp: HttpInput, max_bytes: int, default_task: str, default_det
 
     if inp.method.upper() != "POST":
         raise InvalidRequest("use POST")
-    if len(inp.body) > max_bytes * 11:  # the body as a whole: generous, images are checked one by one later
-        raise ImageTooLarge(f"request body of {len(inp.body)} bytes is too large", details={"limit": max_bytes})
+    if len(inp.body) > MAX_BODY_BYTES:  # each image is checked against MAX_IMAGE_BYTES after parsing
+        raise ImageTooLarge(
+            f"request body of {len(inp.body)} bytes is over the {MAX_BODY_BYTES} byte limit; send fewer or smaller images",
+            details={"limit": MAX_BODY_BYTES},
+        )
     content_type = inp.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
     fields: dict[str, Any] = dict(inp.params)

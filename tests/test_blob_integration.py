@@ -109,6 +109,13 @@ def test_drop_photos_and_orientations_every_blob_gets_one_record(stack, model_ad
     assert {k: v["processed_at"] for k, v in after.items()} == {k: v["processed_at"] for k, v in got.items()}
 
 
+def test_a_blob_over_the_size_limit_gets_an_error_record_without_being_read(stack):
+    upload(stack, "big/huge.jpg", b"\xff\xd8\xff\xe0" + bytes(9 * 1024 * 1024))  # the test stack allows 8 MiB
+    got = wait_for(stack, ["big/huge.jpg"], "big/")
+    err = got["big/huge.jpg.error.json"]
+    assert err["error"]["code"] == "image_too_large" and err["source"]["size"] > 8 * 1024 * 1024
+
+
 def test_same_image_in_another_folder_is_served_from_the_cache(stack, model_admin):
     data = corpus("photos", "gps_tagged_640x480.jpg").read_bytes()
     upload(stack, "dupes/a/one.jpg", data)

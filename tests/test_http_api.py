@@ -90,7 +90,7 @@ def test_schema_implies_the_schema_task_and_no_cache_header_bypasses_the_cache()
         (inp(b"x", "image/jpeg", {"schema": "[1]"}), InvalidSchema),
         (inp(b"x", "image/jpeg", {"max_tokens": "many"}), InvalidRequest),
         (inp(b"x", "image/jpeg", {"labels": "[1, 2]"}), InvalidRequest),
-        (inp(b"x" * (12 * 1024 * 1024), "image/jpeg"), ImageTooLarge),
+        (inp(b"x" * (100 * 1024 * 1024 + 1), "image/jpeg"), ImageTooLarge),
         (inp(b"--a\r\n\r\nx\r\n--a--", "multipart/form-data"), InvalidRequest),  # no boundary parameter
         (
             inp(b"--a\r\nContent-Disposition: form-data; name=file\r\n\r\nxx", "multipart/form-data; boundary=a"),
