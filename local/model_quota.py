@@ -1,5 +1,8 @@
 """RPM/TPM quota the way Azure OpenAI enforces it, over a sliding window, per deployment.
 
+The limits are per minute; a window shorter than 60 s admits the rate scaled to it (a 10 s window
+admits a sixth of the minute's quota), as Azure evaluates over 1-10 s windows.
+
 Azure charges a request at admission time with its *estimated* tokens: the prompt estimate plus
 `max_tokens` (or `max_completion_tokens`); nothing is refunded when the answer is shorter. A
 request that does not fit is refused with 429 and told exactly how long until enough of the
@@ -30,6 +33,16 @@ class QuotaLimits:
     @property
     def active(self) -> bool:
         return self.rpm > 0 or self.tpm > 0
+
+    @property
+    def window_requests(self) -> int:
+        """Requests admitted per window: the per-minute rate scaled to the window (Azure checks RPM over
+        1-10 s windows, i.e. rpm/60 per second), at least 1."""
+        return max(1, math.floor(self.rpm * self.window_s / 60)) if self.rpm else 0
+
+    @property
+    def window_tokens(self) -> int:
+        return max(1, math.floor(self.tpm * self.window_s / 60)) if self.tpm else 0
 
 
 @dataclass(frozen=True)
@@ -108,8 +121,8 @@ class Quota:
             retry_after_s=retry,
             limit_requests=lim.rpm or None,
             limit_tokens=lim.tpm or None,
-            remaining_requests=max(0, lim.rpm - len(w.entries)) if lim.rpm else None,
-            remaining_tokens=max(0, lim.tpm - w.tokens) if lim.tpm else None,
+            remaining_requests=max(0, lim.window_requests - len(w.entries)) if lim.rpm else None,
+            remaining_tokens=max(0, lim.window_tokens - w.tokens) if lim.tpm else None,
         )
 
     def peek(self, model: str) -> QuotaDecision:
@@ -128,15 +141,16 @@ class Quota:
         now = self.clock()
         w = self._windows.setdefault(model, SlidingWindow())
         w.expire(now, lim.window_s)
-        if lim.tpm and tokens > lim.tpm:
+        max_requests, max_tokens = lim.window_requests, lim.window_tokens
+        if lim.tpm and tokens > max_tokens:
             return self._decision(w, False, "too_large", lim.window_s)
         waits: list[tuple[float, str]] = []
-        if lim.rpm and len(w.entries) >= lim.rpm:
-            # the entry whose expiry brings the count down to rpm - 1
-            t_free = w.entries[len(w.entries) - lim.rpm][0]
+        if lim.rpm and len(w.entries) >= max_requests:
+            # the entry whose expiry brings the count down to max_requests - 1
+            t_free = w.entries[len(w.entries) - max_requests][0]
             waits.append((t_free + lim.window_s - now, "requests"))
-        if lim.tpm and w.tokens + tokens > lim.tpm:
-            need = w.tokens + tokens - lim.tpm
+        if lim.tpm and w.tokens + tokens > max_tokens:
+            need = w.tokens + tokens - max_tokens
             freed = 0
             for t, tok in w.entries:
                 freed += tok

@@ -224,7 +224,10 @@ class ModelRouter:
         from .limiter import RateLimiter
 
         if target.label not in self._limiters:
-            self._limiters[target.label] = RateLimiter(self.settings.vlm_rpm, self.settings.vlm_tpm, clock=self.clock)
+            s = self.settings
+            self._limiters[target.label] = RateLimiter(
+                s.vlm_rpm, s.vlm_tpm, clock=self.clock, window_s=s.vlm_rate_window_s
+            )
         return self._limiters[target.label]
 
     def client(self, target: ModelTarget) -> AsyncOpenAI:

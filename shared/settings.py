@@ -59,6 +59,7 @@ class Settings:
     vlm_fallback_deployments: tuple[ModelTarget, ...] = ()
     vlm_rpm: int = 0
     vlm_tpm: int = 0
+    vlm_rate_window_s: float = 60.0  # the limiter's burst: rate x window (Azure checks over 1-10 s windows)
     vlm_timeout_s: float = 60.0
     vlm_max_retries: int = 3
     request_budget_s: float = 180.0
@@ -113,6 +114,7 @@ class Settings:
             vlm_fallback_deployments=_parse_fallbacks(r.optional("VLM_FALLBACK_DEPLOYMENTS"), endpoint, api_key),
             vlm_rpm=r.integer("VLM_RPM", 0),
             vlm_tpm=r.integer("VLM_TPM", 0),
+            vlm_rate_window_s=r.number("VLM_RATE_WINDOW_S", 60.0),
             vlm_timeout_s=r.number("VLM_TIMEOUT_S", 60.0),
             vlm_max_retries=r.integer("VLM_MAX_RETRIES", 3),
             request_budget_s=r.number("VLM_REQUEST_BUDGET_S", 180.0),

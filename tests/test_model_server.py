@@ -787,3 +787,16 @@ async def test_cli_starts_fast_and_detects_a_client_leaving(tiny: bytes) -> None
     )
     _, err = await asyncio.wait_for(bad.communicate(), 30)
     assert bad.returncode == 2 and b"unknown fault kind" in err
+
+
+def test_a_short_window_admits_the_rate_scaled_to_it():
+    """Azure evaluates over 1-10 s windows: 600 RPM is 100 requests per 10 s, not 600."""
+    now = [1000.0]
+    q = Quota(QuotaLimits(rpm=600, tpm=60_000, window_s=10), lambda: now[0])
+    for _ in range(10):
+        assert q.try_acquire("m", 1000).allowed  # 10 x 1000 = 60,000 x 10/60
+    refused = q.try_acquire("m", 1000)
+    assert not refused.allowed and refused.reason == "tokens" and refused.retry_after_s == 10
+    assert q.try_acquire("m", 20_000).reason == "too_large"  # more than one 10 s window holds
+    now[0] += 10
+    assert q.try_acquire("m", 1000).allowed
