@@ -30,7 +30,6 @@ import json
 import logging
 import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -320,22 +319,12 @@ class BlobTriggerListener:
                     blob_properties=bp,
                     metadata=dict(props.metadata or {}),
                 )
-                invocation_id = str(uuid.uuid4())
-                started = time.monotonic()
-                error: BaseException | None = None
-                try:
-                    await self.fn.invoke(stream, invocation_id=invocation_id, timeout_s=self.timeout_s)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:
-                    error = e
-                self.log_invocation(
-                    self.fn.spec.name,
-                    "blob",
-                    invocation_id,
-                    time.monotonic() - started,
-                    error,
-                    f"{name} etag={etag} attempt={failures + 1}/{self.poison_threshold}",
+                error = await self.fn.invoke_logged(
+                    stream,
+                    trigger="blob",
+                    detail=f"{name} etag={etag} attempt={failures + 1}/{self.poison_threshold}",
+                    timeout_s=self.timeout_s,
+                    log_invocation=self.log_invocation,
                 )
             if error is None:
                 await self._write_receipt(blob_name, etag, "succeeded")

@@ -14,6 +14,7 @@ import inspect
 import os
 import sys
 import threading
+import time
 import types
 import uuid
 from collections.abc import Callable
@@ -119,6 +120,28 @@ class LoadedFunction:
             raise TimeoutError(
                 f"Timeout value of {timeout_s:.0f}s exceeded by function 'Functions.{self.spec.name}'"
             ) from None
+
+    async def invoke_logged(
+        self,
+        trigger_value: Any,
+        *,
+        trigger: str,
+        detail: str,
+        timeout_s: float | None,
+        log_invocation: Callable[..., None],
+    ) -> BaseException | None:
+        """Invoke once and log one line; return the failure (not raised) so the caller decides retry or poison."""
+        invocation_id = str(uuid.uuid4())
+        started = time.monotonic()
+        error: BaseException | None = None
+        try:
+            await self.invoke(trigger_value, invocation_id=invocation_id, timeout_s=timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            error = e
+        log_invocation(self.spec.name, trigger, invocation_id, time.monotonic() - started, error, detail)
+        return error
 
 
 def make_executor() -> ThreadPoolExecutor:

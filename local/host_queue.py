@@ -12,8 +12,6 @@ import asyncio
 import base64
 import binascii
 import logging
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,22 +157,12 @@ class QueueTriggerListener:
             time_next_visible=msg.next_visible_on,
             pop_receipt=msg.pop_receipt,
         )
-        invocation_id = str(uuid.uuid4())
-        started = time.monotonic()
-        error: BaseException | None = None
-        try:
-            await self.fn.invoke(message, invocation_id=invocation_id, timeout_s=self.timeout_s)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            error = e
-        self.log_invocation(
-            self.fn.spec.name,
-            "queue",
-            invocation_id,
-            time.monotonic() - started,
-            error,
-            f"{self.queue_name} id={msg.id} dequeue_count={msg.dequeue_count}/{self.max_dequeue_count}",
+        error = await self.fn.invoke_logged(
+            message,
+            trigger="queue",
+            detail=f"{self.queue_name} id={msg.id} dequeue_count={msg.dequeue_count}/{self.max_dequeue_count}",
+            timeout_s=self.timeout_s,
+            log_invocation=self.log_invocation,
         )
         queue = self._queue(self.queue_name)
         if error is None:
