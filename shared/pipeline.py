@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import InvalidRequest, UpstreamTimeout, VlmError
@@ -52,12 +52,9 @@ class AnalysisResult:
     images: list[dict[str, Any]]
     timings_ms: dict[str, float]
     model_calls: int = 0
-    deployments: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        body = asdict(self)
-        body.pop("deployments")
-        return body
+        return asdict(self)
 
 
 class Dependencies:
@@ -317,7 +314,6 @@ def _priced(
         images=facts,
         timings_ms=timings,
         model_calls=len(out.calls),
-        deployments=sorted({c.deployment for c in out.calls}),
     )
 
 
