@@ -169,31 +169,27 @@ async def structured_call(
     from . import schemas, task_schemas
 
     strict = schemas.to_strict(schema, name=name)
-    json_schema_format = {
-        "type": "json_schema",
-        "json_schema": {"name": strict.name, "schema": strict.schema, "strict": True},
-    }
+    json_object_prompt = prompt + "\n\n" + task_schemas.json_object_instructions(strict.schema)
     calls: list[ChatResult] = []
     extra: list[dict[str, Any]] = []
     use_json_object = False
     errors: list[str] = []
-    for attempt in (1, 2):
+
+    async def ask() -> ChatResult:
         if use_json_object:
-            fmt = {"type": "json_object"}
-            text = prompt + "\n\n" + task_schemas.json_object_instructions(strict.schema)
+            fmt, text = {"type": "json_object"}, json_object_prompt
         else:
-            fmt, text = json_schema_format, prompt
-        request = chat_request(text, images, max_tokens, fmt, label=label, extra_messages=extra)
+            fmt, text = strict.response_format(), prompt
+        return await model.complete(chat_request(text, images, max_tokens, fmt, label=label, extra_messages=extra))
+
+    for attempt in (1, 2):
         try:
-            result = await model.complete(request)
+            result = await ask()
         except ResponseFormatRejected:
             if use_json_object:
                 raise
-            use_json_object = True
-            fmt, text = {"type": "json_object"}, prompt + "\n\n" + task_schemas.json_object_instructions(strict.schema)
-            result = await model.complete(
-                chat_request(text, images, max_tokens, fmt, label=label, extra_messages=extra)
-            )
+            use_json_object = True  # the endpoint has no strict mode: same schema, in the prompt
+            result = await ask()
         calls.append(result)
         answer: Any = None
         try:
