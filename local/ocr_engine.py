@@ -27,8 +27,9 @@ from shared.tokens import image_tokens, model_view_size
 
 log = logging.getLogger(__name__)
 
-# A decompression bomb is a client error here, not a crash: 50 MP matches MAX_IMAGE_PIXELS.
-Image.MAX_IMAGE_PIXELS = 50_000_000
+# A decompression bomb is a client error here, not a crash: 50 MP matches MAX_IMAGE_PIXELS. Checked from
+# the header in read_header(), not by changing Pillow's global limit (tests share the process).
+MAX_PIXELS = 50_000_000
 MAX_OCR_SIDE = 2048  # never OCR more than a high-detail view could hold
 FACTS_SIDE = 256  # facts are statistics; a thumbnail gives the same numbers much faster
 
@@ -50,9 +51,12 @@ def read_header(data: bytes) -> ImageHeader:
     """Size and format without decoding pixels; EXIF rotation swaps sides, which no token formula cares about."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return ImageHeader((im.format or "unknown").lower(), int(im.width), int(im.height))
+            header = ImageHeader((im.format or "unknown").lower(), int(im.width), int(im.height))
     except Exception as exc:  # PIL raises many types for bad input
         raise ImageDecodeError(str(exc) or type(exc).__name__) from exc
+    if header.width * header.height > MAX_PIXELS:
+        raise ImageDecodeError(f"image of {header.width}x{header.height} is over {MAX_PIXELS} pixels")
+    return header
 
 
 def resolve_detail(detail: str, width: int, height: int) -> str:
