@@ -173,6 +173,9 @@ def banner(stack: Stack) -> str:
         if stack.azurite
         else "as in local.settings.json"
     )
+    # local.drop reads local.settings.json, which means Azurite on its default port
+    moved = stack.azurite is not None and stack.config.blob_port != 10000
+    storage_flag = f' --connection-string "{stack.connection_string}"' if moved else ""
     return f"""
 vlm-functions is running locally
   Functions host   {stack.host_url}   (analyze_http, blob_trigger, poison_blobs)
@@ -185,8 +188,8 @@ Analyse an image:
   curl -F file=@invoice.png -F task=invoice "{stack.host_url}/api/analyze?code={key}"
 
 Drop a folder (every image gets results/<path>.json):
-  .venv/bin/python -m local.drop ../shared/corpus/photos --prefix photos/ --wait
-  .venv/bin/python -m local.drop ../shared/corpus/documents --prefix invoices/ --task invoice --wait
+  .venv/bin/python -m local.drop ../shared/corpus/photos --prefix photos/ --wait{storage_flag}
+  .venv/bin/python -m local.drop ../shared/corpus/documents --prefix invoices/ --task invoice --wait{storage_flag}
 
 Ctrl-C stops everything.
 """
