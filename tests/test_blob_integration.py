@@ -216,3 +216,12 @@ def test_a_changed_task_json_makes_the_same_file_new_work(stack, model_admin):
     while records(stack, "retask/")["retask/r.png.json"]["task"] != "ocr":
         assert time.monotonic() < deadline, "the re-dropped file was not re-analysed with the new task"
         time.sleep(0.3)
+
+
+def test_blob_metadata_names_the_task_when_no_folder_config_does(stack):
+    container = service(stack).get_container_client("images")
+    container.upload_blob(
+        "meta/receipt.png", corpus("documents", "oyo.png").read_bytes(), overwrite=True, metadata={"task": "ocr"}
+    )
+    rec = wait_for(stack, ["meta/receipt.png"], "meta/")["meta/receipt.png.json"]
+    assert rec["task"] == "ocr" and rec["task_config"] == "metadata" and "OYO" in rec["result"].upper()
