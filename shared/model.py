@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AZURE_SCOPE = "https://cognitiveservices.azure.com/.default"
+JSON_SCHEMA_REPROBE_S = 600.0  # an endpoint without strict mode is asked again after this (it may be upgraded)
 FALLBACK_ERRORS = (UpstreamThrottled, UpstreamError, UpstreamUnavailable, UpstreamTimeout)
 
 
@@ -219,6 +220,7 @@ class ModelRouter:
         self._clients: dict[str, AsyncOpenAI] = {}
         self._limiters: dict[str, RateLimiter] = {}
         self._client_factory = client_factory or (lambda target, hooks: build_client(target, settings, hooks))
+        self._no_json_schema: dict[str, float] = {}  # target -> when it rejected json_schema (re-probed later)
 
     def limiter(self, target: ModelTarget) -> RateLimiter:
         from .limiter import RateLimiter
@@ -272,13 +274,21 @@ class ModelRouter:
             kwargs["max_tokens"] = request.max_tokens
             kwargs["temperature"] = 0
         if request.response_format is not None:
+            rejected_at = self._no_json_schema.get(target.label)
+            if request.response_format.get("type") == "json_schema" and rejected_at is not None:
+                if self.clock.now() - rejected_at < JSON_SCHEMA_REPROBE_S:
+                    raise ResponseFormatRejected(f"{target.deployment} does not take json_schema", details={})
+                del self._no_json_schema[target.label]
             kwargs["response_format"] = request.response_format
         reservation = await self.limiter(target).acquire(request.estimated_tokens)
         try:
             response = await self.client(target).chat.completions.create(**kwargs)
         except (openai.OpenAIError, ValueError) as exc:  # ValueError: a 200 whose body is not JSON
             reservation.cancel()
-            raise map_openai_error(exc, target) from exc
+            error = map_openai_error(exc, target)
+            if isinstance(error, ResponseFormatRejected):
+                self._no_json_schema[target.label] = self.clock.now()
+            raise error from exc
         except Exception:
             reservation.cancel()
             raise

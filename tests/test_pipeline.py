@@ -131,6 +131,9 @@ async def test_json_schema_rejection_falls_back_to_json_object_once():
     result = await analyze(AnalysisRequest(images=[jpeg()], task="table"), deps)
     assert result.result == {"columns": ["a"], "rows": [["1"]]}
     assert [r["response_format"]["type"] for r in scripted.requests] == ["json_schema", "json_object"]
+    # the router remembers: the next structured request goes straight to json_object
+    await analyze(AnalysisRequest(images=[jpeg(colour=(9, 9, 9))], task="table"), deps)
+    assert [r["response_format"]["type"] for r in scripted.requests][2:] == ["json_object"]
 
 
 async def test_fallback_deployment_is_recorded_in_the_result():
