@@ -39,7 +39,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.functions.blob import InputStream
 
-from local.host_loader import LoadedFunction
+from local.host_loader import LoadedFunction, stop_listener
 from local.host_storage import StorageConnection
 
 log = logging.getLogger("local.host")
@@ -186,15 +186,7 @@ class BlobTriggerListener:
         self._poller = asyncio.create_task(self._poll_loop(), name=f"blob-poll:{self.fn.spec.name}")
 
     async def stop(self, grace_s: float) -> None:
-        """Stop polling; give in-flight blobs `grace_s` to finish, then cancel them (no receipt: redone later)."""
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await stop_listener(self._poller, self._tasks, grace_s)
 
     async def scan_once(self) -> int:
         """List the container once and start work for each unseen blob version; returns how many."""

@@ -144,6 +144,19 @@ class LoadedFunction:
         return error
 
 
+async def stop_listener(poller: asyncio.Task[Any] | None, tasks: set[asyncio.Task[Any]], grace_s: float) -> None:
+    """Stop a trigger's poll loop; give in-flight invocations `grace_s` to finish, then cancel them
+    (no receipt or delete happens for those, so they are redone on the next start)."""
+    if poller is not None:
+        poller.cancel()
+        await asyncio.gather(poller, return_exceptions=True)
+    if tasks:
+        _, pending = await asyncio.wait(set(tasks), timeout=grace_s)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
 def make_executor() -> ThreadPoolExecutor:
     """The pool for sync functions, sized like the worker's (PYTHON_THREADPOOL_THREAD_COUNT)."""
     raw = os.environ.get("PYTHON_THREADPOOL_THREAD_COUNT")

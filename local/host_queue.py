@@ -19,7 +19,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.functions.queue import QueueMessage
 
 from local.host_blob import InvocationLogger
-from local.host_loader import LoadedFunction
+from local.host_loader import LoadedFunction, stop_listener
 from local.host_storage import StorageConnection
 
 log = logging.getLogger("local.host")
@@ -59,14 +59,7 @@ class QueueTriggerListener:
         self._poller = asyncio.create_task(self._poll_loop(), name=f"queue-poll:{self.fn.spec.name}")
 
     async def stop(self, grace_s: float) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await stop_listener(self._poller, self._tasks, grace_s)
 
     def _queue(self, name: str) -> Any:
         return self.storage.queue_service().get_queue_client(name)

@@ -17,6 +17,7 @@ from typing import Any
 
 from local.ocr_engine import DecodedImage, Fragment, ImageFacts, OcrLine
 from local.ocr_parse import currencies, is_numeric_fragment, numbers, parse_date, parse_number
+from shared.schemas import json_type
 
 MODEL_BANNER = "Local OCR model (not GPT-4o)."
 STOPWORDS = set(
@@ -765,9 +766,9 @@ class SchemaFiller:
                 schema = {**schema, "type": "array"}
             elif schema.get("enum"):
                 first = next((v for v in schema["enum"] if v is not None), None)
-                schema = {**schema, "type": _json_type(first)}
+                schema = {**schema, "type": json_type(first)}
             elif "const" in schema:
-                schema = {**schema, "type": _json_type(schema["const"])}
+                schema = {**schema, "type": json_type(schema["const"])}
         return schema, nullable
 
     # -- entry
@@ -1181,22 +1182,6 @@ class SchemaFiller:
 
 def _is_null(s: dict[str, Any]) -> bool:
     return s.get("type") == "null"
-
-
-def _json_type(v: Any) -> str:
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int):
-        return "integer"
-    if isinstance(v, float):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, list):
-        return "array"
-    if isinstance(v, dict):
-        return "object"
-    return "null"
 
 
 def schema_answer(a: Analysis, schema: dict[str, Any]) -> Any:

@@ -175,7 +175,7 @@ def _fmt(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
 
 
-def _type_of(value: Any) -> str:
+def json_type(value: Any) -> str:
     """The JSON type of an enum/const value (booleans are not integers here)."""
     if value is None:
         return "null"
@@ -191,7 +191,7 @@ def _type_of(value: Any) -> str:
 
 
 def _matches(value: Any, type_name: str) -> bool:
-    vt = _type_of(value)
+    vt = json_type(value)
     if vt == type_name:
         return True
     if type_name == "number" and vt == "integer":
@@ -521,7 +521,7 @@ class _Converter:
             )
         found: list[str] = []  # in order of first appearance, so branches follow the caller's values
         for value in values:
-            t = _type_of(value)
+            t = json_type(value)
             if t == "number" and "integer" in found:
                 found[found.index("integer")] = "number"
             elif t not in found and not (t == "integer" and "number" in found):
