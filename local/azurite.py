@@ -118,7 +118,7 @@ def start_azurite(
     location.mkdir(parents=True, exist_ok=True)
     for port in (blob_port, queue_port):
         if procs.port_open(host, port):
-            raise procs.ProcessError(f"azurite: port {host}:{port} is already in use")
+            raise procs.ProcessError(f"azurite: {procs.port_holders_message(host, port)}")
     if table_port is None:
         table_port = procs.free_port(host)  # unused, but Azurite always serves it: keep it off 10002
     cmd: list[str] = [

@@ -88,10 +88,33 @@ class Stack:
         endpoint = self.values.get("VLM_ENDPOINT", "")
         return endpoint.startswith(("http://127.0.0.1:", "http://localhost:")) or not endpoint
 
+    @property
+    def pidfile(self) -> procs.PidFile:
+        return procs.PidFile(self.config.data_dir / "stack.pids.json")
+
+    def _processes(self) -> list[procs.Proc]:
+        azurite = self.azurite.proc if self.azurite is not None else None
+        return [p for p in (azurite, self.model, self.host) if p is not None]
+
+    def _check_ports(self) -> None:
+        """Fail before starting anything when a port is taken, naming the process that holds it."""
+        c = self.config
+        wanted = [("functions host", c.host_port)]
+        if self._uses_azurite():
+            wanted += [("azurite blob", c.blob_port), ("azurite queue", c.queue_port)]
+        if self._uses_local_model():
+            wanted.append(("model server", c.model_port))
+        for what, port in wanted:
+            if procs.port_open("127.0.0.1", port):
+                raise procs.ProcessError(f"{what}: {procs.port_holders_message('127.0.0.1', port)}")
+
     def start(self) -> Stack:
         c = self.config
         c.data_dir.mkdir(parents=True, exist_ok=True)
         logs = c.data_dir / "logs"
+        for name, info in self.pidfile.stop_leftovers():
+            print(f"stopped {name} (pid {info.pid}) left running by an earlier run", flush=True)
+        self._check_ports()
         try:
             if self._uses_azurite():
                 self.azurite = start_azurite(
@@ -135,6 +158,7 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+        self.pidfile.record(self._processes())
         return self
 
     def restart_host(self) -> None:
@@ -143,6 +167,7 @@ class Stack:
         cmd = self.host.cmd
         self.host.stop()
         self.host = procs.start_process(cmd, name="functions-host", log_path=self.host.log_path, cwd=self.config.root)
+        self.pidfile.record(self._processes())
         procs.wait_for_http(f"{self.host_url}/admin/host/status", timeout_s=60, proc=self.host)
 
     def stop(self) -> None:
@@ -152,8 +177,9 @@ class Stack:
         if self.azurite is not None:
             self.azurite.stop()
         self.host = self.model = self.azurite = None
+        self.pidfile.clear()
 
-    def alive(self) -> list[str]:
+    def dead(self) -> list[str]:
         """Names of processes that have died (empty while all run)."""
         dead = []
         for name, proc in (("functions host", self.host), ("model server", self.model)):
@@ -202,13 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-port", type=int, default=10001)
     p.add_argument("--model-port", type=int, default=8089)
     p.add_argument("--model-mode", choices=["ocr", "facts"], default="ocr")
+    p.add_argument("--data-dir", type=Path, default=ROOT / ".local", help="logs, Azurite data, the pid file")
+    p.add_argument("--settings", type=Path, default=SETTINGS, help="created from the example when missing")
     args = p.parse_args(argv)
-    doc = ensure_local_settings()
+    doc = ensure_local_settings(args.settings)
     config = StackConfig(
         host_port=args.host_port,
         blob_port=args.blob_port,
         queue_port=args.queue_port,
         model_port=args.model_port,
+        data_dir=args.data_dir,
         values={k: str(v) for k, v in doc.get("Values", {}).items()},
         model_args=["--mode", args.model_mode],
     )
@@ -226,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         while not stop.wait(1.0):
-            dead = stack.alive()
+            dead = stack.dead()
             if dead:
                 print(f"stopped: {', '.join(dead)} exited; see {config.data_dir / 'logs'}", file=sys.stderr)
                 code = 1

@@ -197,7 +197,7 @@ def test_soak_mixed_faults_tight_quota_nothing_lost_no_500_bounded_calls(soak_st
             break
         if time.monotonic() > deadline:
             pytest.fail(f"{len(missing)} blobs have no record after {RECORD_TIMEOUT_S} s, e.g. {sorted(missing)[:5]}")
-        assert not stack.alive(), f"a stack process died: {stack.alive()}"
+        assert not stack.dead(), f"a stack process died: {stack.dead()}"
         time.sleep(2.0)
     wall_s = time.monotonic() - t0
     time.sleep(2.0)  # anything still running for a blob (a duplicate delivery) would write now
