@@ -82,7 +82,10 @@ if ($env:AZURE_SUBSCRIPTION_ID) {
 # Shape of the answer: https://learn.microsoft.com/rest/api/aiservices/accountmanagement/models/list
 $raw = az cognitiveservices model list --location $region --output json
 if ($LASTEXITCODE -ne 0) { Fail "could not list the models offered in $region (az cognitiveservices model list --location $region)" }
-$offers = @(($raw -join "`n") | ConvertFrom-Json) | Where-Object { $_.kind -eq 'OpenAI' -and $_.model }
+# ForEach-Object unrolls the array whether ConvertFrom-Json emits it whole (5.1) or item by item (7).
+$offers = @(($raw -join "`n") | ConvertFrom-Json | ForEach-Object { $_ } | Where-Object {
+        $_.PSObject.Properties['kind'] -and $_.kind -eq 'OpenAI' -and $_.PSObject.Properties['model'] -and $_.model
+    })
 $now = [DateTimeOffset]::UtcNow
 
 function SkusOf($offer) {
@@ -92,7 +95,10 @@ function SkusOf($offer) {
 
 function ClosingDate($skuEntry) {
     if ($skuEntry.PSObject.Properties['deprecationDate'] -and $skuEntry.deprecationDate) {
-        return [DateTimeOffset]::Parse([string]$skuEntry.deprecationDate, [Globalization.CultureInfo]::InvariantCulture)
+        $value = $skuEntry.deprecationDate
+        # PowerShell 7's ConvertFrom-Json turns ISO 8601 strings into DateTime already.
+        if ($value -is [DateTime]) { return [DateTimeOffset]::new($value.ToUniversalTime()) }
+        return [DateTimeOffset]::Parse([string]$value, [Globalization.CultureInfo]::InvariantCulture)
     }
     return $null
 }
