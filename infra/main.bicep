@@ -7,7 +7,7 @@
 //   ├─ Event Grid system topic on the storage account (subscription: postdeploy hook)
 //   ├─ Log Analytics + Application Insights (Entra ID ingestion only)
 //   ├─ Flex Consumption plan (FC1) + function app (Python 3.11)
-//   └─ Azure OpenAI account + gpt-4o deployment (+ optional fallback), unless an existing endpoint is given
+//   └─ Azure OpenAI account + gpt-5.4-mini deployment (+ optional fallback), unless an existing endpoint is given
 //
 // Plain `resource` declarations only (no registry modules), so it builds without network access.
 targetScope = 'subscription'
@@ -79,15 +79,25 @@ param existingOpenAiEndpoint string = ''
 @description('Resource id of the existing Azure OpenAI account behind existingOpenAiEndpoint; when set, the role assignment is made there (needs permission to assign roles on it).')
 param existingOpenAiResourceId string = ''
 
-@description('Region for a new Azure OpenAI account; default: location. Pick one with gpt-4o quota.')
+@description('Region for a new Azure OpenAI account; default: location. Pick one that offers the model (the preprovision hook checks) and has quota.')
 param openAiLocation string = ''
 
 param openAiSkuName string = 'S0'
 
+// The default model is one a new customer can deploy today. Checked 2026-11-30 against
+// Azure's model retirement schedule (gpt-5.4-mini 2026-03-17: GA, retires 2027-03-18)
+// https://learn.microsoft.com/azure/foundry/openai/concepts/model-retirement-schedule
+// and the Global Standard availability matrix (offered in every listed Global Standard region)
+// https://learn.microsoft.com/azure/foundry/foundry-models/concepts/models-sold-directly-by-azure
+// The former default, gpt-4o 2024-11-20, retired on 2026-10-01. shared/model_catalog.json holds
+// the dates; tests/test_infra.py fails once a default here is past its retirement date there.
+// infra/hooks/preprovision.* check that the region offers the model, version and SKU.
 @description('Deployment name the app calls (VLM_DEPLOYMENT). With an existing endpoint it must already exist there.')
-param openAiDeploymentName string = 'gpt-4o'
-param openAiModelName string = 'gpt-4o'
-param openAiModelVersion string = '2024-11-20'
+param openAiDeploymentName string = 'gpt-5.4-mini'
+@description('Model of that deployment (VLM_MODEL), as `az cognitiveservices model list` names it. With an existing endpoint: the model behind it, or empty to let the app learn it from the first answer.')
+param openAiModelName string = 'gpt-5.4-mini'
+@description('Model version, as `az cognitiveservices model list` shows it.')
+param openAiModelVersion string = '2026-03-17'
 @description('Deployment SKU: GlobalStandard, DataZoneStandard, Standard, ...')
 param openAiDeploymentSkuName string = 'GlobalStandard'
 @minValue(1)
@@ -96,9 +106,10 @@ param openAiDeploymentCapacity int = 30
 
 @description('Use a fallback deployment (VLM_FALLBACK_DEPLOYMENTS), tried when the primary is throttled or down. Created on a new account; with an existing endpoint it must already exist there.')
 param deployFallback bool = false
-param fallbackDeploymentName string = 'gpt-4o-mini'
-param fallbackModelName string = 'gpt-4o-mini'
-param fallbackModelVersion string = '2024-07-18'
+param fallbackDeploymentName string = 'gpt-5.4-nano'
+@description('Model of the fallback deployment; the app learns it as VLM_FALLBACK_DEPLOYMENTS=<deployment>=<model>.')
+param fallbackModelName string = 'gpt-5.4-nano'
+param fallbackModelVersion string = '2026-03-17'
 param fallbackDeploymentSkuName string = 'GlobalStandard'
 @minValue(1)
 param fallbackDeploymentCapacity int = 30
@@ -121,7 +132,8 @@ var eventGridSystemTopicName = '${abbrs.eventGridSystemTopics}${resourceToken}'
 
 var createOpenAi = empty(existingOpenAiEndpoint)
 var userPrincipalId = grantPrincipalDataAccess ? principalId : ''
-var vlmFallbackDeployments = deployFallback ? fallbackDeploymentName : ''
+// `deployment=model` (CONTRACTS C3): the app prices and parameterises the fallback by its model.
+var vlmFallbackDeployments = deployFallback ? (empty(fallbackModelName) ? fallbackDeploymentName : '${fallbackDeploymentName}=${fallbackModelName}') : ''
 
 // An existing account is addressed by its resource id: /subscriptions/S/resourceGroups/G/providers/Microsoft.CognitiveServices/accounts/N
 var existingOpenAiIdParts = split(existingOpenAiResourceId, '/')
@@ -253,6 +265,7 @@ module functionApp 'modules/functionapp.bicep' = {
     maximumInstanceCount: maximumInstanceCount
     vlmEndpoint: vlmEndpoint
     vlmDeployment: openAiDeploymentName
+    vlmModel: openAiModelName
     vlmFallbackDeployments: vlmFallbackDeployments
     vlmRpm: vlmRpm
     vlmTpm: vlmTpm
@@ -300,4 +313,5 @@ output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsN
 output AZURE_OPENAI_ACCOUNT_NAME string = createOpenAi ? openAi.outputs.name : ''
 output VLM_ENDPOINT string = vlmEndpoint
 output VLM_DEPLOYMENT string = openAiDeploymentName
+output VLM_MODEL string = openAiModelName
 output VLM_FALLBACK_DEPLOYMENTS string = vlmFallbackDeployments

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
+from datetime import date
 from functools import cache
 from pathlib import Path
 
@@ -829,3 +832,334 @@ def test_sh_hook_syntax_check_detects_errors(tmp_path: Path):
     broken.write_text(HOOK_SH.read_text().replace("\ndone", "\n", 1))
     result = subprocess.run(["bash", "-n", str(broken)], capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: defaults deployable today (catalog retirement dates), VLM_MODEL, fallback form
+# ---------------------------------------------------------------------------------------------
+
+CATALOG = ROOT / "shared" / "model_catalog.json"
+PARAMETERS = INFRA / "main.parameters.json"
+PREPROVISION_SH = INFRA / "hooks" / "preprovision.sh"
+PREPROVISION_PS1 = INFRA / "hooks" / "preprovision.ps1"
+
+
+def param_default(path: Path, name: str) -> str | None:
+    """The literal default of a string parameter (None when it has none or it is not a plain string)."""
+    for node in parse_file(path).root_node.children:
+        if node.type == "parameter_declaration" and name_of(node) == name:
+            values = [c for c in node.children if c.type == "string"]
+            return string_value(values[-1]) if values else None
+    raise AssertionError(f"{path.name} has no param {name}")
+
+
+def azd_default(name: str) -> str:
+    """The `${VAR=default}` default main.parameters.json gives a main.bicep parameter."""
+    value = json.loads(PARAMETERS.read_text())["parameters"][name]["value"]
+    match = re.fullmatch(r"\$\{([A-Z0-9_]+)=([^}]*)\}", value)
+    assert match, f"main.parameters.json: {name} has no default ({value})"
+    return match.group(2)
+
+
+def catalog_family(catalog: dict, model: str) -> dict | None:
+    """The family whose `match` prefix is the longest prefix of the model name (CONTRACTS C2)."""
+    best, best_len = None, -1
+    for family in catalog["families"]:
+        for prefix in family["match"]:
+            if model.lower().startswith(prefix) and len(prefix) > best_len:
+                best, best_len = family, len(prefix)
+    return best
+
+
+def retirement_problem(catalog: dict, model: str, version: str, today: date) -> str | None:
+    """Why a new deployment of model+version is not safe today per the catalog; None when it is."""
+    family = catalog_family(catalog, model)
+    if family is None:
+        return f"{model} is in no catalog family"
+    entry = family.get("versions", {}).get(version)
+    if entry is None:
+        return f"{model} version {version} is not in the catalog family {family['family']}"
+    retirement = entry.get("retirement")
+    if retirement is None:
+        return f"{model} {version} has no retirement date in the catalog"
+    if date.fromisoformat(retirement) <= today:
+        return f"{model} {version} retired on {retirement}"
+    return None
+
+
+def default_models() -> list[tuple[str, str, str]]:
+    """(label, model, version) of the primary and fallback defaults, from main.bicep."""
+    return [
+        ("primary", param_default(MAIN, "openAiModelName"), param_default(MAIN, "openAiModelVersion")),
+        ("fallback", param_default(MAIN, "fallbackModelName"), param_default(MAIN, "fallbackModelVersion")),
+    ]
+
+
+def test_catalog_has_the_contract_shape():
+    catalog = json.loads(CATALOG.read_text())
+    assert catalog["schema_version"] == 1
+    date.fromisoformat(catalog["checked_on"])
+    for family in catalog["families"]:
+        assert {"family", "match", "image_tokens", "details", "parameters", "price_usd_per_mtok", "versions"} <= set(
+            family
+        ), family["family"]
+        assert family["parameters"] in ("chat", "reasoning"), family["family"]
+        assert all(prefix == prefix.lower() for prefix in family["match"]), family["family"]
+        for version, entry in family["versions"].items():
+            assert entry.get("retirement") is None or date.fromisoformat(entry["retirement"]), (
+                family["family"],
+                version,
+            )
+        if family["family"] != "local-ocr":
+            assert family.get("sources"), f"{family['family']}: no sources"
+
+
+@pytest.mark.parametrize("label", ["primary", "fallback"])
+def test_default_model_version_is_in_the_catalog_and_not_retired(label: str):
+    catalog = json.loads(CATALOG.read_text())
+    ((_, model, version),) = [entry for entry in default_models() if entry[0] == label]
+    assert model and version, f"main.bicep has no literal default {label} model and version"
+    problem = retirement_problem(catalog, model, version, date.today())
+    assert problem is None, f"default {label} model in infra/main.bicep: {problem}; pick one a new customer can deploy"
+
+
+def test_retirement_check_flags_retired_and_missing_versions():
+    """The check above bites: the former default (gpt-4o 2024-11-20) and an unknown version fail it."""
+    catalog = json.loads(CATALOG.read_text())
+    assert "retired on 2026-10-01" in retirement_problem(catalog, "gpt-4o", "2024-11-20", date(2026, 11, 30))
+    assert retirement_problem(catalog, "gpt-4o", "2024-11-20", date(2026, 9, 30)) is None
+    assert "not in the catalog" in retirement_problem(catalog, "gpt-5.4-mini", "1999-01-01", date(2026, 11, 30))
+    assert "no catalog family" in retirement_problem(catalog, "unknown-model", "1", date(2026, 11, 30))
+    # longest prefix wins: gpt-5.4-mini is not priced as gpt-5.4 nor gpt-4o-mini as gpt-4o
+    assert catalog_family(catalog, "gpt-5.4-mini-2026-03-17")["family"] == "gpt-5.4-mini"
+    assert catalog_family(catalog, "gpt-4o-mini")["family"] == "gpt-4o-mini"
+
+
+def test_model_parameters_have_azd_defaults_equal_to_the_bicep_defaults():
+    for param, env_default_param in [
+        ("openAiModelName", "openAiModelName"),
+        ("openAiModelVersion", "openAiModelVersion"),
+        ("openAiDeploymentSkuName", "openAiDeploymentSkuName"),
+        ("fallbackModelName", "fallbackModelName"),
+        ("fallbackModelVersion", "fallbackModelVersion"),
+        ("fallbackDeploymentSkuName", "fallbackDeploymentSkuName"),
+    ]:
+        assert azd_default(env_default_param) == param_default(MAIN, param), param
+    assert "openAiDeploymentCapacity" in params(MAIN) and "fallbackDeploymentCapacity" in params(MAIN)
+
+
+def test_vlm_model_and_fallback_model_are_wired_from_the_parameters():
+    settings = app_settings()
+    assert text(settings["VLM_MODEL"].value) == "vlmModel"
+    assert "VLM_MODEL" in settings_reads(), "shared/settings.py must read VLM_MODEL"
+    app_module = next(b for _, source, b in modules(MAIN) if source.endswith("functionapp.bicep"))
+    assert text(get(app_module, "params.vlmModel")) == "openAiModelName"
+    assert text(get(app_module, "params.vlmFallbackDeployments")) == "vlmFallbackDeployments"
+    fallback = text(variables(MAIN)["vlmFallbackDeployments"])
+    assert "deployFallback" in fallback
+    assert "'${fallbackDeploymentName}=${fallbackModelName}'" in fallback, "fallback must be <deployment>=<model>"
+    openai_module = next(b for _, source, b in modules(MAIN) if source.endswith("openai.bicep"))
+    assert text(get(openai_module, "params.modelName")) == "openAiModelName"
+    assert text(get(openai_module, "params.fallbackModelName")) == "fallbackModelName"
+    assert text(outputs(MAIN)["VLM_MODEL"]) == "openAiModelName"
+
+
+# ---------------------------------------------------------------------------------------------
+# The preprovision hook: offline, with a fake `az` on PATH
+# ---------------------------------------------------------------------------------------------
+
+
+def test_azure_yaml_declares_the_preprovision_hook():
+    config = read_simple_yaml((ROOT / "azure.yaml").read_text())
+    hook = config["hooks"]["preprovision"]
+    assert hook["posix"]["shell"] == "sh"
+    assert hook["windows"]["shell"] == "pwsh"
+    assert (ROOT / hook["posix"]["run"]).resolve() == PREPROVISION_SH
+    assert (ROOT / hook["windows"]["run"]).resolve() == PREPROVISION_PS1
+    assert hook["posix"]["continueOnError"] == "false"
+
+
+@pytest.mark.parametrize("hook", [PREPROVISION_SH, PREPROVISION_PS1], ids=lambda p: p.name)
+def test_preprovision_hooks_default_to_the_parameters_file_defaults(hook: Path):
+    source = hook.read_text()
+    assert "az cognitiveservices model list --location" in source
+    for env, param in [
+        ("AZURE_OPENAI_MODEL", "openAiModelName"),
+        ("AZURE_OPENAI_MODEL_VERSION", "openAiModelVersion"),
+        ("AZURE_OPENAI_DEPLOYMENT_SKU", "openAiDeploymentSkuName"),
+        ("AZURE_OPENAI_FALLBACK_MODEL", "fallbackModelName"),
+        ("AZURE_OPENAI_FALLBACK_MODEL_VERSION", "fallbackModelVersion"),
+        ("AZURE_OPENAI_FALLBACK_SKU", "fallbackDeploymentSkuName"),
+    ]:
+        expected = azd_default(param)
+        if hook.suffix == ".sh":
+            assert f"${{{env}:-{expected}}}" in source, f"{hook.name}: {env} default is not {expected}"
+        else:
+            assert f"Setting '{env}' '{expected}'" in source, f"{hook.name}: {env} default is not {expected}"
+
+
+@pytest.mark.parametrize("shell", ["bash", "sh"])
+def test_preprovision_sh_syntax(shell: str):
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} not installed")
+    result = subprocess.run([shell, "-n", str(PREPROVISION_SH)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+# What `az cognitiveservices model list --location <region>` answers: a JSON array of the REST
+# ListLocationModels items (https://learn.microsoft.com/rest/api/aiservices/accountmanagement/models/list).
+def offered_model(name: str, version: str, *skus: tuple[str, str | None]) -> dict:
+    return {
+        "kind": "OpenAI",
+        "skuName": "S0",
+        "model": {
+            "format": "OpenAI",
+            "name": name,
+            "version": version,
+            "maxCapacity": 1000,
+            "capabilities": {"chatCompletion": "true", "inference": "true"},
+            "deprecation": {"inference": "2027-03-18T00:00:00Z"},
+            "lifecycleStatus": "GenerallyAvailable",
+            "skus": [
+                {
+                    "name": sku,
+                    "usageName": f"OpenAI.{sku}.{name}",
+                    "capacity": {"minimum": 1, "maximum": 1000, "step": 1, "default": 10},
+                    "rateLimits": [{"key": "request", "renewalPeriod": 10, "count": 1}],
+                    **({"deprecationDate": closes} if closes else {}),
+                }
+                for sku, closes in skus
+            ],
+        },
+    }
+
+
+REGION_OFFERS = [
+    offered_model("gpt-5.4-mini", "2026-03-17", ("GlobalStandard", None), ("DataZoneStandard", "2020-01-01T00:00:00Z")),
+    offered_model("gpt-5.4-nano", "2026-03-17", ("GlobalStandard", "2999-01-01T00:00:00Z")),
+    offered_model("gpt-5.5", "2026-04-24", ("GlobalStandard", None), ("Standard", None)),
+    {
+        "kind": "AIServices",
+        "skuName": "S0",
+        "model": {"format": "Microsoft", "name": "gpt-4o", "version": "2024-11-20"},
+    },
+    {"kind": "OpenAI", "skuName": "S0", "model": {"format": "OpenAI", "name": "ada", "version": "1"}},  # no skus
+]
+
+# A stand-in for `az`: applies the hook's --query with jmespath (the library az itself uses) to
+# canned JSON and prints it as `--output tsv` does; logs every call.
+FAKE_AZ = r"""#!{python}
+import json, os, sys
+import jmespath
+args = sys.argv[1:]
+with open(os.environ["FAKE_AZ_LOG"], "a") as log:
+    log.write(json.dumps(args) + "\n")
+if args[:2] == ["account", "show"]:
+    sys.exit(int(os.environ.get("FAKE_AZ_SIGNED_OUT", "0")))
+if args[:2] == ["account", "set"]:
+    sys.exit(0)
+if args[:3] == ["cognitiveservices", "model", "list"]:
+    opts = dict(zip(args[3::2], args[4::2]))
+    data = json.load(open(os.environ["FAKE_AZ_MODELS"]))
+    if "--query" in opts:
+        data = jmespath.search(opts["--query"], data)
+    if opts.get("--output") == "tsv":
+        for row in data or []:
+            row = row if isinstance(row, list) else [row]
+            print("\t".join("" if v is None else str(v) for v in row))
+    else:
+        print(json.dumps(data))
+    sys.exit(0)
+sys.exit(2)
+"""
+
+
+def run_preprovision(tmp_path: Path, env: dict[str, str], offers: list[dict] = REGION_OFFERS):
+    if shutil.which("sh") is None:
+        pytest.skip("sh not installed")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    az = bin_dir / "az"
+    az.write_text(FAKE_AZ.replace("{python}", sys.executable))
+    az.chmod(0o755)
+    azd = bin_dir / "azd"  # a signed-out azd: the hook falls back to the environment it was given
+    azd.write_text("#!/bin/sh\nexit 1\n")
+    azd.chmod(0o755)
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps(offers))
+    log = tmp_path / "az.log"
+    log.write_text("")
+    full_env = {
+        "PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        "HOME": str(tmp_path),
+        "FAKE_AZ_MODELS": str(models),
+        "FAKE_AZ_LOG": str(log),
+        "AZURE_LOCATION": "swedencentral",
+        **env,
+    }
+    result = subprocess.run(["sh", str(PREPROVISION_SH)], capture_output=True, text=True, timeout=60, env=full_env)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    return result, calls
+
+
+def test_preprovision_passes_when_the_region_offers_the_defaults(tmp_path: Path):
+    result, calls = run_preprovision(tmp_path, {"AZURE_OPENAI_DEPLOY_FALLBACK": "true"})
+    assert result.returncode == 0, result.stderr
+    assert "swedencentral offers primary gpt-5.4-mini 2026-03-17 as GlobalStandard" in result.stdout
+    assert "offers fallback gpt-5.4-nano 2026-03-17 as GlobalStandard until 2999-01-01" in result.stdout
+    listed = [c for c in calls if c[:3] == ["cognitiveservices", "model", "list"]]
+    assert listed and listed[0][3:5] == ["--location", "swedencentral"]
+
+
+def test_preprovision_stops_and_lists_offers_when_the_version_is_not_offered(tmp_path: Path):
+    result, _ = run_preprovision(tmp_path, {"AZURE_OPENAI_MODEL": "gpt-4o", "AZURE_OPENAI_MODEL_VERSION": "2024-11-20"})
+    assert result.returncode == 1
+    assert "swedencentral does not offer primary model gpt-4o version 2024-11-20" in result.stderr
+    assert "Models offered in swedencentral as GlobalStandard:" in result.stderr
+    offered = result.stderr.split("as GlobalStandard:\n", 1)[1]
+    assert "gpt-5.4-mini 2026-03-17" in offered and "gpt-5.5 2026-04-24" in offered
+    assert "ada" not in offered and "gpt-4o 2024-11-20" not in offered  # no SKUs / not an OpenAI-kind offer
+    assert "azd env set AZURE_OPENAI_MODEL" in result.stderr
+
+
+def test_preprovision_stops_when_the_sku_is_not_offered_or_closed(tmp_path: Path):
+    result, _ = run_preprovision(tmp_path, {"AZURE_OPENAI_DEPLOYMENT_SKU": "Standard"})
+    assert result.returncode == 1
+    assert "offers primary model gpt-5.4-mini version 2026-03-17, but not as Standard" in result.stderr
+    assert "gpt-5.4-mini 2026-03-17 (GlobalStandard@,DataZoneStandard@2020-01-01T00:00:00Z)" in result.stderr
+    assert "  gpt-5.5 2026-04-24" in result.stderr.split("as Standard:\n", 1)[1]
+
+    (tmp_path / "closed").mkdir()
+    result, _ = run_preprovision(tmp_path / "closed", {"AZURE_OPENAI_DEPLOYMENT_SKU": "DataZoneStandard"})
+    assert result.returncode == 1
+    assert "takes no new DataZoneStandard deployments in swedencentral since 2020-01-01" in result.stderr
+
+
+def test_preprovision_checks_the_fallback_only_when_it_is_deployed(tmp_path: Path):
+    env = {"AZURE_OPENAI_FALLBACK_MODEL": "gpt-4o-mini", "AZURE_OPENAI_FALLBACK_MODEL_VERSION": "2024-07-18"}
+    result, _ = run_preprovision(tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    assert "fallback" not in result.stdout
+    (tmp_path / "with").mkdir()
+    result, _ = run_preprovision(tmp_path / "with", {**env, "AZURE_OPENAI_DEPLOY_FALLBACK": "true"})
+    assert result.returncode == 1
+    assert "does not offer fallback model gpt-4o-mini version 2024-07-18" in result.stderr
+    assert "AZURE_OPENAI_FALLBACK_MODEL_VERSION" in result.stderr
+
+
+def test_preprovision_region_and_existing_endpoint(tmp_path: Path):
+    # AZURE_OPENAI_LOCATION (the account's region) wins over the main region
+    result, calls = run_preprovision(tmp_path, {"AZURE_OPENAI_LOCATION": "eastus2"})
+    assert result.returncode == 0, result.stderr
+    assert [c[3:5] for c in calls if c[:2] == ["cognitiveservices", "model"]] == [["--location", "eastus2"]]
+    # an existing endpoint creates no deployment: nothing to check, az is not called
+    (tmp_path / "existing").mkdir()
+    result, calls = run_preprovision(
+        tmp_path / "existing",
+        {"AZURE_OPENAI_EXISTING_ENDPOINT": "https://x.openai.azure.com", "AZURE_OPENAI_MODEL": "gpt-4o"},
+    )
+    assert result.returncode == 0 and calls == []
+    # az signed out: a clear stop, not a listing of nothing
+    (tmp_path / "signed-out").mkdir()
+    result, _ = run_preprovision(tmp_path / "signed-out", {"FAKE_AZ_SIGNED_OUT": "1"})
+    assert result.returncode == 1 and "az login" in result.stderr

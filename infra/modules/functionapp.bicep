@@ -32,6 +32,8 @@ param maximumInstanceCount int = 40
 
 param vlmEndpoint string
 param vlmDeployment string
+@description('Model behind vlmDeployment (VLM_MODEL); empty: the app learns it from the first answer.')
+param vlmModel string = ''
 @description('Comma list of fallback deployments; empty for none.')
 param vlmFallbackDeployments string = ''
 param vlmRpm int = 0
@@ -78,6 +80,7 @@ var baseAppSettings = {
   // The model: Entra ID (no VLM_API_KEY); AZURE_CLIENT_ID selects the user-assigned identity.
   VLM_ENDPOINT: vlmEndpoint
   VLM_DEPLOYMENT: vlmDeployment
+  VLM_MODEL: vlmModel
   VLM_RPM: string(vlmRpm)
   VLM_TPM: string(vlmTpm)
   AZURE_CLIENT_ID: identityClientId
