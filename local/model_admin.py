@@ -44,3 +44,7 @@ class ModelAdmin:
 
     def config(self, **body: Any) -> None:
         self.call("/admin/config", body)
+
+    def model(self, **body: Any) -> dict[str, Any]:
+        """Change the model the server plays (model_name, reasoning, image_tokens, deployments, ...)."""
+        return self.call("/admin/model", body)["model"]

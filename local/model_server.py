@@ -7,13 +7,19 @@ model client, limiter, structured outputs and resilience run against a real HTTP
   `/openai/deployments/{deployment}/chat/completions` (the classic AzureOpenAI client path).
 - Answers come from RapidOCR and measured image facts and are labelled `local-ocr-rapidocr`, so
   nobody mistakes them for GPT-4o (see local/ocr_answers.py). `--mode facts` skips OCR.
-- Usage is the project's own formula (shared.tokens): text estimate of every text part plus
-  image_tokens() per image at its decoded size and effective detail.
+- Usage: the project's text estimate (shared.tokens) of every text part plus the stand-in's own image
+  count (local/model_tokens.py, `--image-tokens tile:85:170` by default, `patch:1.9` for a patch model)
+  per image at its decoded size and effective detail.
+- It plays a model (local/model_behaviour.py): `--model-name` is the `model` it answers with;
+  `--reasoning` takes reasoning-model parameters and reports reasoning tokens (local/model_params.py);
+  `--deployments a,b` makes other deployment names 404 DeploymentNotFound. Settable at run time
+  through /admin/model.
 - RPM/TPM quota per deployment like Azure (local/model_quota.py), latency, and injected faults
   (local/model_faults.py), all settable at start and at run time through /admin endpoints.
 
 Run: `python -m local.model_server --host 127.0.0.1 --port 8089 [--mode ocr|facts] [--rpm N]
-[--tpm N] [--window-s 60] [--latency-ms N] [--faults SPEC] [--no-json-schema] [--seed N]`.
+[--tpm N] [--window-s 60] [--latency-ms N] [--faults SPEC] [--no-json-schema] [--seed N]
+[--model-name NAME] [--reasoning] [--image-tokens SPEC] [--deployments a,b]`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Any
 
 from aiohttp import web
 
+from local.model_behaviour import DEPLOYMENT_NOT_FOUND, ModelBehaviour, parse_deployments
 from local.model_faults import (
     EARLY_FAULTS,
     REFUSAL_TEXT,
@@ -50,10 +57,20 @@ from local.model_faults import (
     server_error_body,
     throttled_body,
 )
+from local.model_params import (
+    DEFAULT_EFFORT,
+    DEFAULT_EFFORTS,
+    ParamError,
+    check_params,
+    parse_efforts,
+    parse_reasoning_tokens,
+    spend,
+)
 from local.model_quota import Quota, QuotaDecision, QuotaLimits
+from local.model_tokens import DEFAULT_SPEC, ImageTokenSpecError, parse_image_tokens
 from local.ocr_answers import Analysis, SchemaError, json_object_answer, resolve_ref, schema_answer, text_answer
 from local.ocr_engine import DecodedImage, ImageDecodeError, ImageHeader, OcrEngine, decode, read_header, resolve_detail
-from shared.tokens import CHARS_PER_TOKEN, image_tokens, prompt_tokens, text_tokens
+from shared.tokens import CHARS_PER_TOKEN, prompt_tokens, text_tokens
 
 log = logging.getLogger("local.model_server")
 
@@ -87,6 +104,13 @@ class ModelServerConfig:
     default_max_tokens: int = 1000  # charged against TPM when a request sets no max_tokens
     max_output_tokens: int = 16384  # answer cap when a request sets no max_tokens
     model_name: str = MODEL_NAME
+    # the model it plays (local/model_behaviour.py); /admin/model changes these at run time
+    reasoning: bool = False
+    reasoning_efforts: tuple[str, ...] = DEFAULT_EFFORTS
+    default_reasoning_effort: str = DEFAULT_EFFORT
+    reasoning_tokens: str = ""  # per-effort overrides, e.g. "low:64,high:2000"
+    image_tokens: str = DEFAULT_SPEC
+    deployments: tuple[str, ...] = ()  # empty: any deployment name exists
     max_image_bytes: int = 20 * 1024 * 1024
     max_images: int = 50
     clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
@@ -126,6 +150,7 @@ class ChatRequest:
     images: list[ImagePart]
     response_format: ResponseFormat
     max_tokens: int | None
+    reasoning_effort: str | None = None  # effective effort in reasoning mode
 
     def prompt_tokens(self) -> int:
         return prompt_tokens(self.texts, messages=self.messages) + sum(i.tokens for i in self.images)
@@ -258,8 +283,10 @@ def parse_chat_request(
     config: ModelServerConfig,
     deployment: str | None = None,
     api_version: str | None = None,
+    behaviour: ModelBehaviour | None = None,
 ) -> ChatRequest:
     """Validate an OpenAI chat completions body; every problem is a RequestError naming the parameter."""
+    behaviour = behaviour or behaviour_from(config)
     if not isinstance(body, dict):
         raise RequestError("Invalid request body: expected a JSON object.", None, None)
     model = body.get("model", deployment)
@@ -345,7 +372,7 @@ def parse_chat_request(
                         "invalid_image_format",
                     ) from exc
                 eff = resolve_detail(detail, header.width, header.height)
-                tokens = image_tokens(header.width, header.height, eff, config.model_name)
+                tokens = behaviour.image_rule.count(header.width, header.height, eff)
                 images.append(ImagePart(data, detail, header, eff, tokens))
             else:
                 raise RequestError(
@@ -357,13 +384,16 @@ def parse_chat_request(
         raise RequestError(
             f"Too many images: {len(images)}, at most {config.max_images}.", "messages", "too_many_images"
         )
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise RequestError(
-            f"Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, but got {max_tokens} instead.",
-            "max_tokens",
-            "integer_below_min_value",
+    try:
+        params = check_params(
+            body,
+            reasoning=behaviour.reasoning,
+            efforts=behaviour.efforts,
+            default_effort=behaviour.default_effort,
+            model_name=behaviour.model_name,
         )
+    except ParamError as exc:
+        raise RequestError(exc.message, exc.param, exc.code) from exc
     rf = _response_format(body, config.json_schema, api_version)
     if rf.kind == "json_object" and not any("json" in t.lower() for t in texts):
         raise RequestError(
@@ -371,7 +401,43 @@ def parse_chat_request(
             "messages",
             None,
         )
-    return ChatRequest(model, len(messages), texts, "\n".join(texts), images, rf, max_tokens)
+    return ChatRequest(
+        model, len(messages), texts, "\n".join(texts), images, rf, params.max_tokens, params.reasoning_effort
+    )
+
+
+def behaviour_from(config: ModelServerConfig) -> ModelBehaviour:
+    """The model a config describes (validated: a bad spec is a ValueError at start, not a 500 later)."""
+    try:
+        rule = parse_image_tokens(config.image_tokens)
+    except ImageTokenSpecError as exc:
+        raise ValueError(str(exc)) from exc
+    b = ModelBehaviour(
+        model_name=config.model_name,
+        reasoning=config.reasoning,
+        efforts=parse_efforts(config.reasoning_efforts),
+        default_effort=config.default_reasoning_effort,
+        reasoning_tokens=parse_reasoning_tokens(config.reasoning_tokens),
+        image_rule=rule,
+        deployments=parse_deployments(config.deployments),
+    )
+    return b.updated({})  # checks the default effort is one the model takes
+
+
+def usage_body(prompt: int, completion: int, reasoning: int) -> dict[str, Any]:
+    """`usage` as today's models report it: reasoning tokens are inside completion_tokens (billed as output)."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": reasoning,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
 
 
 # ------------------------------------------------------------------------------------- server
@@ -385,6 +451,7 @@ class Stats:
     by_model: Counter[str] = field(default_factory=Counter)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0
 
     def as_json(self, faults: Counter[str]) -> dict[str, Any]:
         return {
@@ -394,6 +461,7 @@ class Stats:
             "by_model": dict(self.by_model),
             "faults_injected": dict(faults),
             "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
+            "reasoning_tokens": self.reasoning_tokens,  # already inside tokens.completion
         }
 
 
@@ -404,6 +472,7 @@ class ModelServer:
         if config.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {config.mode!r}")
         self.config = config
+        self.behaviour = self.start_behaviour = behaviour_from(config)
         self.ocr = ocr or OcrEngine()
         self.owns_ocr = ocr is None
         self.quota = Quota(QuotaLimits(config.rpm, config.tpm, config.window_s, config.quota_model), config.clock)
@@ -534,7 +603,11 @@ class ModelServer:
                     None,
                     None,
                 ) from exc
-            req = parse_chat_request(body, c, request.match_info.get("deployment"), request.query.get("api-version"))
+            deployment = request.match_info.get("deployment")
+            named = deployment if deployment is not None else body.get("model") if isinstance(body, dict) else None
+            if isinstance(named, str) and not self.behaviour.knows(named):
+                return self._json(404, DEPLOYMENT_NOT_FOUND)  # Azure routes by deployment before reading the body
+            req = parse_chat_request(body, c, deployment, request.query.get("api-version"), self.behaviour)
         except RequestError as e:
             return self._request_error(e)
         self.stats.by_model[req.model] += 1
@@ -556,10 +629,10 @@ class ModelServer:
             return self._request_error(e)
         except SchemaError as e:
             return self._request_error(RequestError(f"Invalid schema for response_format: {e}", "response_format"))
-        finish = "stop"
         limit = req.max_tokens or c.max_output_tokens
-        if text_tokens(content) > limit:
-            content, finish = content[: limit * CHARS_PER_TOKEN], "length"
+        thought = self.behaviour.reasoning_tokens.get(req.reasoning_effort, 0) if req.reasoning_effort else 0
+        spent = spend(content, text_tokens(content), thought, limit, CHARS_PER_TOKEN)
+        content, finish = spent.content, spent.finish_reason
         message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
         choice_filter = filter_results()
         if fault == "finish_length":
@@ -573,13 +646,12 @@ class ModelServer:
         elif fault == "bad_output":
             message["content"] = self._bad_output(req, value)
         out_text = message["content"] or message["refusal"] or ""
-        usage = {"prompt_tokens": p_tokens, "completion_tokens": text_tokens(out_text), "total_tokens": 0}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        usage = usage_body(p_tokens, spent.reasoning_tokens + text_tokens(out_text), spent.reasoning_tokens)
         body = {
             "id": f"chatcmpl-local-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": c.model_name,
+            "model": self.behaviour.model_name,
             "system_fingerprint": "fp_local_ocr",
             "choices": [
                 {
@@ -596,6 +668,7 @@ class ModelServer:
         self.stats.completed += 1
         self.stats.prompt_tokens += usage["prompt_tokens"]
         self.stats.completion_tokens += usage["completion_tokens"]
+        self.stats.reasoning_tokens += spent.reasoning_tokens
         headers = self.quota.peek(req.model).headers()
         if fault == "invalid_json":
             text = json.dumps(body, ensure_ascii=False)
@@ -745,7 +818,19 @@ class ModelServer:
         )
         return web.json_response({"config": self.config_state()})
 
+    async def admin_model(self, request: web.Request) -> web.Response:
+        """GET or change the model the server plays (local/model_behaviour.py); fields not named stay."""
+        if request.method == "POST":
+            try:
+                self.behaviour = self.behaviour.updated(await self._admin_body(request))
+            except (RequestError, TypeError, ValueError) as exc:
+                return web.json_response(error_body(str(exc), "invalid_request_error"), status=400)
+            self.config.model_name = self.behaviour.model_name  # the OCR view size follows the model name
+        return web.json_response({"model": self.behaviour.state()})
+
     async def admin_reset(self, request: web.Request) -> web.Response:
+        self.behaviour = self.start_behaviour
+        self.config.model_name = self.behaviour.model_name
         self.stats = Stats()
         self.faults.injected.clear()
         self.faults.configure(self._fault_settings({}))
@@ -794,6 +879,8 @@ def build_app(config: ModelServerConfig | None = None, *, ocr: OcrEngine | None 
         app.router.add_get(path, handler)
         app.router.add_post(path, handler)
     app.router.add_post("/admin/reset", server.admin_reset)
+    app.router.add_get("/admin/model", server.admin_model)
+    app.router.add_post("/admin/model", server.admin_model)
 
     async def preload(app: web.Application) -> None:
         if config.mode == "ocr":  # load in the background: the port opens at once, the first OCR waits
@@ -836,6 +923,20 @@ def parse_args(argv: list[str] | None = None) -> ModelServerConfig:
     )
     p.add_argument("--seed", type=int, default=None, help="seed for fault rates and latency jitter")
     p.add_argument("--default-max-tokens", type=int, default=1000, help="TPM charge when a request sets no max_tokens")
+    p.add_argument("--model-name", default=MODEL_NAME, help="the `model` it answers with, e.g. gpt-5.4-mini-2026-03-17")
+    p.add_argument(
+        "--reasoning",
+        action="store_true",
+        help="reasoning-model parameters: refuse max_tokens and temperature, take max_completion_tokens and "
+        "reasoning_effort, report reasoning tokens",
+    )
+    p.add_argument("--reasoning-efforts", default=",".join(DEFAULT_EFFORTS), help="reasoning_effort values taken")
+    p.add_argument("--default-reasoning-effort", default=DEFAULT_EFFORT, help="effort when a request names none")
+    p.add_argument("--reasoning-tokens", default="", help='reasoning tokens per effort, e.g. "low:64,high:2000"')
+    p.add_argument(
+        "--image-tokens", default=DEFAULT_SPEC, help="image token formula: tile:BASE:PER_TILE[:PX] or patch:MULT[:CAP]"
+    )
+    p.add_argument("--deployments", default="", help="known deployment names (others: 404 DeploymentNotFound)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -844,7 +945,7 @@ def parse_args(argv: list[str] | None = None) -> ModelServerConfig:
         script = parse_script(a.fault_script)
     except FaultSpecError as exc:
         p.error(str(exc))
-    return ModelServerConfig(
+    config = ModelServerConfig(
         host=a.host,
         port=a.port,
         mode=a.mode,
@@ -862,7 +963,19 @@ def parse_args(argv: list[str] | None = None) -> ModelServerConfig:
         json_schema=not a.no_json_schema,
         seed=a.seed,
         default_max_tokens=a.default_max_tokens,
+        model_name=a.model_name,
+        reasoning=a.reasoning,
+        reasoning_efforts=tuple(a.reasoning_efforts.split(",")),
+        default_reasoning_effort=a.default_reasoning_effort,
+        reasoning_tokens=a.reasoning_tokens,
+        image_tokens=a.image_tokens,
+        deployments=parse_deployments(a.deployments),
     )
+    try:
+        behaviour_from(config)
+    except ValueError as exc:
+        p.error(str(exc))
+    return config
 
 
 def main(argv: list[str] | None = None) -> None:

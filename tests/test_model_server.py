@@ -800,3 +800,292 @@ def test_a_short_window_admits_the_rate_scaled_to_it():
     assert q.try_acquire("m", 20_000).reason == "too_large"  # more than one 10 s window holds
     now[0] += 10
     assert q.try_acquire("m", 1000).allowed
+
+
+# ------------------------------------------------------------------ the model it plays (issue 11)
+# Reasoning parameters and tokens, a dated model name, its own image-token formula, known deployments.
+
+DATED = "gpt-5.4-mini-2026-03-17"
+
+
+async def _raw(base: str, body: dict[str, Any], path: str = "/v1/chat/completions") -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s, s.post(base + path, json=body) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_reasoning_mode_refuses_chat_parameters_with_azures_bodies(base: str, admin: Any, tiny: bytes) -> None:
+    await admin("/admin/config", {"mode": "facts"})
+    await admin("/admin/model", {"reasoning": True, "model_name": DATED})
+    msgs = user("x", (tiny, "low"))
+    cases = [
+        (
+            {"max_tokens": 50},
+            "max_tokens",
+            "unsupported_parameter",
+            "Unsupported parameter: 'max_tokens' is not supported with this model. "
+            "Use 'max_completion_tokens' instead.",
+        ),
+        (
+            {"max_completion_tokens": 50, "temperature": 0},
+            "temperature",
+            "unsupported_value",
+            "Unsupported value: 'temperature' does not support 0 with this model. "
+            "Only the default (1) value is supported.",
+        ),
+        (
+            {"reasoning_effort": "minimal"},
+            "reasoning_effort",
+            "unsupported_value",
+            "Unsupported value: 'minimal' is not supported with the 'gpt-5.4-mini' model. "
+            "Supported values are: 'none', 'low', 'medium', and 'high'.",
+        ),
+        (
+            {"reasoning_effort": "max"},
+            "reasoning_effort",
+            "invalid_value",
+            "Invalid value: 'max'. Supported values are: 'none', 'minimal', 'low', 'medium', 'high', and 'xhigh'.",
+        ),
+    ]
+    for extra, param, code, message in cases:
+        status, body = await _raw(base, {"model": "vision", "messages": msgs, **extra})
+        assert status == 400, extra
+        assert body == {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}, (
+            extra
+        )
+    # the same request in the reasoning style is answered; temperature 1 (the default) is accepted
+    ok = {"model": "vision", "messages": msgs, "max_completion_tokens": 500, "temperature": 1}
+    status, body = await _raw(base, {**ok, "reasoning_effort": "low"})
+    assert status == 200 and body["model"] == DATED, body
+    # the openai SDK sees the refusal as a BadRequestError carrying the code the service adapts on
+    c = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+    try:
+        with pytest.raises(openai.BadRequestError) as err:
+            await c.chat.completions.create(model="vision", messages=msgs, max_tokens=10, temperature=0)
+        assert err.value.code == "unsupported_parameter" and err.value.param == "max_tokens"
+    finally:
+        await c.close()
+    # a chat model refuses reasoning_effort, and takes max_tokens and temperature as before
+    await admin("/admin/model", {"reasoning": False})
+    status, body = await _raw(base, {"model": "vision", "messages": msgs, "reasoning_effort": "low"})
+    assert (status, body["error"]["param"], body["error"]["code"]) == (
+        400,
+        "reasoning_effort",
+        "unsupported_parameter",
+    )
+    status, body = await _raw(base, {"model": "vision", "messages": msgs, "max_tokens": 50, "temperature": 0})
+    assert status == 200 and body["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    stats = await admin("/stats", method="GET")
+    assert stats["by_status"] == {"400": len(cases) + 2, "200": 2} and stats["completed"] == 2
+
+
+async def test_reasoning_tokens_grow_with_effort_and_spend_the_completion_budget(
+    base: str, admin: Any, tiny: bytes
+) -> None:
+    await admin("/admin/config", {"mode": "facts"})
+    await admin("/admin/model", {"reasoning": True, "model_name": DATED, "reasoning_tokens": {"low": 40, "high": 400}})
+    msgs = user("Describe this image.", (tiny, "low"))
+    c = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+    try:
+        answers = {}
+        for effort in ("low", "medium", "high"):
+            answers[effort] = await c.chat.completions.create(
+                model="vision", messages=msgs, max_completion_tokens=2000, reasoning_effort=effort
+            )
+        low, medium, high = (answers[e] for e in ("low", "medium", "high"))
+        reasoning = [a.usage.completion_tokens_details.reasoning_tokens for a in (low, medium, high)]
+        assert reasoning == [40, 256, 400]  # 256: the built-in medium, not overridden
+        visible = text_tokens(low.choices[0].message.content or "")
+        assert visible > 0 and all(
+            a.choices[0].message.content == low.choices[0].message.content for a in answers.values()
+        )
+        for a, r in zip((low, medium, high), reasoning, strict=True):
+            assert a.model == DATED and a.choices[0].finish_reason == "stop"
+            assert a.usage.completion_tokens == r + visible  # reasoning is billed inside completion_tokens
+            assert a.usage.total_tokens == a.usage.prompt_tokens + a.usage.completion_tokens
+            assert a.usage.prompt_tokens_details.cached_tokens == 0
+        # a request that names no effort gets the model's default (medium)
+        d = await c.chat.completions.create(model="vision", messages=msgs, max_completion_tokens=2000)
+        assert d.usage.completion_tokens_details.reasoning_tokens == 256
+        # reasoning that uses the whole budget leaves an empty answer cut off by length
+        cut = await c.chat.completions.create(
+            model="vision", messages=msgs, max_completion_tokens=400, reasoning_effort="high"
+        )
+        assert cut.choices[0].message.content == "" and cut.choices[0].finish_reason == "length"
+        assert cut.usage.completion_tokens == 400 and cut.usage.completion_tokens_details.reasoning_tokens == 400
+        # reasoning that leaves less than the answer needs: the answer is cut at what is left
+        part = await c.chat.completions.create(
+            model="vision", messages=msgs, max_completion_tokens=40 + visible - 1, reasoning_effort="low"
+        )
+        assert part.choices[0].finish_reason == "length"
+        assert part.usage.completion_tokens <= 40 + visible - 1
+        assert 0 < len(part.choices[0].message.content or "") < len(low.choices[0].message.content or "")
+        # effort none thinks not at all
+        none = await c.chat.completions.create(
+            model="vision", messages=msgs, max_completion_tokens=2000, reasoning_effort="none"
+        )
+        assert none.usage.completion_tokens_details.reasoning_tokens == 0 and none.usage.completion_tokens == visible
+    finally:
+        await c.close()
+    stats = await admin("/stats", method="GET")
+    assert stats["reasoning_tokens"] == 40 + 256 + 400 + 256 + 400 + 40
+
+
+async def test_quota_charges_prompt_plus_max_completion_tokens(base: str, admin: Any, tiny: bytes) -> None:
+    await admin("/admin/config", {"mode": "facts"})
+    await admin("/admin/model", {"reasoning": True})
+    await admin("/admin/quota", {"tpm": 100_000, "window_s": 60})
+    c = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+    try:
+        raw = await c.chat.completions.with_raw_response.create(
+            model="vision", messages=user("x", (tiny, "low")), max_completion_tokens=3000, reasoning_effort="low"
+        )
+    finally:
+        await c.close()
+    r = raw.parse()
+    assert r.usage is not None and r.usage.completion_tokens < 3000
+    # charged at admission with the budget it asked for, not what it used (reasoning included)
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) == 100_000 - r.usage.prompt_tokens - 3000
+
+
+async def test_image_tokens_follow_the_spec_not_the_model_name(base: str, admin: Any, oyo: bytes, tiny: bytes) -> None:
+    """The stand-in counts with its own formula: a patch model under a name the catalog does not know."""
+    await admin("/admin/config", {"mode": "facts"})
+    text = prompt_tokens(["x"], messages=1)
+
+    async def prompt(data: bytes, detail: str) -> int:
+        status, body = await _raw(base, {"model": "m", "messages": user("x", (data, detail))})
+        assert status == 200, body
+        return body["usage"]["prompt_tokens"] - text
+
+    # default: tiles of 85 + 170 each, as before (oyo 724x1024 high: 2x2 tiles after the 768 short side)
+    assert await prompt(oyo, "high") == 85 + 4 * 170 and await prompt(tiny, "low") == 85
+    await admin("/admin/model", {"model_name": "acme-vision-2027-01-01", "image_tokens": "patch:1.9"})
+    assert await prompt(oyo, "high") == 1399  # ceil(23 x 32 patches x 1.9); detail does not matter
+    assert await prompt(oyo, "low") == 1399
+    assert await prompt(tiny, "low") == 8  # 2 x 2 patches x 1.9 = 7.6
+    await admin("/admin/model", {"image_tokens": "patch:1:100"})
+    assert await prompt(oyo, "high") == 88  # shrunk to 8 x 11 patches to fit the cap of 100
+    await admin("/admin/model", {"image_tokens": "tile:100:200"})
+    assert await prompt(oyo, "high") == 100 + 4 * 200 and await prompt(tiny, "low") == 100
+    # the model name alone changes nothing: gpt-4.1-mini is a patch model in shared.tokens, not here
+    await admin("/admin/model", {"model_name": "gpt-4.1-mini-2025-04-14", "image_tokens": "tile:85:170"})
+    assert family_for("gpt-4.1-mini").kind == "patch"
+    assert await prompt(oyo, "high") == 85 + 4 * 170
+
+
+async def test_unknown_deployments_get_azures_404(base: str, admin: Any, tiny: bytes) -> None:
+    await admin("/admin/config", {"mode": "facts"})
+    await admin("/admin/model", {"deployments": "vision,backup"})
+    body = {"messages": user("x", (tiny, "low"))}
+    not_found = {
+        "error": {
+            "code": "DeploymentNotFound",
+            "message": "The API deployment for this resource does not exist. If you created the deployment within "
+            "the last 5 minutes, please wait a moment and try again.",
+        }
+    }
+    assert await _raw(base, {"model": "gpt-4o", **body}) == (404, not_found)
+    assert await _raw(base, body, "/openai/deployments/retired/chat/completions?api-version=2024-10-21") == (
+        404,
+        not_found,
+    )
+    # Azure routes by deployment first: a broken body for a missing deployment is still a 404
+    assert await _raw(base, {"model": "gone", "messages": []}) == (404, not_found)
+    status, ok = await _raw(base, body, "/openai/deployments/backup/chat/completions?api-version=2024-10-21")
+    assert status == 200 and ok["model"] == "local-ocr-rapidocr"
+    c = openai.AsyncOpenAI(base_url=f"{base}/openai/v1", api_key="x", max_retries=0)
+    try:
+        with pytest.raises(openai.NotFoundError) as err:
+            await c.chat.completions.create(model="gpt-4o", messages=user("x", (tiny, "low")))
+        assert err.value.code == "DeploymentNotFound"
+        assert (await c.chat.completions.create(model="vision", messages=user("x", (tiny, "low")))).choices
+    finally:
+        await c.close()
+    stats = await admin("/stats", method="GET")
+    assert stats["by_status"] == {"404": 4, "200": 2} and stats["completed"] == 2
+
+
+async def test_admin_model_validates_and_reset_restores_the_start(base: str, admin: Any) -> None:
+    start = (await admin("/admin/model", method="GET"))["model"]
+    assert start["model_name"] == "local-ocr-rapidocr" and start["reasoning"] is False
+    assert start["image_tokens"] == "tile:85:170:512" and start["deployments"] == []
+    async with aiohttp.ClientSession() as s:
+        for bad in (
+            {"image_tokens": "hex:3"},
+            {"image_tokens": "patch:-1"},
+            {"reasoning": "yes"},
+            {"reasoning_efforts": ["low", "turbo"]},
+            {"default_reasoning_effort": "xhigh"},  # not among the efforts this model takes
+            {"reasoning_tokens": {"low": -1}},
+            {"model_name": ""},
+            {"deployments": [1, 2]},
+            {"temperature": 0},
+        ):
+            async with s.post(base + "/admin/model", json=bad) as resp:
+                assert resp.status == 400, bad
+                assert (await resp.json())["error"]["message"]
+    assert (await admin("/admin/model", method="GET"))["model"] == start  # nothing half-applied
+    changed = await admin(
+        "/admin/model",
+        {
+            "model_name": DATED,
+            "reasoning": True,
+            "reasoning_efforts": "low,high,xhigh",
+            "default_reasoning_effort": "low",
+        },
+    )
+    assert changed["model"]["reasoning_efforts"] == ["low", "high", "xhigh"]
+    assert (await admin("/health", method="GET"))["model"] == DATED
+    await admin("/admin/reset")
+    assert (await admin("/admin/model", method="GET"))["model"] == start
+
+
+def test_spend_puts_reasoning_first() -> None:
+    from local.model_params import Completion, spend
+
+    assert spend("abcdefgh", 2, 10, 100, 4) == Completion("abcdefgh", 12, 10, "stop")
+    assert spend("abcdefgh", 2, 100, 100, 4) == Completion("", 100, 100, "length")
+    assert spend("abcdefgh", 2, 150, 100, 4) == Completion("", 100, 100, "length")
+    assert spend("abcdefgh", 2, 99, 100, 4) == Completion("abcd", 100, 99, "length")
+
+
+async def test_cli_plays_a_reasoning_model_behind_named_deployments(tiny: bytes) -> None:
+    port = _free_port()
+    args = [sys.executable, "-m", "local.model_server", "--port", str(port), "--mode", "facts"]
+    args += ["--model-name", DATED, "--reasoning", "--image-tokens", "patch:1.9", "--deployments", "vision"]
+    args += ["--reasoning-tokens", "low:32"]
+    proc = await asyncio.create_subprocess_exec(*args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(200):
+                try:
+                    async with s.get(base + "/admin/model") as resp:
+                        model = (await resp.json())["model"]
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("server did not start")
+        assert (model["model_name"], model["reasoning"], model["image_tokens"], model["deployments"]) == (
+            DATED,
+            True,
+            "patch:1.9:1536",
+            ["vision"],
+        )
+        body = {"model": "vision", "messages": user("x", (tiny, "low")), "reasoning_effort": "low"}
+        status, answer = await _raw(base, body)
+        assert status == 200 and answer["model"] == DATED
+        assert answer["usage"]["completion_tokens_details"]["reasoning_tokens"] == 32
+        assert answer["usage"]["prompt_tokens"] == prompt_tokens(["x"], messages=1) + 8
+        assert (await _raw(base, {**body, "model": "other"}))[0] == 404
+        assert (await _raw(base, {**body, "max_tokens": 10}))[0] == 400
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
+    bad = await asyncio.create_subprocess_exec(
+        *args[:5], "--image-tokens", "hex:3", cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(bad.communicate(), 30)
+    assert bad.returncode == 2 and b"image tokens spec" in err
