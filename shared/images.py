@@ -506,8 +506,11 @@ def _precheck(job: _Job, width: int, height: int) -> None:
     """`_plan`'s refusals before decoding, when EXIF orientation is not known yet: refuse only if both ways fail."""
     try:
         _plan(job, width, height)
-    except VlmError:
-        _plan(job, height, width)
+    except VlmError as err:
+        try:
+            _plan(job, height, width)
+        except VlmError:
+            raise err from None
 
 
 def _sends(plan: _Plan) -> int:
