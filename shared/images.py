@@ -363,7 +363,7 @@ def parse_pages(spec: str, count: int) -> list[int]:
         if last > count:
             raise InvalidRequest(
                 f"pages={_quote(spec)} asks for page {last}, but the input has {count} page(s)",
-                details={"pages": _quote(spec), "page_count": count},
+                details={"pages": _clip(spec), "page_count": count},
             )
         chosen.update(range(first, last + 1))
     return sorted(chosen)
@@ -386,13 +386,17 @@ def _page_ranges(spec: str) -> list[tuple[int, int]]:
             return ranges
     raise InvalidRequest(
         f"pages must be 1-based page numbers and ranges like '1-3,5', got {_quote(spec)}",
-        details={"pages": _quote(spec)},
+        details={"pages": _clip(spec)},
     )
 
 
-def _quote(spec: str, limit: int = 40) -> str:
-    """The caller's text as it may appear in an error: quoted and cut short (never echoed unbounded)."""
-    return repr(spec if len(spec) <= limit else spec[:limit] + "...")
+def _clip(spec: str, limit: int = 40) -> str:
+    """The caller's text as it may appear in an error: cut short (never echoed unbounded)."""
+    return spec if len(spec) <= limit else spec[:limit] + "..."
+
+
+def _quote(spec: str) -> str:
+    return repr(_clip(spec))
 
 
 def _select(count: int, pages: str | None, expand: bool, limits: ImageLimits, what: str) -> list[int]:
@@ -411,7 +415,7 @@ def _select(count: int, pages: str | None, expand: bool, limits: ImageLimits, wh
     elif len(chosen) > limits.max_pages:
         raise InvalidRequest(
             f"pages={_quote(pages)} selects {len(chosen)} pages; at most {limits.max_pages} can be sent in one request",
-            details={"pages": _quote(pages), "selected": len(chosen), "max_pages": limits.max_pages},
+            details={"pages": _clip(pages), "selected": len(chosen), "max_pages": limits.max_pages},
         )
     return [p - 1 for p in chosen]
 

@@ -318,7 +318,7 @@ def test_decoder_and_pdfium_text_never_reaches_the_caller() -> None:
             assert leak not in text, (data[:8], text)
     with pytest.raises(InvalidRequest) as err:
         prepare(broken_png, pages="1," + "9" * 100_000)
-    assert len(err.value.message) < 200
+    assert len(err.value.message) < 200 and len(err.value.details["pages"]) < 50
 
 
 # ------------------------------------------------------------------ bounded concurrent prepares
@@ -416,3 +416,15 @@ def test_ocr_input_is_padded_to_a_bounded_aspect() -> None:
         assert out.crop((0, 0, *size)).getextrema() == ((0, 0), (0, 0), (0, 0))  # the view is unchanged, top-left
     view = Image.new("RGB", (800, 600))
     assert ocr_canvas(view) is view
+
+
+def test_ocr_reads_a_view_one_pixel_high_without_blowing_up() -> None:
+    """RapidOCR alone would scale a 2048x1 view to 61440x7680 on the way in (~23 GB): padded, it is tiny."""
+    from local.ocr_engine import OcrEngine
+
+    engine = OcrEngine()
+    try:
+        for size in ((2048, 1), (1, 2048), (512, 2)):
+            assert engine.read_sync(Image.new("RGB", size, (255, 255, 255))) == []
+    finally:
+        engine.close()
