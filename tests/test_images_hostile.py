@@ -428,3 +428,37 @@ def test_ocr_reads_a_view_one_pixel_high_without_blowing_up() -> None:
             assert engine.read_sync(Image.new("RGB", size, (255, 255, 255))) == []
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------------- over HTTP, in-process
+
+
+def _hostile_uploads() -> dict[str, tuple[bytes, dict[str, str]]]:
+    return {
+        "huge-canvas gif, seek to frame 900": (gif_canvas(5000, 5000, 900), {"task": "describe", "pages": "900"}),
+        "gif with 3000 frames": (gif_canvas(5000, 5000, 3000), {"task": "ocr"}),
+        "tiff with 170k pages": (tiff_chain(170_000), {"task": "ocr"}),
+        "pdf page 2^31 pt tall, strips": (pdf_with_mediabox(612, 2147483647), {"task": "ocr", "strips": "true"}),
+        "20000x2 png": (png(Image.new("L", (20000, 2), 255)), {"task": "describe"}),
+        "7071^2 16-bit png": (png_16bit_grey(7071, 7071), {"task": "describe"}),
+        "broken png": (png(Image.new("RGB", (50, 50)))[:-40] + b"\x00" * 40, {"task": "describe"}),
+    }
+
+
+async def test_hostile_uploads_over_http_are_4xx_json_errors_without_a_model_call() -> None:
+    from shared.http_api import HttpInput, handle_analyze
+    from tests.fakes import ScriptedModel
+    from tests.test_pipeline import deps_with, router
+
+    scripted = ScriptedModel()
+    deps = deps_with(router(scripted))
+    for name, (data, params) in _hostile_uploads().items():
+        request = HttpInput("POST", {"content-type": "application/octet-stream"}, params, data)
+        out = await handle_analyze(request, deps)
+        assert 400 <= out.status < 500, (name, out.status, out.body)
+        error = out.body["error"]
+        assert error["code"] in ("invalid_request", "too_many_pixels"), name
+        assert "Error" not in error["message"] and "PDFium" not in error["message"], name
+    assert scripted.requests == []
+    ok = HttpInput("POST", {"content-type": "image/png"}, {}, png(Image.new("RGB", (64, 64), (9, 9, 9))))
+    assert (await handle_analyze(ok, deps)).status == 200
