@@ -635,11 +635,11 @@ def _charge_decode(job: _Job, mode: str, width: int, height: int) -> None:
 
 
 def _charge_seek(im: Image.Image, index: int, job: _Job) -> None:
-    """Before seeking a GIF/WebP: every frame up to `index` is composited on the canvas on the way."""
+    """Before seeking a GIF/WebP: the current frame and every one after it up to `index` is composited."""
     if job.fmt not in _SEQUENTIAL_FORMATS:
         return
     current = im.tell()
-    frames = index - current if index > current else index + 1
+    frames = index - current + 1 if index > current else index + 1  # backwards restarts from frame 1
     width, height = im.size
     job.budget.decode(width * height * _CANVAS_BPP * frames, f"reaching frame {index + 1}", job.fmt)
 

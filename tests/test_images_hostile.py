@@ -164,6 +164,19 @@ def test_a_small_animated_gif_still_gives_the_selected_frame() -> None:
         prepare(buf.getvalue(), task="describe", pages="4")
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_frames_composited_on_the_way_to_a_selected_one_are_charged(fmt: str) -> None:
+    frames = [Image.new("RGB", (400, 400), (60 * i, 0, 0)) for i in range(4)]
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100)
+    data = buf.getvalue()
+    canvas = 400 * 400 * 4  # bytes a composited frame costs
+    limits = ImageLimits(max_request_decoded_bytes=3 * canvas)
+    assert prepare(data, pages="2", limits=limits)[0].facts.page == 2  # frames 1-2 composited, then loaded
+    with pytest.raises(TooManyPixels, match="reaching frame 4"):
+        prepare(data, pages="4", limits=limits)  # frames 1-4 composited: over before seeking
+
+
 def test_a_tiff_with_200k_chained_ifds_is_refused_without_walking_them(monkeypatch) -> None:
     data = tiff_chain(170_000)  # 19 MB of valid pages: Pillow's n_frames takes minutes over it
     assert len(data) < 20 * 1024 * 1024
