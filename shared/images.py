@@ -22,7 +22,7 @@ Decisions callers can rely on:
 - An encrypted PDF (one that needs a password) is a 400 "PDF is encrypted"; a broken one a
   400 "could not read PDF: ...". Undecodable images are a 400 "could not decode image: ...".
   Messages are ours: decoder and PDFium texts never reach the caller (they may echo input).
-- The work is budgeted before it is done (`ImageLimits`, `Budget`; README "Limits"): bytes and
+- The work is budgeted before it is done (`ImageLimits`, `Budget`; README "Settings"): bytes and
   pixels from the header; one image's decoded bytes (by its mode: 16-bit and alpha cost more);
   the request's decoded bytes, including every frame an animated GIF/WebP composites to reach
   a selected one; frames counted with a cap; images sent (pages x frames x strips); a sent side

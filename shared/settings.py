@@ -79,7 +79,7 @@ class Settings:
     cache_memory_items: int = 256
     sequence_concurrency: int = 4
     task_config_ttl_s: float = 30.0
-    # --- image work budget (shared/images.py; README "Limits") ---
+    # --- image work budget (shared/images.py; README "Settings") ---
     # One image's pixels held at once: the decoded frame plus any full-size conversion
     # (bytes per pixel as Pillow stores the mode: 16-bit grey 2, RGB/RGBA 4, 16-bit -> 8-bit adds 8).
     max_decoded_bytes: int = 256 * MIB
