@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 # A decompression bomb is a client error here, not a crash: 50 MP matches MAX_IMAGE_PIXELS. Checked from
 # the header in read_header(), not by changing Pillow's global limit (tests share the process).
 MAX_PIXELS = 50_000_000
+# Memory the decode may take, by the mode's bytes per pixel (16-bit grey converts through float):
+# a 7071x7071 16-bit PNG is ~100 KB on the wire and ~500 MB here, so it is refused from the header.
+MAX_DECODED_BYTES = 256 * 1024 * 1024
+# What OpenAI accepts (its invalid_image_format message lists these); nothing else is even probed.
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP")
+# RapidOCR scales the short side up to 30 px and then pads to a 1:8 aspect: a 2048x1 view would
+# become 61440x7680 (~23 GB on the way through the detector). OCR gets the view padded with white
+# to at least this short side and at most this aspect instead: text is unchanged, work bounded.
+OCR_MIN_SIDE = 32
+OCR_MAX_ASPECT = 4
 MAX_OCR_SIDE = 2048  # never OCR more than a high-detail view could hold
 FACTS_SIDE = 256  # facts are statistics; a thumbnail gives the same numbers much faster
 
@@ -50,13 +60,36 @@ class ImageHeader:
 def read_header(data: bytes) -> ImageHeader:
     """Size and format without decoding pixels; EXIF rotation swaps sides, which no token formula cares about."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
             header = ImageHeader((im.format or "unknown").lower(), int(im.width), int(im.height))
+            mode = im.mode
     except Exception as exc:  # PIL raises many types for bad input
         raise ImageDecodeError(str(exc) or type(exc).__name__) from exc
     if header.width * header.height > MAX_PIXELS:
         raise ImageDecodeError(f"image of {header.width}x{header.height} is over {MAX_PIXELS} pixels")
+    # A JPEG is decoded at a reduced DCT scale (draft), never more than twice the 2048 px view a side.
+    if header.format != "jpeg" and header.width * header.height * _decode_bpp(mode) > MAX_DECODED_BYTES:
+        raise ImageDecodeError(f"image of {header.width}x{header.height} ({mode}) is over {MAX_DECODED_BYTES} bytes")
     return header
+
+
+def _decode_bpp(mode: str) -> int:
+    """Bytes a pixel costs while decoding: Pillow's storage plus the RGB/float copies decode() makes."""
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return 12  # stored (2-4), float copy (4), RGB copy (4)
+    return 8  # stored (1-4) plus an RGB copy (4)
+
+
+def ocr_canvas(view: Image.Image) -> Image.Image:
+    """The view as OCR gets it: padded with white so RapidOCR's own rescaling stays bounded (see OCR_MIN_SIDE)."""
+    w, h = view.size
+    width = max(w, OCR_MIN_SIDE, -(-h // OCR_MAX_ASPECT))
+    height = max(h, OCR_MIN_SIDE, -(-w // OCR_MAX_ASPECT))
+    if (width, height) == (w, h):
+        return view
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas.paste(view.convert("RGB"), (0, 0))
+    return canvas
 
 
 def resolve_detail(detail: str, width: int, height: int) -> str:
@@ -275,7 +308,7 @@ def decode(data: bytes, index: int, detail: str, model: str) -> DecodedImage:
     """Decode at the model's view size (JPEG draft mode keeps 12 MP photos cheap), upright per EXIF."""
     header = read_header(data)
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=FORMATS)
         swapped = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that turn the picture 90°
         width, height = (header.height, header.width) if swapped else (header.width, header.height)
         vw, vh = model_view_size(width, height, detail, model)
@@ -331,7 +364,7 @@ class OcrEngine:
 
     def read_sync(self, view: Image.Image, page: int = 0) -> list[OcrLine]:
         self.load()
-        bgr = np.ascontiguousarray(np.asarray(view.convert("RGB"))[:, :, ::-1])
+        bgr = np.ascontiguousarray(np.asarray(ocr_canvas(view).convert("RGB"))[:, :, ::-1])
         result, _ = self._engine(bgr)
         self.calls += 1
         frags: list[Fragment] = []

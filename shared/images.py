@@ -21,6 +21,13 @@ Decisions callers can rely on:
   without a selection that fits is a 400 naming the limit (nothing is dropped silently).
 - An encrypted PDF (one that needs a password) is a 400 "PDF is encrypted"; a broken one a
   400 "could not read PDF: ...". Undecodable images are a 400 "could not decode image: ...".
+  Messages are ours: decoder and PDFium texts never reach the caller (they may echo input).
+- The work is budgeted before it is done (`ImageLimits`, `Budget`; README "Settings"): bytes and
+  pixels from the header; one image's decoded bytes (by its mode: 16-bit and alpha cost more);
+  the request's decoded bytes, including every frame an animated GIF/WebP composites to reach
+  a selected one; frames counted with a cap; images sent (pages x frames x strips); a sent side
+  under `min_side` (a 20000x2 strip) is refused rather than sent as 512x1. Each refusal is a
+  4xx naming the setting that changes it.
 - A truncated JPEG is decoded as far as its data goes (the missing rows are grey, as libjpeg
   fills them) when at least half of it is there, else a 400; done locally, without Pillow's
   global LOAD_TRUNCATED_IMAGES. The corpus's truncated photo decodes (its last 24 of 2736 rows
@@ -47,6 +54,7 @@ from PIL import Image
 
 from . import tokens
 from .errors import ImageTooLarge, InvalidRequest, TooManyPixels, VlmError
+from .frame_count import gif_frames, tiff_frames
 from .image_formats import PIL_FORMATS, SUPPORTED_FORMATS, sniff
 
 if TYPE_CHECKING:
@@ -55,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DOCUMENT_TASKS",
     "SUPPORTED_FORMATS",
+    "Budget",
     "ImageFacts",
     "ImageLimits",
     "PreparedImage",
@@ -114,17 +123,72 @@ _EXIF_ORIENTATION = 0x0112
 _PAGES_PART = re.compile(r"^\s*(\d{1,9})\s*(?:-\s*(\d{1,9})\s*)?$")
 
 
+MIB = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class ImageLimits:
-    """Input limits, checked before anything is decoded."""
+    """Input limits, checked before the work they bound (each is a setting, named in its error)."""
 
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 50_000_000
-    max_pages: int = 20
+    max_bytes: int = 20 * MIB  # MAX_IMAGE_BYTES
+    max_pixels: int = 50_000_000  # MAX_IMAGE_PIXELS
+    max_pages: int = 20  # MAX_PDF_PAGES: pages/frames sent from one input
+    max_decoded_bytes: int = 256 * MIB  # MAX_DECODED_BYTES: one image in memory (decoded + full-size copy)
+    max_request_decoded_bytes: int = 1024 * MIB  # MAX_REQUEST_DECODED_BYTES: decoding work per request
+    max_frames: int = 1000  # MAX_FRAMES: frames counted in a multi-frame file
+    min_side: int = 8  # MIN_IMAGE_SIDE: smallest side an image is sent with
+    max_sent_images: int = 50  # MAX_SENT_IMAGES: pages x frames x strips sent per request
 
     @classmethod
     def from_settings(cls, s: Settings) -> ImageLimits:
-        return cls(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, max_pages=s.max_pdf_pages)
+        return cls(
+            max_bytes=s.max_image_bytes,
+            max_pixels=s.max_image_pixels,
+            max_pages=s.max_pdf_pages,
+            max_decoded_bytes=s.max_decoded_bytes,
+            max_request_decoded_bytes=s.max_request_decoded_bytes,
+            max_frames=s.max_frames,
+            min_side=s.min_image_side,
+            max_sent_images=s.max_sent_images,
+        )
+
+
+class Budget:
+    """What one request has spent so far, across all its inputs; every charge is made before the work.
+
+    One request prepares its inputs one after another, so this needs no lock.
+    """
+
+    def __init__(self, limits: ImageLimits) -> None:
+        self.limits = limits
+        self.decoded_bytes = 0
+        self.sent_images = 0
+
+    def decode(self, nbytes: int, what: str, fmt: str) -> None:
+        """Charge decoding `nbytes` (pixels x bytes per pixel) for `what`; refuse if the request would pass its budget."""
+        limit = self.limits.max_request_decoded_bytes
+        if self.decoded_bytes + nbytes > limit:
+            raise TooManyPixels(
+                f"{what} would decode {_mib(self.decoded_bytes + nbytes)} in this request; "
+                f"the limit is {_mib(limit)} (MAX_REQUEST_DECODED_BYTES)",
+                details={"format": fmt, "limit": "MAX_REQUEST_DECODED_BYTES", "max_request_decoded_bytes": limit},
+            )
+        self.decoded_bytes += nbytes
+
+    def send(self, count: int) -> None:
+        """Charge `count` more images to send; refuse past MAX_SENT_IMAGES."""
+        limit = self.limits.max_sent_images
+        if self.sent_images + count > limit:
+            raise InvalidRequest(
+                f"this request would send {self.sent_images + count} images (pages, frames and strips); "
+                f"at most {limit} can be sent in one request (MAX_SENT_IMAGES): select fewer pages or turn strips off",
+                details={"limit": "MAX_SENT_IMAGES", "max_sent_images": limit},
+            )
+        self.sent_images += count
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / MIB:,.0f} MiB"
 
 
 @dataclass(frozen=True)
@@ -228,7 +292,8 @@ def plan_strips(width: int, height: int, model: str | None = None) -> StripPlan:
     high detail keeps unscaled (short side <= 768, long side <= 2048; patch models: <= 1536
     patches), neighbours overlap by 10% so no line is only ever seen cut in half, and the
     strip height is the one that costs fewest tokens. A page too tall for
-    MAX_STRIPS_PER_PAGE strips is scaled narrower; beyond that it is refused.
+    MAX_STRIPS_PER_PAGE strips is scaled narrower; beyond that it is refused. The strip count
+    is computed before any band is listed, so a page 2^31 points tall costs a few divisions.
     """
     if width < 1 or height < 1:
         raise InvalidRequest("image has no area", details={"width": width, "height": height})
@@ -238,6 +303,8 @@ def plan_strips(width: int, height: int, model: str | None = None) -> StripPlan:
         page_height = max(1, round(height * strip_width / width))
         best: StripPlan | None = None
         for strip_height in _strip_heights(strip_width, fam):
+            if _band_count(page_height, strip_height) > MAX_STRIPS_PER_PAGE:
+                continue
             bands = _bands(page_height, strip_height)
             cost = sum(tokens.image_tokens(strip_width, b - t, "high", model) for t, b in bands)
             plan = StripPlan(strip_width, page_height, bands, cost)
@@ -267,12 +334,20 @@ def _strip_heights(strip_width: int, fam: tokens.ModelFamily) -> tuple[int, ...]
     return (tokens.TILE_SHORT_SIDE, tokens.TILE_SIZE)  # wide strips: the height is the short side
 
 
+def _band_count(total: int, strip_height: int) -> int:
+    """How many strips `_bands` cuts `total` rows into (arithmetic only: nothing is listed)."""
+    if total <= strip_height:
+        return 1
+    overlap = round(strip_height * STRIP_OVERLAP)
+    return math.ceil((total - strip_height) / (strip_height - overlap)) + 1
+
+
 def _bands(total: int, strip_height: int) -> tuple[tuple[int, int], ...]:
     """Equal-height rows covering `total`, each pair overlapping by at least STRIP_OVERLAP."""
     if total <= strip_height:
         return ((0, total),)
     overlap = round(strip_height * STRIP_OVERLAP)
-    n = math.ceil((total - strip_height) / (strip_height - overlap)) + 1
+    n = _band_count(total, strip_height)
     h = math.ceil((total + (n - 1) * overlap) / n)
     step = (total - h) / (n - 1)
     return tuple((round(i * step), round(i * step) + h) for i in range(n))
@@ -287,8 +362,8 @@ def parse_pages(spec: str, count: int) -> list[int]:
     for first, last in _page_ranges(spec):
         if last > count:
             raise InvalidRequest(
-                f"pages={spec!r} asks for page {last}, but the input has {count} page(s)",
-                details={"pages": spec, "page_count": count},
+                f"pages={_quote(spec)} asks for page {last}, but the input has {count} page(s)",
+                details={"pages": _clip(spec), "page_count": count},
             )
         chosen.update(range(first, last + 1))
     return sorted(chosen)
@@ -310,8 +385,18 @@ def _page_ranges(spec: str) -> list[tuple[int, int]]:
         if ranges:
             return ranges
     raise InvalidRequest(
-        f"pages must be 1-based page numbers and ranges like '1-3,5', got {spec!r}", details={"pages": spec}
+        f"pages must be 1-based page numbers and ranges like '1-3,5', got {_quote(spec)}",
+        details={"pages": _clip(spec)},
     )
+
+
+def _clip(spec: str, limit: int = 40) -> str:
+    """The caller's text as it may appear in an error: cut short (never echoed unbounded)."""
+    return spec if len(spec) <= limit else spec[:limit] + "..."
+
+
+def _quote(spec: str) -> str:
+    return repr(_clip(spec))
 
 
 def _select(count: int, pages: str | None, expand: bool, limits: ImageLimits, what: str) -> list[int]:
@@ -329,8 +414,8 @@ def _select(count: int, pages: str | None, expand: bool, limits: ImageLimits, wh
         chosen = list(range(1, count + 1))
     elif len(chosen) > limits.max_pages:
         raise InvalidRequest(
-            f"pages={pages!r} selects {len(chosen)} pages; at most {limits.max_pages} can be sent in one request",
-            details={"pages": pages, "selected": len(chosen), "max_pages": limits.max_pages},
+            f"pages={_quote(pages)} selects {len(chosen)} pages; at most {limits.max_pages} can be sent in one request",
+            details={"pages": _clip(pages), "selected": len(chosen), "max_pages": limits.max_pages},
         )
     return [p - 1 for p in chosen]
 
@@ -346,6 +431,8 @@ class _Job:
     model: str | None
     strips: bool
     bytes_in: int
+    limits: ImageLimits
+    budget: Budget
 
 
 @dataclass(frozen=True)
@@ -364,12 +451,14 @@ def prepare(
     model: str | None = None,
     pages: str | None = None,
     strips: bool = False,
+    budget: Budget | None = None,
 ) -> list[PreparedImage]:
     """Turn one upload into the images to send: one per page/frame (or per strip with strips=True).
 
     Multi-page inputs (PDF; multi-page TIFF, animated GIF/WebP) give every page, or the pages
     selected with `pages` ("1-3,5"), for document tasks (PDFs also for describe); other tasks
     get the first (selected) page. Raises a VlmError (4xx) for anything it cannot send.
+    `budget` carries what earlier inputs of the same request spent (a fresh one when None).
     """
     _check_detail(detail)
     if strips and detail == "low":
@@ -386,18 +475,50 @@ def prepare(
             details={"bytes": len(data), "max_bytes": limits.max_bytes},
         )
     fmt = sniff(data)
-    job = _Job(fmt, task, detail, model, strips, len(data))
+    job = _Job(fmt, task, detail, model, strips, len(data), limits, budget or Budget(limits))
     if fmt == "pdf":
         return _prepare_pdf(data, job, limits, pages)
     return _prepare_raster(data, job, limits, pages)
 
 
 def _plan(job: _Job, width: int, height: int) -> _Plan:
+    """What to send for an upright image of this size; refuses one whose sent side would be under min_side."""
     if job.strips:
         sp = plan_strips(width, height, job.model)
-        return _Plan("high", (sp.width, sp.height), sp.bands)
-    det = choose_detail(job.task, width, height, job.detail, job.model)
-    return _Plan(det, tokens.model_view_size(width, height, det, job.model), None)
+        plan = _Plan("high", (sp.width, sp.height), sp.bands)
+        smallest = min(sp.width, min(bottom - top for top, bottom in sp.bands))
+    else:
+        det = choose_detail(job.task, width, height, job.detail, job.model)
+        plan = _Plan(det, tokens.model_view_size(width, height, det, job.model), None)
+        smallest = min(plan.size)
+    if smallest < job.limits.min_side:
+        raise InvalidRequest(
+            f"image is {width}x{height}: too thin to send, it would reach the model {smallest} px wide on one side; "
+            f"the minimum is {job.limits.min_side} px (MIN_IMAGE_SIDE): crop or pad it",
+            details={
+                "format": job.fmt,
+                "width": width,
+                "height": height,
+                "limit": "MIN_IMAGE_SIDE",
+                "min_image_side": job.limits.min_side,
+            },
+        )
+    return plan
+
+
+def _precheck(job: _Job, width: int, height: int) -> None:
+    """`_plan`'s refusals before decoding, when EXIF orientation is not known yet: refuse only if both ways fail."""
+    try:
+        _plan(job, width, height)
+    except VlmError as err:
+        try:
+            _plan(job, height, width)
+        except VlmError:
+            raise err from None
+
+
+def _sends(plan: _Plan) -> int:
+    return 1 if plan.bands is None else len(plan.bands)
 
 
 def _emit(im: Image.Image, job: _Job, size: tuple[int, int], plan: _Plan, page: int | None) -> list[PreparedImage]:
@@ -455,6 +576,9 @@ def _prepare_pdf(data: bytes, job: _Job, limits: ImageLimits, pages: str | None)
             with pdf.load_page(doc, index) as page:
                 size = pdf.page_pixels(page)
                 plan = _plan(job, *size)
+                job.budget.send(_sends(plan))
+                rows = plan.size[1] if plan.bands is None else sum(b - t for t, b in plan.bands)
+                job.budget.decode(plan.size[0] * rows * _RENDER_BPP, f"rendering PDF page {index + 1}", "pdf")
                 if plan.bands is None or len(plan.bands) == 1:
                     out.append(_send(pdf.render(page, plan.size), job, size, plan.detail, index + 1, None))
                     continue
@@ -464,6 +588,78 @@ def _prepare_pdf(data: bytes, job: _Job, limits: ImageLimits, pages: str | None)
 
 
 # --- raster ------------------------------------------------------------------------
+
+# PDF pages are rendered into a BGR bitmap (3 bytes a pixel) and copied into an RGB image (4).
+_RENDER_BPP = 7
+# GIF and WebP frames are composited on the full canvas, RGBA at most.
+_CANVAS_BPP = 4
+# Frame formats where reaching frame n means decoding every frame before it (TIFF seeks by offset).
+_SEQUENTIAL_FORMATS = ("gif", "webp")
+
+
+def _storage_bpp(mode: str) -> int:
+    """Bytes a pixel of this mode takes in Pillow's memory (multi-band modes are stored 4 bytes a pixel)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
+
+
+def _working_bpp(mode: str) -> int:
+    """Bytes a pixel of the full-size copy `_working_mode` makes before scaling (0: none is made)."""
+    if mode in ("RGB", "L", "RGBA", "LA"):
+        return 0
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return 8  # float copy plus the scaled float result (_to_8bit)
+    return 4
+
+
+def _charge_decode(job: _Job, mode: str, width: int, height: int) -> None:
+    """Before decoding a frame: its bytes in memory must fit MAX_DECODED_BYTES, and the request's budget."""
+    nbytes = width * height * (_storage_bpp(mode) + _working_bpp(mode))
+    limit = job.limits.max_decoded_bytes
+    if nbytes > limit:
+        raise TooManyPixels(
+            f"image is {width}x{height} ({mode}): decoding it takes {_mib(nbytes)} of memory; "
+            f"the limit is {_mib(limit)} (MAX_DECODED_BYTES)",
+            details={
+                "format": job.fmt,
+                "width": width,
+                "height": height,
+                "limit": "MAX_DECODED_BYTES",
+                "max_decoded_bytes": limit,
+            },
+        )
+    job.budget.decode(nbytes, "the image", job.fmt)
+
+
+def _charge_seek(im: Image.Image, index: int, job: _Job) -> None:
+    """Before seeking a GIF/WebP: the current frame and every one after it up to `index` is composited."""
+    if job.fmt not in _SEQUENTIAL_FORMATS:
+        return
+    current = im.tell()
+    frames = index - current + 1 if index > current else index + 1  # backwards restarts from frame 1
+    width, height = im.size
+    job.budget.decode(width * height * _CANVAS_BPP * frames, f"reaching frame {index + 1}", job.fmt)
+
+
+def _frame_count(im: Image.Image, data: bytes, job: _Job) -> int:
+    """Frames of a multi-frame input, counted with a cap (MAX_FRAMES) so counting is bounded too."""
+    cap = job.limits.max_frames
+    if job.fmt == "gif":
+        count = gif_frames(data, cap)
+    elif job.fmt == "tiff":
+        count = tiff_frames(data, cap)
+    else:  # WebP: the count is in the container's header
+        with _decoding(job.fmt):
+            count = getattr(im, "n_frames", 1)
+    if count > cap:
+        raise InvalidRequest(
+            f"the {job.fmt.upper()} image has more than {cap} frames (MAX_FRAMES)",
+            details={"format": job.fmt, "limit": "MAX_FRAMES", "max_frames": cap},
+        )
+    return count
 
 
 _heif_lock = threading.Lock()
@@ -500,7 +696,9 @@ def _decoding(fmt: str) -> Iterator[None]:
 
 def _decode_error(e: Exception, fmt: str) -> VlmError:
     if isinstance(e, Image.DecompressionBombError):
-        return TooManyPixels(f"image has too many pixels to decode safely: {e}", details={"format": fmt})
+        return TooManyPixels(
+            "image has too many pixels to decode safely (a decompression bomb)", details={"format": fmt}
+        )
     if isinstance(e, MemoryError):
         return TooManyPixels("image is too large to decode in memory", details={"format": fmt})
     if isinstance(e, Image.UnidentifiedImageError):  # its message names a BytesIO object, not the problem
@@ -508,12 +706,12 @@ def _decode_error(e: Exception, fmt: str) -> VlmError:
         return InvalidRequest(
             f"could not decode image: it starts like {name} but is not a readable {name} file", details={"format": fmt}
         )
-    return InvalidRequest(f"could not decode image: {_message(e)}", details={"format": fmt})
-
-
-def _message(e: Exception) -> str:
-    text = str(e).strip()
-    return text if text else type(e).__name__
+    # Decoder messages can quote the input and name our internals: the caller gets our words only.
+    name = fmt.upper()
+    return InvalidRequest(
+        f"could not decode image: the {name} data is damaged or uses a feature that cannot be read",
+        details={"format": fmt},
+    )
 
 
 def _check_pixels(width: int, height: int, limits: ImageLimits, fmt: str) -> None:
@@ -537,12 +735,12 @@ def _prepare_raster(data: bytes, job: _Job, limits: ImageLimits, pages: str | No
         multi = fmt in _MULTI_FRAME_FORMATS
         expand = multi and job.task in DOCUMENT_TASKS
         count = 1
-        if multi and (expand or pages):  # counting frames can mean scanning them all (GIF): only when needed
-            with _decoding(fmt):
-                count = getattr(im, "n_frames", 1)
+        if multi and (expand or pages):  # counting frames costs a walk through the file: only when needed
+            count = _frame_count(im, data, job)
         out: list[PreparedImage] = []
         for index in _select(count, pages, expand, limits, f"{fmt.upper()} image"):
             if index != im.tell():
+                _charge_seek(im, index, job)
                 with _decoding(fmt):
                     im.seek(index)
                 _check_pixels(*im.size, limits, fmt)
@@ -555,7 +753,9 @@ def _prepare_raster(data: bytes, job: _Job, limits: ImageLimits, pages: str | No
 
 def _raster_frame(im: Image.Image, data: bytes, job: _Job, page: int | None, draft: bool) -> list[PreparedImage]:
     fmt = job.fmt
+    _precheck(job, *im.size)  # a hopeless aspect ratio is refused before any pixel is decoded
     if not draft:
+        _charge_decode(job, im.mode, *im.size)
         with _decoding(fmt):  # PNG keeps EXIF after the pixels: decode before asking for it
             im.load()
     orientation = _orientation(im)
@@ -563,8 +763,9 @@ def _raster_frame(im: Image.Image, data: bytes, job: _Job, page: int | None, dra
     w0, h0 = im.size
     upright = (h0, w0) if swap else (w0, h0)
     plan = _plan(job, *upright)
+    job.budget.send(_sends(plan))
     target = (plan.size[1], plan.size[0]) if swap else plan.size  # in stored orientation
-    frame = _load_draft(im, data, fmt, target) if draft else im
+    frame = _load_draft(im, data, job, target) if draft else im
     frame = _working_mode(frame)
     if frame.size != target:
         resample = DOCUMENT_RESAMPLE if job.task in DOCUMENT_TASKS else PHOTO_RESAMPLE
@@ -584,16 +785,19 @@ def _orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _load_draft(im: Image.Image, data: bytes, fmt: str, target: tuple[int, int]) -> Image.Image:
+def _load_draft(im: Image.Image, data: bytes, job: _Job, target: tuple[int, int]) -> Image.Image:
     """Decode at the smallest DCT scale (JPEG) or thumbnail (HEIF) that is still >= target.
 
     A JPEG cut short is decoded as far as its data goes: libjpeg fills the missing blocks
     with grey, as it already does for a file that keeps its end marker. That is done locally,
     by re-reading the bytes with an end marker appended (Pillow's global
     LOAD_TRUNCATED_IMAGES stays untouched), and refused when less than half is there.
+    The decode is charged at the reduced size the draft chose.
     """
+    fmt = job.fmt
     if im.size != target:
         im.draft("RGB", target)
+    _charge_decode(job, im.mode, *im.size)
     try:
         im.load()
         return im
@@ -604,6 +808,7 @@ def _load_draft(im: Image.Image, data: bytes, fmt: str, target: tuple[int, int])
         fixed = Image.open(io.BytesIO(data + b"\xff\xd9"), formats=["JPEG"])
         if fixed.size != target:
             fixed.draft("RGB", target)
+        _charge_decode(job, fixed.mode, *fixed.size)
         fixed.load()
     present = 1.0 - _flat_tail_rows(fixed) / fixed.height
     if present < MIN_TRUNCATED_FRACTION:

@@ -4,11 +4,15 @@ Pages are rendered straight to the size the model will look at (not at a fixed 3
 and then shrunk), and a horizontal band of a page can be rendered on its own, so strips
 never need the whole page in memory at strip resolution. PDFium is not thread-safe and
 prepare() runs in worker threads, so every PDFium call in the process goes through
-PDFIUM_LOCK.
+PDFIUM_LOCK: nothing unbounded may run while it is held (pages are measured and refused
+before anything is planned or rendered).
+
+Errors say what is wrong in our words; PDFium's own messages never reach a caller.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,8 +31,17 @@ PDFIUM_LOCK = threading.RLock()
 PDF_DPI = 300
 POINTS_PER_INCH = 72
 
-# PDFium's FPDF_GetLastError codes (fpdfview.h).
-_ERR_FILE, _ERR_FORMAT, _ERR_PASSWORD, _ERR_SECURITY = 2, 3, 4, 5
+# The largest page PDF defines: 14,400 units (200 inches) a side (ISO 32000-1:2008, Annex C.2,
+# "Architectural limits"). Anything larger is not a page a viewer shows.
+MAX_PAGE_POINTS = 14_400
+
+# PDFium's FPDF_GetLastError codes (fpdfview.h) and what each means, in our words.
+_ERR_FILE, _ERR_FORMAT, _ERR_PASSWORD, _ERR_SECURITY, _ERR_PAGE = 2, 3, 4, 5, 6
+_REASONS = {
+    _ERR_FILE: "the file could not be read",
+    _ERR_FORMAT: "it is damaged or not a PDF",
+    _ERR_PAGE: "the page is missing or damaged",
+}
 
 
 @contextmanager
@@ -65,10 +78,8 @@ def open_pdf(data: bytes) -> Iterator[Any]:
 
 
 def _reason(e: Exception) -> str:
-    text = str(e)
-    if "(PDFium: " in text:
-        return text.split("(PDFium: ", 1)[1].rstrip(").")
-    return text or type(e).__name__
+    """Why PDFium failed, from its error code (its message text is never passed on)."""
+    return _REASONS.get(getattr(e, "err_code", None), "it is damaged or uses a feature that cannot be read")
 
 
 @contextmanager
@@ -92,7 +103,12 @@ def page_pixels(page: Any) -> tuple[int, int]:
     """The page's size in pixels at PDF_DPI, after its /Rotate (what a viewer shows)."""
     w_pt, h_pt = page.get_size()
     if not (w_pt > 0 and h_pt > 0):
-        raise InvalidRequest("PDF page has no area", details={"width_pt": w_pt, "height_pt": h_pt})
+        raise InvalidRequest("PDF page has no area", details={})
+    if not (math.isfinite(w_pt) and math.isfinite(h_pt)) or max(w_pt, h_pt) > MAX_PAGE_POINTS:
+        raise InvalidRequest(
+            f"PDF page is larger than the {MAX_PAGE_POINTS:,} points (200 inches) a side that PDF allows",
+            details={"max_page_points": MAX_PAGE_POINTS},
+        )
     scale = PDF_DPI / POINTS_PER_INCH
     return max(1, round(w_pt * scale)), max(1, round(h_pt * scale))
 

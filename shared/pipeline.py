@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import InvalidRequest, UpstreamTimeout, VlmError
 from .settings import DETAILS, Settings
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,6 +60,28 @@ class AnalysisResult:
         return asdict(self)
 
 
+class PrepareSlots:
+    """At most `size` image preparations at once in this worker (PREPARE_CONCURRENCY): decode memory is bounded.
+
+    A slot is held until the worker thread finishes, not until its awaiting coroutine stops
+    waiting: a request cancelled by its deadline cannot free a slot while its decode still runs.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = asyncio.Semaphore(size)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        await self._free.acquire()
+        try:
+            future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        except BaseException:
+            self._free.release()
+            raise
+        future.add_done_callback(lambda _: self._free.release())
+        return await asyncio.shield(future)
+
+
 class Dependencies:
     """What the pipeline talks to, created lazily once per event loop and injectable in tests."""
 
@@ -66,6 +91,13 @@ class Dependencies:
         self._cache = cache
         self._blobs = blobs
         self.inflight: dict[str, asyncio.Future[Any]] = {}  # cache key -> the one model run for it
+        self._prepare_slots: PrepareSlots | None = None
+
+    @property
+    def prepare_slots(self) -> PrepareSlots:
+        if self._prepare_slots is None:
+            self._prepare_slots = PrepareSlots(self.settings.prepare_concurrency)
+        return self._prepare_slots
 
     @property
     def blobs(self) -> Any:
@@ -140,12 +172,16 @@ def validate_request(req: AnalysisRequest, settings: Settings) -> None:
 
 
 def _prepare_all(req: AnalysisRequest, settings: Settings) -> list[Any]:
-    """CPU-bound: decode and optimise every input (run in a worker thread)."""
-    from .images import ImageLimits, prepare
+    """CPU-bound: decode and optimise every input (run in a worker thread, one slot of PrepareSlots).
+
+    One budget covers the whole request: decoded bytes and images sent add up across its inputs.
+    """
+    from .images import Budget, ImageLimits, prepare
     from .tasks import task_spec
 
     spec = task_spec(req.task)
     limits = ImageLimits.from_settings(settings)
+    budget = Budget(limits)
     prepared = []
     for n, data in enumerate(req.images, 1):
         try:
@@ -157,6 +193,7 @@ def _prepare_all(req: AnalysisRequest, settings: Settings) -> list[Any]:
                 model=settings.model_family,
                 pages=req.pages,
                 strips=req.strips,
+                budget=budget,
             )
         except VlmError as err:
             if len(req.images) > 1:
@@ -229,7 +266,7 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
         if hit is not None:
             return reused(alias["key"], hit, alias["images"], t0)
 
-    images = await asyncio.to_thread(_prepare_all, req, settings)
+    images = await deps.prepare_slots.run(_prepare_all, req, settings)
     t_prepared = time.perf_counter()
     facts = [i.facts.to_dict() for i in images]
     key = _key(req, settings, [i.data for i in images], "sent")

@@ -79,6 +79,20 @@ class Settings:
     cache_memory_items: int = 256
     sequence_concurrency: int = 4
     task_config_ttl_s: float = 30.0
+    # --- image work budget (shared/images.py; README "Settings") ---
+    # One image's pixels held at once: the decoded frame plus any full-size conversion
+    # (bytes per pixel as Pillow stores the mode: 16-bit grey 2, RGB/RGBA 4, 16-bit -> 8-bit adds 8).
+    max_decoded_bytes: int = 256 * MIB
+    # Decoding work across one request: every image, page render and frame composited while seeking.
+    max_request_decoded_bytes: int = 1024 * MIB
+    # Frames/pages counted in a multi-frame TIFF/GIF/WebP before it is refused (counting has a cost too).
+    max_frames: int = 1000
+    # The smallest side an image may be sent with: a 20000x2 strip would reach the model as 512x1.
+    min_image_side: int = 8
+    # Images sent to the model for one request: every page, frame and strip counts.
+    max_sent_images: int = 50
+    # Requests preparing images at once per worker process: bounds decode memory (x MAX_DECODED_BYTES).
+    prepare_concurrency: int = 2
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -135,6 +149,13 @@ class Settings:
             cache_memory_items=r.integer("CACHE_MEMORY_ITEMS", 256),
             sequence_concurrency=r.integer("SEQUENCE_CONCURRENCY", 4, minimum=1),
             task_config_ttl_s=r.number("TASK_CONFIG_TTL_S", 30.0),
+            # image work budget
+            max_decoded_bytes=r.integer("MAX_DECODED_BYTES", 256 * MIB, minimum=1),
+            max_request_decoded_bytes=r.integer("MAX_REQUEST_DECODED_BYTES", 1024 * MIB, minimum=1),
+            max_frames=r.integer("MAX_FRAMES", 1000, minimum=1),
+            min_image_side=r.integer("MIN_IMAGE_SIDE", 8, minimum=1),
+            max_sent_images=r.integer("MAX_SENT_IMAGES", 50, minimum=1),
+            prepare_concurrency=r.integer("PREPARE_CONCURRENCY", 2, minimum=1),
         )
 
 
