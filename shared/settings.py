@@ -79,6 +79,10 @@ class Settings:
     cache_memory_items: int = 256
     sequence_concurrency: int = 4
     task_config_ttl_s: float = 30.0
+    # blob names and folder files (issue 10): budgets checked from blob properties before any download
+    max_manifest_images: int = 50  # images one _manifest.json may name (or its folder may hold)
+    max_manifest_bytes: int = 64 * MIB  # their total size
+    max_schema_blob_bytes: int = 256 * 1024  # a schema blob named in _task.json / _manifest.json
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -135,6 +139,10 @@ class Settings:
             cache_memory_items=r.integer("CACHE_MEMORY_ITEMS", 256),
             sequence_concurrency=r.integer("SEQUENCE_CONCURRENCY", 4, minimum=1),
             task_config_ttl_s=r.number("TASK_CONFIG_TTL_S", 30.0),
+            # blob names and folder files
+            max_manifest_images=r.integer("MAX_MANIFEST_IMAGES", 50, minimum=1),
+            max_manifest_bytes=r.integer("MAX_MANIFEST_BYTES", 64 * MIB, minimum=1),
+            max_schema_blob_bytes=r.integer("MAX_SCHEMA_BLOB_BYTES", 256 * 1024, minimum=1),
         )
 
 
