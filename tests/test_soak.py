@@ -26,7 +26,7 @@ import urllib3
 from azure.storage.blob import BlobServiceClient
 
 from shared.results import record_names as names_of
-from tests.conftest import ModelAdmin, make_stack
+from tests.conftest import make_stack
 
 pytestmark = pytest.mark.soak
 
@@ -179,7 +179,7 @@ def _sources(record_names: list[str], names: list[str]) -> set[str]:
 @pytest.mark.timeout(600)
 def test_soak_mixed_faults_tight_quota_nothing_lost_no_500_bounded_calls(soak_stack):
     stack = soak_stack
-    admin = ModelAdmin(stack.model_url)
+    admin = stack.model_admin()
     images = synthetic_images(BLOB_IMAGES + HTTP_IMAGES, seed=5)
     assert len({hashlib.sha256(i).digest() for i in images}) == len(images)
     blob_images, http_images = images[:BLOB_IMAGES], images[BLOB_IMAGES:]
