@@ -149,6 +149,25 @@ def test_invalid_task_json_gives_each_file_an_error_record(stack):
         assert err["code"] == "invalid_task_config" and "paint" in err["message"]
 
 
+def test_names_from_folders_stay_in_their_folder_and_records_never_collide(stack, model_admin):
+    """x.error succeeding and x failing are two records; a manifest reaching into the cache
+    container is an invalid_task_config on the first attempt with no model call."""
+    img = corpus("photos", "gps_tagged_640x480.jpg").read_bytes()
+    upload(stack, "names/x", b"not an image at all")
+    upload(stack, "names/x.error", img)
+    got = wait_for(stack, ["names/x", "names/x.error"], "names/")
+    assert got[record_names("names/x").error]["error"]["code"] == "unsupported_media_type"
+    assert got[record_names("names/x.error").success]["status"] == "succeeded"
+
+    before = model_admin.requests()
+    upload(stack, "names/job/_task.json", json.dumps({"task": "compare"}).encode())
+    upload(stack, "names/job/a.jpg", img)
+    upload(stack, "names/job/_manifest.json", json.dumps({"images": ["a.jpg", "../../../cache/x"]}).encode())
+    rec = wait_for(stack, ["names/job/_manifest.json"], "names/job/")[record_names("names/job/_manifest.json").error]
+    assert rec["error"]["code"] == "invalid_task_config" and rec["error"]["details"]["field"] == "images[1]"
+    assert rec["attempts"] == 1 and model_admin.requests() == before
+
+
 def _synthetic_images(n: int, seed: int) -> list[bytes]:
     from PIL import Image, ImageDraw
 
