@@ -22,6 +22,7 @@ import logging
 import azure.functions as func
 
 from shared.blob_job import get_processor
+from shared.names import name_problem
 
 
 def _split(path: str, container: str) -> str:
@@ -36,7 +37,7 @@ async def main(blob: func.InputStream) -> None:
     props = getattr(blob, "blob_properties", None) or {}
     etag = props.get("ETag") or props.get("Etag") or props.get("etag")
     metadata = getattr(blob, "metadata", None)
-    if etag is None or metadata is None:
+    if (etag is None or metadata is None) and name_problem(name) is None:  # an unsafe name is only recorded
         container = await processor.deps.blobs.container(settings.images_container)
         live = await container.get_blob_client(name).get_blob_properties()
         etag, metadata = etag or live.etag, metadata if metadata is not None else dict(live.metadata or {})

@@ -310,3 +310,36 @@ def test_name_settings_have_defaults_and_are_read() -> None:
         {**ENV, "MAX_MANIFEST_IMAGES": "7", "MAX_MANIFEST_BYTES": "1000", "MAX_SCHEMA_BLOB_BYTES": "99"}
     )
     assert (s.max_manifest_images, s.max_manifest_bytes, s.max_schema_blob_bytes) == (7, 1000, 99)
+
+
+# --- the blob trigger -----------------------------------------------------------------------------
+
+
+async def test_blob_trigger_never_looks_up_an_unsafe_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import azure.functions as func
+
+    import blob_trigger
+
+    blobs = FakeBlobService()
+    blobs.put("cache", "x.png", png())
+    p = processor(blobs)
+    monkeypatch.setattr(blob_trigger, "get_processor", lambda: p)
+    stream = func.blob.InputStream(data=png(), name="images/../cache/x.png", length=len(png()))
+    await blob_trigger.main(stream)
+    assert blobs.calls and not any(key == "cache/x.png" for _, key in blobs.calls)
+    assert record(blobs, record_names("../cache/x.png").error)["error"]["code"] == "invalid_blob_name"
+
+
+async def test_blob_trigger_records_an_oversized_blob_without_reading_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import azure.functions as func
+
+    import blob_trigger
+
+    blobs = FakeBlobService()
+    blobs.put("images", "big.png", b"\0" * 500)
+    p = processor(blobs, MAX_IMAGE_BYTES="100")
+    monkeypatch.setattr(blob_trigger, "get_processor", lambda: p)
+    stream = func.blob.InputStream(data=b"\0" * 500, name="images/big.png", length=500, blob_properties={"ETag": '"e"'})
+    stream.read = lambda *a: pytest.fail("read() of an oversized blob")  # type: ignore[method-assign]
+    await blob_trigger.main(stream)
+    assert record(blobs, "big.png.error.json")["error"]["code"] == "image_too_large"
