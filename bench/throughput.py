@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.seed_baseline import LABEL as BASELINE
-from local.model_admin import ModelAdmin
+from local.model_admin import ModelAdmin, read_token
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = "ours (vlm-functions)"
@@ -292,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
+        token_file = Path(tmp) / "model-admin-token"
+        cmd += ["--admin-token-file", str(token_file)]
         server = procs.start_process(cmd, name="model-server", log_path=Path(tmp) / "model_server.log", cwd=ROOT)
         try:
             procs.wait_for_http(f"{url}/health", timeout_s=60, proc=server)
-            admin = ModelAdmin(url)
+            admin = ModelAdmin(url, read_token(token_file))
             quotas = ["same", "seed"] if a.baseline_quota == "both" else [a.baseline_quota]
             plan = [("ours", "")] if a.only != "baseline" else []
             plan += [("baseline", q) for q in quotas] if a.only != "ours" else []

@@ -31,6 +31,8 @@ from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
 from shared.errors import UnsupportedMediaType
 from shared.image_formats import sniff as sniff_format
+from shared.names import name_problem
+from shared.results import record_names
 from shared.storage import dev_connection_string, expand_connection_string
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -276,6 +278,10 @@ def scan(folder: Path, prefix: str) -> tuple[list[_Upload], list[_Upload], list[
         if reason:
             skipped.append(Skipped(rel, reason))
             continue
+        problem = name_problem(prefix + rel)
+        if problem is not None:  # the service would only record it as invalid_blob_name
+            skipped.append(Skipped(rel, f"its blob name {problem}"))
+            continue
         if path.name == TASK_FILE:
             tasks.append(_Upload(path, rel, prefix + rel, "task"))
             continue
@@ -365,7 +371,7 @@ async def _upload_one(container: ContainerClient, item: _Upload, sem: asyncio.Se
 
 def _row_from_record(item: _Upload, record: dict[str, Any], result_blob: str) -> Row:
     """Turn a result/error record into a table row."""
-    if record.get("status") == "failed" or result_blob.endswith(".error.json"):
+    if record.get("status") == "failed" or result_blob == record_names(item.blob).error:
         error = record.get("error") or {}
         return Row(
             item.rel,
@@ -391,9 +397,13 @@ def _row_from_record(item: _Upload, record: dict[str, Any], result_blob: str) ->
 
 
 async def _check_one(results: ContainerClient, item: _Upload, listing: dict[str, str], sem: asyncio.Semaphore) -> None:
-    """Read this upload's result (or error) record if it changed, and accept it if the sha256 is ours."""
-    for suffix in (".json", ".error.json"):  # a success wins over an older error
-        name = item.blob + suffix
+    """Read this upload's result (or error) record if it changed, and accept it if the sha256 is ours.
+
+    Record names come from shared.results.record_names, the service's own mapping (escaped, or
+    hashed when long), so this never guesses a suffix.
+    """
+    names = record_names(item.blob)
+    for name in (names.success, names.error):  # a success wins over an older error
         etag = listing.get(name)
         if etag is None or item.seen_etags.get(name) == etag:
             continue

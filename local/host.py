@@ -11,7 +11,7 @@ read, and every `<folder>/function.json` becomes a function:
                   (Azure pushes blob events through Event Grid; polling is the local stand-in)
 - queueTrigger -> the queue is polled; retries by dequeue count, then `<queue>-poison`
 
-GET /admin/host/status answers {"state": "Running", ...} for health checks. One log line per
+GET /admin/host/status (with the function key) answers {"state": "Running", ...} for health checks. One log line per
 invocation goes to stdout; SIGINT / SIGTERM stop it cleanly (in-flight work gets a grace period).
 `LocalHost` is the same host for in-process use (tests).
 """

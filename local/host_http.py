@@ -3,7 +3,9 @@
 Routes are `/<routePrefix>/<route or folder name>` (routePrefix from host.json, default `api`),
 with `{param}`, `{param?}`, `{param:int}` and `{*rest}` templates. A function whose `authLevel`
 is `function` or `admin` needs the key in the `LOCAL_FUNCTION_KEY` setting, sent as the
-`x-functions-key` header or the `code` query parameter. The function gets a real
+`x-functions-key` header or the `code` query parameter; so does `GET /admin/host/status` (the real
+host guards its admin API with the master key; here the one local key stands for both). A key
+that is not valid UTF-8 is simply a wrong key (401). The function gets a real
 `azure.functions.HttpRequest` and its `HttpResponse` is sent back with the worker's content-type
 rule (`text/*` mimetypes get `; charset=...`).
 """
@@ -139,8 +141,9 @@ class HttpFrontEnd:
         self.app = web.Application(client_max_size=max_body_bytes)
         self.app.router.add_route("*", "/{tail:.*}", self._handle)
 
-    def _authorized(self, request: web.Request, route: HttpRoute) -> tuple[bool, str]:
-        if route.auth_level == "anonymous":
+    def _authorized(self, request: web.Request, route: HttpRoute | None) -> tuple[bool, str]:
+        """`route` None is the host's own admin status, which always needs the key."""
+        if route is not None and route.auth_level == "anonymous":
             return True, ""
         expected = self._function_key()
         if not expected:
@@ -148,7 +151,8 @@ class HttpFrontEnd:
         given = request.headers.get("x-functions-key") or request.query.get("code")
         if not given:
             return False, "missing function key: send the x-functions-key header or the code query parameter"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        # undecodable header bytes arrive as surrogate escapes: compare bytes, never raise
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
             return False, "invalid function key"
         return True, ""
 
@@ -157,6 +161,9 @@ class HttpFrontEnd:
         if path.rstrip("/").lower() == STATUS_PATH:
             if request.method not in ("GET", "HEAD"):
                 return json_response(405, "method_not_allowed", "use GET", {"Allow": "GET, HEAD"})
+            ok, why = self._authorized(request, None)
+            if not ok:
+                return json_response(401, "unauthorized", why)
             return web.json_response(self._status())
         matches = [(r, m) for r in self.routes if (m := r.regex.match(path))]
         if not matches:

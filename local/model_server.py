@@ -41,6 +41,7 @@ from typing import Any
 
 from aiohttp import web
 
+from local.model_admin import ADMIN_TOKEN_FILE, admin_guard, bounded_number, new_admin_token, write_token
 from local.model_behaviour import DEPLOYMENT_NOT_FOUND, ModelBehaviour, parse_deployments
 from local.model_faults import (
     EARLY_FAULTS,
@@ -79,6 +80,12 @@ MODES = ("ocr", "facts")
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 DATA_URL_RE = re.compile(r"data:(?P<mime>[\w/+.-]*)(?P<params>(;[\w-]+=[^;,]*)*)?;base64,(?P<data>.*)", re.S)
 JSON_SCHEMA_MIN_API_VERSION = "2024-08-01"  # the first api-version that accepts response_format json_schema
+# bounds on the admin knobs (local/model_admin.py): a typo or a hostile value is a 400, not a hang
+MAX_HOLD_S = 600.0  # latency_ms, jitter_ms, fault timeout_s, retry_after_ms
+MAX_WINDOW_S = 86_400.0
+MAX_QUOTA = 1_000_000_000  # rpm, tpm, default_max_tokens
+MAX_FAULT_SCRIPT = 10_000
+MAX_ADMIN_STRING = 1_000
 
 
 @dataclass
@@ -114,6 +121,8 @@ class ModelServerConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     max_images: int = 50
     clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
+    admin_token: str = field(default_factory=new_admin_token, repr=False, compare=False)  # fresh per start
+    admin_token_file: str | None = None  # where main() writes it for the stack, tests and people
 
 
 class RequestError(Exception):
@@ -492,19 +501,29 @@ class ModelServer:
 
     def _fault_settings(self, body: dict[str, Any]) -> FaultSettings:
         c = self.config
+        script = body.get("script")
+        if isinstance(script, list | str) and len(script) > MAX_FAULT_SCRIPT:
+            raise FaultSpecError(f"'script' may hold at most {MAX_FAULT_SCRIPT} entries")
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise FaultSpecError("'model' must be a string or null")
         match = body.get("match")
         if match is not None and not isinstance(match, str):
             raise FaultSpecError("'match' must be a string or null")
+        if (match and len(match) > MAX_ADMIN_STRING) or (model and len(model) > MAX_ADMIN_STRING):
+            raise FaultSpecError(f"'model' and 'match' may be at most {MAX_ADMIN_STRING} characters")
         try:
-            timeout_s = float(body.get("timeout_s", c.fault_timeout_s))
-            retry_after_ms = int(body.get("retry_after_ms", c.fault_retry_after_ms))
-            seed = body.get("seed", c.seed)
-            seed = None if seed is None else int(seed)
-        except (TypeError, ValueError) as exc:
-            raise FaultSpecError(f"bad fault setting: {exc}") from exc
+            timeout_s = bounded_number(body, "timeout_s", c.fault_timeout_s, lo=0, hi=MAX_HOLD_S)
+            retry_after_ms = bounded_number(
+                body, "retry_after_ms", c.fault_retry_after_ms, lo=0, hi=MAX_HOLD_S * 1000, integer=True
+            )
+            seed = (
+                None
+                if body.get("seed", c.seed) is None
+                else bounded_number(body, "seed", c.seed or 0, lo=-(2**63), hi=2**63, integer=True)
+            )
+        except ValueError as exc:
+            raise FaultSpecError(str(exc)) from None
         return FaultSettings(
             rates=parse_rates(body.get("rates")),
             script=parse_script(body.get("script")),
@@ -756,8 +775,8 @@ class ModelServer:
             return {}
         try:
             body = await request.json()
-        except json.JSONDecodeError as exc:
-            raise RequestError("admin body is not JSON") from exc
+        except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, nesting too deep
+            raise RequestError("admin body is not JSON") from None
         if not isinstance(body, dict):
             raise RequestError("admin body must be a JSON object")
         return body
@@ -777,14 +796,15 @@ class ModelServer:
             return web.json_response({"quota": self.quota_state()})
         try:
             body = await self._admin_body(request)
+            model = body.get("model")
+            if model is not None and (not isinstance(model, str) or len(model) > MAX_ADMIN_STRING):
+                raise ValueError(f"model must be a string of at most {MAX_ADMIN_STRING} characters")
             limits = QuotaLimits(
-                rpm=int(body.get("rpm") or 0),
-                tpm=int(body.get("tpm") or 0),
-                window_s=float(body.get("window_s") or self.config.window_s),
-                model=body.get("model"),
+                rpm=bounded_number(body, "rpm", 0, lo=0, hi=MAX_QUOTA, integer=True),
+                tpm=bounded_number(body, "tpm", 0, lo=0, hi=MAX_QUOTA, integer=True),
+                window_s=bounded_number(body, "window_s", self.config.window_s, lo=0.001, hi=MAX_WINDOW_S),
+                model=model,
             )
-            if limits.rpm < 0 or limits.tpm < 0 or limits.window_s <= 0:
-                raise ValueError("rpm and tpm must be >= 0 and window_s > 0")
         except (RequestError, TypeError, ValueError) as exc:
             return web.json_response(error_body(str(exc), "invalid_request_error"), status=400)
         self.quota.configure(limits)
@@ -799,14 +819,14 @@ class ModelServer:
             mode = body.get("mode", c.mode)
             if mode not in MODES:
                 raise ValueError(f"mode must be one of {MODES}")
-            latency = float(body.get("latency_ms", c.latency_ms))
-            jitter = float(body.get("jitter_ms", c.jitter_ms))
-            if latency < 0 or jitter < 0:
-                raise ValueError("latency_ms and jitter_ms must be >= 0")
+            latency = bounded_number(body, "latency_ms", c.latency_ms, lo=0, hi=MAX_HOLD_S * 1000)
+            jitter = bounded_number(body, "jitter_ms", c.jitter_ms, lo=0, hi=MAX_HOLD_S * 1000)
             json_schema = body.get("json_schema", c.json_schema)
             if not isinstance(json_schema, bool):
                 raise ValueError("json_schema must be a boolean")
-            default_max = int(body.get("default_max_tokens", c.default_max_tokens))
+            default_max = bounded_number(
+                body, "default_max_tokens", c.default_max_tokens, lo=1, hi=MAX_QUOTA, integer=True
+            )
         except (RequestError, TypeError, ValueError) as exc:
             return web.json_response(error_body(str(exc), "invalid_request_error"), status=400)
         c.mode, c.latency_ms, c.jitter_ms, c.json_schema, c.default_max_tokens = (
@@ -863,7 +883,9 @@ def build_app(config: ModelServerConfig | None = None, *, ocr: OcrEngine | None 
     """The aiohttp application; pass a shared OcrEngine to reuse one loaded model across apps (tests)."""
     config = config or ModelServerConfig()
     server = ModelServer(config, ocr)
-    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[azure_errors])
+    app = web.Application(
+        client_max_size=64 * 1024 * 1024, middlewares=[admin_guard(lambda: config.admin_token), azure_errors]
+    )
     app[SERVER_KEY] = server
     for prefix in ("/v1", "/openai/v1"):
         app.router.add_post(f"{prefix}/chat/completions", server.chat_completions)
@@ -937,6 +959,12 @@ def parse_args(argv: list[str] | None = None) -> ModelServerConfig:
         "--image-tokens", default=DEFAULT_SPEC, help="image token formula: tile:BASE:PER_TILE[:PX] or patch:MULT[:CAP]"
     )
     p.add_argument("--deployments", default="", help="known deployment names (others: 404 DeploymentNotFound)")
+    p.add_argument(
+        "--admin-token-file",
+        default=None,
+        help=f"write this start's admin token here (the stack uses .local/{ADMIN_TOKEN_FILE}); "
+        "without it the token is printed",
+    )
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -970,6 +998,7 @@ def parse_args(argv: list[str] | None = None) -> ModelServerConfig:
         reasoning_tokens=a.reasoning_tokens,
         image_tokens=a.image_tokens,
         deployments=parse_deployments(a.deployments),
+        admin_token_file=a.admin_token_file,
     )
     try:
         behaviour_from(config)
@@ -981,8 +1010,13 @@ def parse_args(argv: list[str] | None = None) -> ModelServerConfig:
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     app = build_app(config)
+    if config.admin_token_file:  # written before the port opens: whoever waits for /health can read it
+        where = f"in {write_token(config.admin_token_file, config.admin_token)}"
+    else:
+        where = config.admin_token
     print(
-        f"local model server ({config.model_name}, mode {config.mode}) on http://{config.host}:{config.port}/v1",
+        f"local model server ({config.model_name}, mode {config.mode}) on http://{config.host}:{config.port}/v1; "
+        f"admin token (Authorization: Bearer ...) {where}",
         flush=True,
     )
     web.run_app(app, host=config.host, port=config.port, print=None, access_log_format='%a "%r" %s %b %Tfs')

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from local import procs
 from local.azurite import Azurite, start_azurite
+from local.model_admin import ADMIN_TOKEN_FILE, ModelAdmin, read_token
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ROOT / "local.settings.json"
@@ -64,6 +65,7 @@ class Stack:
         self.model: procs.Proc | None = None
         self.host: procs.Proc | None = None
         self.values = dict(config.values)
+        self.model_admin_token = ""  # this start's token for the model server's /admin/* (local/model_admin.py)
 
     @property
     def host_url(self) -> str:
@@ -72,6 +74,14 @@ class Stack:
     @property
     def model_url(self) -> str:
         return f"http://127.0.0.1:{self.config.model_port}"
+
+    @property
+    def model_admin_token_file(self) -> Path:
+        return self.config.data_dir / ADMIN_TOKEN_FILE
+
+    def model_admin(self) -> ModelAdmin:
+        """A client for the local model server's /stats and /admin/*, with this start's token."""
+        return ModelAdmin(self.model_url, self.model_admin_token)
 
     @property
     def function_key(self) -> str:
@@ -127,12 +137,22 @@ class Stack:
                     self.values[name] = self.azurite.connection_string
             if self._uses_local_model():
                 self.model = procs.start_process(
-                    [c.python, "-m", "local.model_server", "--port", str(c.model_port), *c.model_args],
+                    [
+                        c.python,
+                        "-m",
+                        "local.model_server",
+                        "--port",
+                        str(c.model_port),
+                        "--admin-token-file",
+                        str(self.model_admin_token_file),
+                        *c.model_args,
+                    ],
                     name="model-server",
                     log_path=logs / "model_server.log",
                     cwd=c.root,
                 )
                 procs.wait_for_http(f"{self.model_url}/health", timeout_s=60, proc=self.model)
+                self.model_admin_token = read_token(self.model_admin_token_file)  # written before the port opened
                 self.values["VLM_ENDPOINT"] = f"{self.model_url}/v1"
             host_settings = c.data_dir / "host.settings.json"
             host_settings.write_text(json.dumps({"IsEncrypted": False, "Values": self.values}, indent=2))
@@ -154,7 +174,7 @@ class Stack:
                 log_path=logs / "host.log",
                 cwd=c.root,
             )
-            procs.wait_for_http(f"{self.host_url}/admin/host/status", timeout_s=60, proc=self.host)
+            procs.wait_for_http(f"{self.host_url}/admin/host/status", timeout_s=60, proc=self.host, headers=self._key())
         except BaseException:
             self.stop()
             raise
@@ -168,7 +188,11 @@ class Stack:
         self.host.stop()
         self.host = procs.start_process(cmd, name="functions-host", log_path=self.host.log_path, cwd=self.config.root)
         self.pidfile.record(self._processes())
-        procs.wait_for_http(f"{self.host_url}/admin/host/status", timeout_s=60, proc=self.host)
+        procs.wait_for_http(f"{self.host_url}/admin/host/status", timeout_s=60, proc=self.host, headers=self._key())
+
+    def _key(self) -> dict[str, str]:
+        """The host's status endpoint needs the function key like every function."""
+        return {"x-functions-key": self.function_key} if self.function_key else {}
 
     def stop(self) -> None:
         for proc in (self.host, self.model):
@@ -202,13 +226,19 @@ def banner(stack: Stack) -> str:
     # local.drop reads local.settings.json, which means Azurite on its default port
     moved = stack.azurite is not None and stack.config.blob_port != 10000
     storage_flag = f' --connection-string "{stack.connection_string}"' if moved else ""
+    admin = (
+        f'  model admin      curl -H "Authorization: Bearer $(cat {stack.model_admin_token_file})" '
+        f"{stack.model_url}/admin/config\n"
+        if stack.model
+        else ""
+    )
     return f"""
 vlm-functions is running locally
   Functions host   {stack.host_url}   (analyze_http, blob_trigger, poison_blobs)
   model server     {stack.model_url if stack.model else stack.values.get("VLM_ENDPOINT")}
   storage          {storage}
   logs             {stack.config.data_dir / "logs"}
-
+{admin}
 Analyse an image:
   curl -F file=@{photo} "{stack.host_url}/api/analyze?code={key}"
   curl -F file=@invoice.png -F task=invoice "{stack.host_url}/api/analyze?code={key}"

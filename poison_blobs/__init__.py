@@ -1,7 +1,9 @@
 """Queue trigger on `webjobs-blobtrigger-poison`: the host gave up on a blob after its retries.
 
-Writes `results/<path>.error.json` with the last error seen, so a poisoned blob is
-recorded where users look, never lost silently.
+Writes the blob's error record (`results/<path>.error.json`, named by shared.results.record_names)
+with the last error seen, so a poisoned blob is recorded where users look, never lost silently.
+The blob name in the message is only used through record_poison, which never reads a blob whose
+name is not a safe name (shared/names.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from shared.blob_job import get_processor
 
 
 async def main(msg: func.QueueMessage) -> None:
-    body = json.loads(msg.get_body())
+    try:
+        body = json.loads(msg.get_body())
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("BlobName"), str):
+        logging.warning("poison message without a blob name ignored")  # retrying it would not help
+        return
     processor = get_processor()
     if body.get("ContainerName") != processor.deps.settings.images_container:
         logging.warning("poison message for another container ignored: %s", body)

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ImageTooLarge, InvalidRequest, VlmError
+from .names import MAX_BLOB_NAME, name_problem
 from .pipeline import AnalysisRequest, Dependencies, analyze
-from .results import ResultWriter, Source, now_iso
+from .results import ResultWriter, Source, now_iso, record_names
 from .tasks import parse_labels
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,12 @@ TASK_KEYS = {"task", "prompt", "detail", "schema", "labels", "max_tokens", "page
 
 class InvalidTaskConfig(InvalidRequest):
     code = "invalid_task_config"
+
+
+class InvalidBlobName(InvalidRequest):
+    """A source blob whose name is not a safe name (shared/names.py): recorded, never walked or joined."""
+
+    code = "invalid_blob_name"
 
 
 class ManifestIncomplete(VlmError):
@@ -65,9 +72,10 @@ def job_fingerprint(fields: dict[str, Any], images: list[bytes]) -> str:
 
 
 def folders_up(name: str) -> list[str]:
-    """'a/b/c.jpg' -> ['a/b/', 'a/', ''] (nearest first)."""
+    """'a/b/c.jpg' -> ['a/b/', 'a/', ''] (nearest first); folders too long to hold a `_task.json` are left out."""
     parts = name.split("/")[:-1]
-    return ["/".join(parts[:i]) + "/" if i else "" for i in range(len(parts), -1, -1)]
+    folders = ["/".join(parts[:i]) + "/" if i else "" for i in range(len(parts), -1, -1)]
+    return [f for f in folders if len(f) + len(TASK_FILE) <= MAX_BLOB_NAME]
 
 
 def is_control_file(name: str) -> bool:
@@ -147,28 +155,39 @@ class BlobProcessor:
         self.writer = ResultWriter(deps.blobs, deps.settings.results_container)
 
     async def _schema(self, ref: Any, origin: str) -> dict[str, Any] | None:
+        """An inline schema, or one named in the schemas container: the name checked, the blob's size from its properties."""
         if ref is None or isinstance(ref, dict):
             return ref
+        details = {"task_file": origin, "field": "schema"}
         if not isinstance(ref, str) or not ref:
-            raise InvalidTaskConfig(f"{origin}: schema must be an object or a blob name", details={"task_file": origin})
+            raise InvalidTaskConfig(f"{origin}: schema must be an object or a blob name", details=details)
+        problem = name_problem(ref, max_length=MAX_BLOB_NAME - len(".json"))
+        if problem is not None:
+            raise InvalidTaskConfig(f"{origin}: the schema name {problem}", details=details)
         from azure.core.exceptions import ResourceNotFoundError
 
+        limit = self.deps.settings.max_schema_blob_bytes
         container = await self.deps.blobs.container(self.deps.settings.schemas_container)
         for candidate in (ref, ref + ".json"):
             try:
-                raw = await (await container.download_blob(candidate)).readall()
+                size, raw = await read_within(container, candidate, limit)
             except ResourceNotFoundError:
                 continue
+            if raw is None:
+                raise InvalidTaskConfig(
+                    f"{origin}: schema blob {candidate} is {size} bytes, over MAX_SCHEMA_BLOB_BYTES ({limit})",
+                    details={**details, "limit": limit},
+                )
             try:
                 schema = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise InvalidTaskConfig(f"schema blob {candidate} is not valid JSON: {exc}") from None
+            except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise InvalidTaskConfig(f"schema blob {candidate} is not valid JSON", details=details) from None
             if not isinstance(schema, dict):
-                raise InvalidTaskConfig(f"schema blob {candidate} must hold a JSON object")
+                raise InvalidTaskConfig(f"schema blob {candidate} must hold a JSON object", details=details)
             return schema
         raise InvalidTaskConfig(
             f"{origin} names schema {ref!r}, which is not in the {self.deps.settings.schemas_container} container",
-            details={"task_file": origin, "schema": ref},
+            details={**details, "schema": ref},
         )
 
     async def _attempts(self, name: str, etag: str | None) -> dict[str, Any]:
@@ -176,7 +195,7 @@ class BlobProcessor:
 
         container = await self.deps.blobs.container(self.deps.settings.cache_container)
         try:
-            doc = json.loads(await (await container.download_blob(f"attempts/{name}.json")).readall())
+            doc = json.loads(await (await container.download_blob(record_names(name).attempts)).readall())
         except (ResourceNotFoundError, json.JSONDecodeError):
             return {"etag": etag, "failures": 0}
         return doc if doc.get("etag") == etag else {"etag": etag, "failures": 0}
@@ -191,7 +210,7 @@ class BlobProcessor:
             )
             doc["at"] = now_iso()
             container = await self.deps.blobs.container(self.deps.settings.cache_container)
-            await container.upload_blob(f"attempts/{name}.json", json.dumps(doc).encode(), overwrite=True)
+            await container.upload_blob(record_names(name).attempts, json.dumps(doc).encode(), overwrite=True)
         except Exception as exc:  # bookkeeping only; the host still retries
             log.warning("could not record the failed attempt for %s: %s", name, exc)
 
@@ -200,7 +219,7 @@ class BlobProcessor:
 
         container = await self.deps.blobs.container(self.deps.settings.cache_container)
         try:
-            await container.delete_blob(f"attempts/{name}.json")
+            await container.delete_blob(record_names(name).attempts)
         except ResourceNotFoundError:
             pass
 
@@ -215,6 +234,9 @@ class BlobProcessor:
         job: str | None = None
         attempts = 1
         try:
+            problem = name_problem(name)
+            if problem is not None:  # never walked for _task.json nor joined with manifest entries
+                raise InvalidBlobName(f"the blob name {problem}", details={"field": "name"})
             if basename == MANIFEST_FILE:
                 config, images = await self._manifest(name, data)
             else:
@@ -297,13 +319,19 @@ class BlobProcessor:
         )
 
     async def _manifest(self, name: str, data: bytes) -> tuple[TaskConfig, list[bytes]]:
-        """A multi-image job: `_manifest.json` names the images (relative to its folder; default: all of them)."""
+        """A multi-image job: `_manifest.json` names the images (relative to its folder; default: all of them).
+
+        Every entry is checked as a name before any storage call (no `..` reaching into other
+        containers), the list is capped (MAX_MANIFEST_IMAGES) and each image's size is read from
+        its properties before it is downloaded (MAX_IMAGE_BYTES each, MAX_MANIFEST_BYTES together).
+        """
         from azure.core.exceptions import ResourceNotFoundError
 
+        settings = self.deps.settings
         try:
             doc = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidTaskConfig(f"{name} is not valid JSON: {exc}", details={"manifest": name}) from None
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise InvalidTaskConfig(f"{name} is not valid JSON", details={"manifest": name}) from None
         if not isinstance(doc, dict):
             raise InvalidTaskConfig(f"{name} must be a JSON object", details={"manifest": name})
         folder = name[: -len(MANIFEST_FILE)]
@@ -313,27 +341,56 @@ class BlobProcessor:
             fields = {**inherited.fields, **fields, "task": inherited.task}
         else:
             _parse_task_file(json.dumps(fields).encode(), name)  # same checks as _task.json
-        container = await self.deps.blobs.container(self.deps.settings.images_container)
+        container = await self.deps.blobs.container(settings.images_container)
+        cap = settings.max_manifest_images
         listed = doc.get("images")
         if listed is None:
-            listed = sorted(
-                b.name[len(folder) :]
-                async for b in container.list_blobs(name_starts_with=folder)
-                if "/" not in b.name[len(folder) :] and b.name[len(folder) :] not in CONTROL_FILES
-            )
+            listed = await _folder_images(container, folder, cap)
         if not isinstance(listed, list) or not all(isinstance(x, str) and x for x in listed):
-            raise InvalidTaskConfig(f'{name}: "images" must be a list of blob names', details={"manifest": name})
-        images, missing = [], []
+            raise InvalidTaskConfig(
+                f'{name}: "images" must be a list of blob names', details={"manifest": name, "field": "images"}
+            )
+        if len(listed) > cap:
+            raise InvalidTaskConfig(
+                f"{name} names {len(listed)} images, over MAX_MANIFEST_IMAGES ({cap})",
+                details={"manifest": name, "field": "images", "limit": cap},
+            )
+        for i, rel in enumerate(listed):
+            problem = name_problem(rel) or name_problem(folder + rel)
+            if problem is not None:
+                raise InvalidTaskConfig(
+                    f"{name}: images[{i}] {problem}", details={"manifest": name, "field": f"images[{i}]"}
+                )
+        per_image, total_limit = settings.max_image_bytes, settings.max_manifest_bytes
+        sizes: dict[str, tuple[int, str | None]] = {}
+        missing: list[str] = []
         for rel in listed:
             try:
-                images.append(await (await container.download_blob(folder + rel)).readall())
+                props = await container.get_blob_client(folder + rel).get_blob_properties()
             except ResourceNotFoundError:
                 missing.append(rel)
+                continue
+            sizes[rel] = (int(props.size), props.etag)
         if missing:
             raise ManifestIncomplete(
-                f"{name} lists images that are not in the container yet: {', '.join(missing[:10])}",
-                details={"manifest": name, "missing": missing},
+                f"{name} lists {len(missing)} images that are not in the container yet: {', '.join(missing[:10])}",
+                details={"manifest": name, "missing": missing[:100]},
             )
+        for i, rel in enumerate(listed):
+            if sizes[rel][0] > per_image:
+                raise ImageTooLarge(
+                    f"{name}: images[{i}] is {sizes[rel][0]} bytes, over MAX_IMAGE_BYTES ({per_image})",
+                    details={"manifest": name, "field": f"images[{i}]", "limit": per_image},
+                )
+        total = sum(sizes[rel][0] for rel in listed)
+        if total > total_limit:
+            raise ImageTooLarge(
+                f"{name}: its images add up to {total} bytes, over MAX_MANIFEST_BYTES ({total_limit})",
+                details={"manifest": name, "field": "images", "limit": total_limit},
+            )
+        images = []
+        for rel in listed:
+            images.append(await _download_unchanged(container, folder + rel, sizes[rel][1]))
         return TaskConfig(fields["task"], name, fields), images
 
     async def record_poison(self, name: str, etag: str | None) -> dict[str, Any]:
@@ -341,11 +398,13 @@ class BlobProcessor:
         from azure.core.exceptions import ResourceNotFoundError
 
         container = await self.deps.blobs.container(self.deps.settings.images_container)
-        try:
-            data = await (await container.download_blob(name)).readall()
-        except ResourceNotFoundError:
-            data = b""  # deleted since: still record that it was given up on
-        sha = hashlib.sha256(data).hexdigest() if data else ""
+        size, data = 0, None
+        if name_problem(name) is None:  # an unsafe name is recorded (under a hashed name) but never read
+            try:
+                size, data = await read_within(container, name, self.deps.settings.max_image_bytes)
+            except ResourceNotFoundError:
+                pass  # deleted since: still record that it was given up on
+        sha = hashlib.sha256(data).hexdigest() if data else ""  # "" when absent or too large to hash
         previous = await self._attempts(name, etag)
         last = previous.get("last_error") or {"code": "unknown", "message": "no failure was recorded"}
         record = {
@@ -356,7 +415,7 @@ class BlobProcessor:
                 f"last error: {last.get('code')}: {last.get('message')}",
                 "details": {"last_error": last},
             },
-            "source": Source(self.deps.settings.images_container, name, etag, sha, len(data)).to_dict(),
+            "source": Source(self.deps.settings.images_container, name, etag, sha, size).to_dict(),
             "task": previous.get("task"),
             "job": previous.get("job"),
             "attempts": previous.get("failures", 0),
@@ -365,6 +424,46 @@ class BlobProcessor:
         await self.writer.write_error(name, record)
         await self._clear_attempts(name)
         return record
+
+
+async def read_within(container: Any, blob: str, limit: int) -> tuple[int, bytes | None]:
+    """(size, content) of a blob; its size comes from its properties, and the content is None
+    (never downloaded) when that is over `limit`. Raises ResourceNotFoundError."""
+    props = await container.get_blob_client(blob).get_blob_properties()
+    size = int(props.size)
+    if size > limit:
+        return size, None
+    return size, await _download_unchanged(container, blob, props.etag)
+
+
+async def _download_unchanged(container: Any, blob: str, etag: str | None) -> bytes:
+    """The blob's content if it still has `etag` (a blob rewritten since its size was checked
+    fails with ResourceModifiedError, a storage error: retried, then checked again)."""
+    from azure.core import MatchConditions
+
+    if etag is None:
+        return await (await container.download_blob(blob)).readall()
+    downloader = await container.download_blob(blob, etag=etag, match_condition=MatchConditions.IfNotModified)
+    return await downloader.readall()
+
+
+async def _folder_images(container: Any, folder: str, cap: int) -> list[str]:
+    """The folder's own files (not its subfolders' nor control files), in name order; refuses a
+    folder with more than `cap` of them (or 10x as many entries of any kind) without listing the rest."""
+    names: list[str] = []
+    seen = 0
+    async for item in container.walk_blobs(name_starts_with=folder, delimiter="/"):
+        seen += 1
+        rel = item.name[len(folder) :]
+        if rel and not rel.endswith("/") and rel not in CONTROL_FILES:  # not a subfolder (BlobPrefix)
+            names.append(rel)
+        if len(names) > cap or seen > 10 * cap + 10:
+            raise InvalidTaskConfig(
+                f"{folder}{MANIFEST_FILE} takes every file in its folder, which holds more than "
+                f"MAX_MANIFEST_IMAGES ({cap}); list the images in it",
+                details={"manifest": folder + MANIFEST_FILE, "field": "images", "limit": cap},
+            )
+    return sorted(names)
 
 
 _PROCESSORS: dict[int, BlobProcessor] = {}

@@ -93,6 +93,10 @@ class Settings:
     max_sent_images: int = 50
     # Requests preparing images at once per worker process: bounds decode memory (x MAX_DECODED_BYTES).
     prepare_concurrency: int = 2
+    # blob names and folder files (issue 10): budgets checked from blob properties before any download
+    max_manifest_images: int = 50  # images one _manifest.json may name (or its folder may hold)
+    max_manifest_bytes: int = 64 * MIB  # their total size
+    max_schema_blob_bytes: int = 256 * 1024  # a schema blob named in _task.json / _manifest.json
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -156,6 +160,10 @@ class Settings:
             min_image_side=r.integer("MIN_IMAGE_SIDE", 8, minimum=1),
             max_sent_images=r.integer("MAX_SENT_IMAGES", 50, minimum=1),
             prepare_concurrency=r.integer("PREPARE_CONCURRENCY", 2, minimum=1),
+            # blob names and folder files
+            max_manifest_images=r.integer("MAX_MANIFEST_IMAGES", 50, minimum=1),
+            max_manifest_bytes=r.integer("MAX_MANIFEST_BYTES", 64 * MIB, minimum=1),
+            max_schema_blob_bytes=r.integer("MAX_SCHEMA_BLOB_BYTES", 256 * 1024, minimum=1),
         )
 
 

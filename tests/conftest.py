@@ -58,4 +58,4 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model_admin(stack) -> ModelAdmin:
-    return ModelAdmin(stack.model_url)
+    return stack.model_admin()

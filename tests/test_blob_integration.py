@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from azure.storage.blob import BlobServiceClient
 
+from shared.results import record_names
 from tests.conftest import corpus
 
 pytestmark = pytest.mark.integration
@@ -39,7 +40,7 @@ def wait_for(stack, names: list[str], prefix: str, timeout_s: float = 240) -> di
     deadline = time.monotonic() + timeout_s
     while True:
         got = records(stack, prefix)
-        missing = [n for n in names if f"{n}.json" not in got and f"{n}.error.json" not in got]
+        missing = [n for n in names if record_names(n).success not in got and record_names(n).error not in got]
         if not missing:
             return got
         if time.monotonic() > deadline:
@@ -83,17 +84,17 @@ def test_drop_photos_and_orientations_every_blob_gets_one_record(stack, model_ad
     got = wait_for(stack, all_names, "batch/")
 
     for name in names:
-        assert f"{name}.json" in got, (name, got.get(f"{name}.error.json"))
-        assert f"{name}.error.json" not in got
-        rec = got[f"{name}.json"]
+        assert record_names(name).success in got, (name, got.get(record_names(name).error))
+        assert record_names(name).error not in got
+        rec = got[record_names(name).success]
         assert rec["status"] == "succeeded" and rec["source"]["name"] == name
         assert len(rec["source"]["sha256"]) == 64 and rec["source"]["size"] > 0 and rec["source"]["etag"]
         assert rec["task"] == "describe" and rec["model"] and rec["deployment"] == "gpt-4o"
         assert rec["usage"]["total_tokens"] > 0 or rec["cached"]
         assert {"cost_usd", "attempts", "processed_at"} <= set(rec)
-    text = got["batch/notes.txt.error.json"]
+    text = got[record_names("batch/notes.txt").error]
     assert text["status"] == "failed" and text["error"]["code"] == "unsupported_media_type"
-    assert "batch/notes.txt.json" not in got
+    assert record_names("batch/notes.txt").success not in got
     broken = [k for k in got if k.startswith("batch/broken/truncated.jpg")]
     assert len(broken) == 1  # a result or a clear error, never neither, never both
     if broken[0].endswith(".error.json"):
@@ -112,7 +113,7 @@ def test_drop_photos_and_orientations_every_blob_gets_one_record(stack, model_ad
 def test_a_blob_over_the_size_limit_gets_an_error_record_without_being_read(stack):
     upload(stack, "big/huge.jpg", b"\xff\xd8\xff\xe0" + bytes(9 * 1024 * 1024))  # the test stack allows 8 MiB
     got = wait_for(stack, ["big/huge.jpg"], "big/")
-    err = got["big/huge.jpg.error.json"]
+    err = got[record_names("big/huge.jpg").error]
     assert err["error"]["code"] == "image_too_large" and err["source"]["size"] > 8 * 1024 * 1024
 
 
@@ -123,7 +124,7 @@ def test_same_image_in_another_folder_is_served_from_the_cache(stack, model_admi
     before = model_admin.requests()
     upload(stack, "dupes/b/two.jpg", data)
     got = wait_for(stack, ["dupes/b/two.jpg"], "dupes/")
-    assert got["dupes/b/two.jpg.json"]["cached"] is True
+    assert got[record_names("dupes/b/two.jpg").success]["cached"] is True
     assert model_admin.requests() == before
 
 
@@ -131,7 +132,7 @@ def test_task_json_configures_a_folder_and_is_never_analysed(stack):
     upload(stack, "folder-ocr/_task.json", json.dumps({"task": "ocr"}).encode())
     upload(stack, "folder-ocr/sub/receipt.png", corpus("documents", "oyo.png").read_bytes())
     got = wait_for(stack, ["folder-ocr/sub/receipt.png"], "folder-ocr/")
-    rec = got["folder-ocr/sub/receipt.png.json"]
+    rec = got[record_names("folder-ocr/sub/receipt.png").success]
     assert rec["task"] == "ocr" and "OYO" in rec["result"].upper()
     assert rec["task_config"] == "folder-ocr/_task.json"
     assert not any(k.startswith("folder-ocr/_task.json") for k in got)
@@ -144,8 +145,27 @@ def test_invalid_task_json_gives_each_file_an_error_record(stack):
     upload(stack, "badcfg/y.jpg", img[:-10] + b"0123456789")
     got = wait_for(stack, ["badcfg/x.jpg", "badcfg/y.jpg"], "badcfg/")
     for name in ("badcfg/x.jpg", "badcfg/y.jpg"):
-        err = got[f"{name}.error.json"]["error"]
+        err = got[record_names(name).error]["error"]
         assert err["code"] == "invalid_task_config" and "paint" in err["message"]
+
+
+def test_names_from_folders_stay_in_their_folder_and_records_never_collide(stack, model_admin):
+    """x.error succeeding and x failing are two records; a manifest reaching into the cache
+    container is an invalid_task_config on the first attempt with no model call."""
+    img = corpus("photos", "gps_tagged_640x480.jpg").read_bytes()
+    upload(stack, "names/x", b"not an image at all")
+    upload(stack, "names/x.error", img)
+    got = wait_for(stack, ["names/x", "names/x.error"], "names/")
+    assert got[record_names("names/x").error]["error"]["code"] == "unsupported_media_type"
+    assert got[record_names("names/x.error").success]["status"] == "succeeded"
+
+    before = model_admin.requests()
+    upload(stack, "names/job/_task.json", json.dumps({"task": "compare"}).encode())
+    upload(stack, "names/job/a.jpg", img)
+    upload(stack, "names/job/_manifest.json", json.dumps({"images": ["a.jpg", "../../../cache/x"]}).encode())
+    rec = wait_for(stack, ["names/job/_manifest.json"], "names/job/")[record_names("names/job/_manifest.json").error]
+    assert rec["error"]["code"] == "invalid_task_config" and rec["error"]["details"]["field"] == "images[1]"
+    assert rec["attempts"] == 1 and model_admin.requests() == before
 
 
 def _synthetic_images(n: int, seed: int) -> list[bytes]:
@@ -178,8 +198,8 @@ def test_host_restart_mid_drop_loses_nothing_and_recomputes_little(stack, model_
     stack.restart_host()
     got = wait_for(stack, names, "restart/")
     for name in names:
-        kinds = [k for k in got if k in (f"{name}.json", f"{name}.error.json")]
-        assert kinds == [f"{name}.json"], (name, kinds)
+        kinds = [k for k in got if k in (record_names(name).success, record_names(name).error)]
+        assert kinds == [record_names(name).success], (name, kinds)
     in_flight_bound = 4  # host.json extensions.blobs.maxDegreeOfParallelism
     assert model_admin.requests() - before <= len(images) + in_flight_bound
 
@@ -191,12 +211,12 @@ def test_a_blob_failing_transiently_five_times_is_poisoned_and_recorded(stack, m
         upload(stack, "poison/doomed.jpg", corpus("photos", "rgb_436x547.tiff").read_bytes())
         upload(stack, "flowing/fine.jpg", _synthetic_images(1, seed=99)[0])
         got = wait_for(stack, ["flowing/fine.jpg"], "flowing/")
-        assert got["flowing/fine.jpg.json"]["status"] == "succeeded"
+        assert got[record_names("flowing/fine.jpg").success]["status"] == "succeeded"
         got = wait_for(stack, ["poison/doomed.jpg"], "poison/", timeout_s=120)
     finally:
         model_admin.faults(rates={})
-    err = got["poison/doomed.jpg.error.json"]
-    assert "poison/doomed.jpg.json" not in got
+    err = got[record_names("poison/doomed.jpg").error]
+    assert record_names("poison/doomed.jpg").success not in got
     assert err["error"]["code"] == "poison"
     assert err["attempts"] == 5
     assert err["error"]["details"]["last_error"]["code"] == "upstream_unavailable"
@@ -207,13 +227,13 @@ def test_a_changed_task_json_makes_the_same_file_new_work(stack, model_admin):
     png = corpus("documents", "oyo.png").read_bytes()
     upload(stack, "retask/_task.json", json.dumps({"task": "describe"}).encode())
     upload(stack, "retask/r.png", png)
-    first = wait_for(stack, ["retask/r.png"], "retask/")["retask/r.png.json"]
+    first = wait_for(stack, ["retask/r.png"], "retask/")[record_names("retask/r.png").success]
     assert first["task"] == "describe"
     upload(stack, "retask/_task.json", json.dumps({"task": "ocr"}).encode())
     time.sleep(1)  # past the folder-config TTL the test stack sets
     upload(stack, "retask/r.png", png)
     deadline = time.monotonic() + 60
-    while records(stack, "retask/")["retask/r.png.json"]["task"] != "ocr":
+    while records(stack, "retask/")[record_names("retask/r.png").success]["task"] != "ocr":
         assert time.monotonic() < deadline, "the re-dropped file was not re-analysed with the new task"
         time.sleep(0.3)
 
@@ -223,5 +243,5 @@ def test_blob_metadata_names_the_task_when_no_folder_config_does(stack):
     container.upload_blob(
         "meta/receipt.png", corpus("documents", "oyo.png").read_bytes(), overwrite=True, metadata={"task": "ocr"}
     )
-    rec = wait_for(stack, ["meta/receipt.png"], "meta/")["meta/receipt.png.json"]
+    rec = wait_for(stack, ["meta/receipt.png"], "meta/")[record_names("meta/receipt.png").success]
     assert rec["task"] == "ocr" and rec["task_config"] == "metadata" and "OYO" in rec["result"].upper()

@@ -26,6 +26,7 @@ from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 from PIL import Image
 
 from local import drop as d
+from shared.results import record_names
 from shared.storage import dev_connection_string
 
 REPO = Path(__file__).resolve().parent.parent
@@ -184,7 +185,7 @@ class FakeWorker:
                 "attempts": 1,
                 "processed_at": "2025-01-01T00:00:00Z",
             }
-            suffix = ".error.json"
+            blob = record_names(name).error
         else:
             record = {
                 "status": "succeeded",
@@ -207,9 +208,9 @@ class FakeWorker:
                 "processed_at": "2025-01-01T00:00:00Z",
                 "timings_ms": {"total": 1},
             }
-            suffix = ".json"
+            blob = record_names(name).success
         await self.results.upload_blob(
-            name + suffix,
+            blob,
             json.dumps(record).encode(),
             overwrite=True,
             content_settings=ContentSettings(content_type="application/json"),
@@ -297,7 +298,7 @@ async def test_drop_folder_end_to_end(azurite: str, tmp_path: Path, capsys: pyte
         "model": "stale-model",
         "usage": {"total_tokens": 9999},
     }
-    await results.upload_blob(prefix + "stale.png.json", json.dumps(stale).encode(), overwrite=True)
+    await results.upload_blob(record_names(prefix + "stale.png").success, json.dumps(stale).encode(), overwrite=True)
 
     worker = FakeWorker(images, results, prefix, slow={"stale.png": 1.0})
     worker_task = asyncio.create_task(worker.run())
@@ -354,7 +355,7 @@ async def test_drop_folder_end_to_end(azurite: str, tmp_path: Path, capsys: pyte
     assert rows["invoices/a.png"].task == "invoice"
     # the stale record (other sha256) was ignored; the fresh one, written later, counted
     assert rows["invoices/stale.png"].model == "fake-model" and rows["invoices/stale.png"].tokens == 100
-    assert rows["invoices/sub/deeper/bad.png"].result_blob == "invoices/sub/deeper/bad.png.error.json"
+    assert rows["invoices/sub/deeper/bad.png"].result_blob == record_names("invoices/sub/deeper/bad.png").error
     assert "7/7 done, 2 failed" in err
 
     # tables
@@ -380,7 +381,7 @@ async def test_timeout_leaves_pending_and_exit_2(azurite: str, tmp_path: Path) -
     prefix = "timeout/"
     # two.png has a stale result already and the worker never gets to it
     stale = {"status": "succeeded", "source": {"sha256": "f" * 64}, "usage": {"total_tokens": 1}}
-    await results.upload_blob(prefix + "two.png.json", json.dumps(stale).encode(), overwrite=True)
+    await results.upload_blob(record_names(prefix + "two.png").success, json.dumps(stale).encode(), overwrite=True)
     worker = FakeWorker(images, results, prefix, ignore={"two.png"})
     worker_task = asyncio.create_task(worker.run())
     options = d.DropOptions(

@@ -385,11 +385,40 @@ def test_settings_and_host_json(tmp_path: Path) -> None:
 # --- HTTP -----------------------------------------------------------------------------------------
 
 
+async def raw_status_line(url: str, request: bytes) -> bytes:
+    """Send bytes aiohttp's client would refuse to send (a header that is not UTF-8); the status line."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    await writer.drain()
+    line = await reader.readline()
+    writer.close()
+    return line
+
+
 async def test_status(host: LocalHost, http: aiohttp.ClientSession) -> None:
-    async with http.get(f"{host.url}/admin/host/status") as r:
+    async with http.get(f"{host.url}/admin/host/status", headers={"x-functions-key": KEY}) as r:
         assert r.status == 200
         doc = await r.json()
     assert doc["state"] == "Running" and doc["id"] == host.host_id
+    async with http.get(f"{host.url}/admin/host/status?code={KEY}") as r:
+        assert r.status == 200
+
+
+async def test_status_needs_the_key(host: LocalHost, http: aiohttp.ClientSession) -> None:
+    for headers in ({}, {"x-functions-key": "wrong"}):
+        async with http.get(f"{host.url}/admin/host/status", headers=headers) as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized"
+            assert "Running" not in await r.text()
+
+
+@pytest.mark.parametrize("line", [b"GET /admin/host/status", b"POST /api/echo/42"])
+async def test_a_key_that_is_not_utf8_is_401_not_500(host: LocalHost, line: bytes) -> None:
+    request = (
+        line
+        + b" HTTP/1.1\r\nContent-Length: 0\r\nHost: x\r\nx-functions-key: \xff\xfe\x80k\r\nConnection: close\r\n\r\n"
+    )
+    assert (await raw_status_line(host.url, request)).split()[1] == b"401"
 
 
 async def test_http_keys_and_methods(host: LocalHost, http: aiohttp.ClientSession) -> None:
@@ -646,7 +675,11 @@ async def test_cli_subprocess(app: tuple[Path, Path], values: dict[str, str], tm
     )
     try:
         await asyncio.to_thread(
-            procs.wait_for_http, f"http://127.0.0.1:{port}/admin/host/status", timeout_s=30, proc=proc
+            procs.wait_for_http,
+            f"http://127.0.0.1:{port}/admin/host/status",
+            timeout_s=30,
+            proc=proc,
+            headers={"x-functions-key": KEY},
         )
         async with aiohttp.ClientSession() as s:
             async with s.post(f"http://127.0.0.1:{port}/api/echo", headers={"x-functions-key": KEY}) as r:
@@ -676,9 +709,9 @@ async def test_broken_function_is_reported_and_others_run(tmp_path: Path) -> Non
     build_app(root)
     (root / "boom" / "__init__.py").write_text("import no_such_module_anywhere\n")
     options = HostOptions(port=0, functions=("public_get", "boom", "blob_record"))
-    env: dict[str, str] = {}  # blob_record's %TOY_CONTAINER% is not set: also in error
+    env: dict[str, str] = {"LOCAL_FUNCTION_KEY": KEY}  # blob_record's %TOY_CONTAINER% is not set: also in error
     async with LocalHost(root, settings_path=None, options=options, environ=env) as h, aiohttp.ClientSession() as s:
-        async with s.get(f"{h.url}/admin/host/status") as r:
+        async with s.get(f"{h.url}/admin/host/status", headers={"x-functions-key": KEY}) as r:
             doc = await r.json()
         assert doc["state"] == "Running" and doc["functions"] == ["public_get"]
         errors = " | ".join(doc["errors"])

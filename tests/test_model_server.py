@@ -27,9 +27,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from PIL import Image
 
+from local.model_admin import ModelAdmin, bounded_number, read_token
 from local.model_faults import FaultSpecError, parse_rates, parse_script
 from local.model_quota import Quota, QuotaLimits
-from local.model_server import ModelServerConfig, build_app
+from local.model_server import SERVER_KEY, ModelServerConfig, build_app
 from local.ocr_engine import Fragment, OcrEngine, decode, reading_order, resolve_detail
 from local.ocr_parse import parse_date, parse_number
 from shared.tokens import family_for, image_tokens, prompt_tokens, text_tokens
@@ -149,11 +150,18 @@ def base(server: TestServer) -> str:
 
 
 @pytest.fixture
-async def admin(base: str) -> AsyncIterator[Callable[..., Any]]:
-    """POST/GET JSON to the server's admin endpoints; every test starts from a reset server."""
-    async with aiohttp.ClientSession() as session:
+def admin_token(server: TestServer) -> str:
+    return server.app[SERVER_KEY].config.admin_token
+
+
+@pytest.fixture
+async def admin(base: str, admin_token: str) -> AsyncIterator[Callable[..., Any]]:
+    """POST/GET JSON to the server's admin endpoints (with this start's token); every test starts from a reset server."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as session:
 
         async def call(path: str, body: dict[str, Any] | None = None, method: str = "POST") -> Any:
+            if body is None and method == "POST":
+                body = {}  # admin POSTs are JSON, even when they carry nothing
             async with session.request(method, base + path, json=body) as resp:
                 assert resp.status == 200, await resp.text()
                 return await resp.json()
@@ -740,6 +748,98 @@ async def test_latency_and_stats(client: openai.AsyncOpenAI, admin: Any, tiny: b
     assert health["status"] == "ok" and health["mode"] == "facts"
 
 
+# ------------------------------------------------------------------------------------- admin API
+
+
+ADMIN_POSTS = ["/admin/reset", "/admin/config", "/admin/quota", "/admin/faults"]
+
+
+@pytest.mark.parametrize("path", ADMIN_POSTS)
+async def test_admin_refuses_requests_without_the_token(base: str, admin: Any, path: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
+            async with s.post(base + path, json={"latency_ms": 5}, headers=headers) as r:
+                assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized"
+        async with s.get(base + "/admin/config") as r:
+            assert r.status == 401
+    assert (await admin("/admin/config", method="GET"))["config"]["latency_ms"] == 0  # nothing changed
+
+
+@pytest.mark.parametrize("path", ADMIN_POSTS)
+async def test_admin_refuses_what_a_browser_page_could_send(base: str, admin_token: str, admin: Any, path: str) -> None:
+    """A cross-site form or fetch without preflight can only send text/plain, forms or multipart."""
+    auth = {"Authorization": f"Bearer {admin_token}"}
+    async with aiohttp.ClientSession() as s:
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            async with s.post(base + path, data='{"latency_ms": 5}', headers={**auth, "Content-Type": ctype}) as r:
+                assert r.status == 415, (ctype, await r.text())
+        async with s.post(base + path, data=b'{"latency_ms": 5}', headers={"Content-Type": "text/plain"}) as r:
+            assert r.status == 401  # without the token it does not even get that far
+    assert (await admin("/admin/config", method="GET"))["config"]["latency_ms"] == 0
+
+
+async def test_admin_token_header_that_is_not_utf8_is_401(base: str, admin: Any) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(base.rsplit(":", 1)[1]))
+    body = b'{"latency_ms": 5}'
+    writer.write(
+        b"POST /admin/config HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer \xff\xfe\x80\r\nConnection: close\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.split()[1] == b"401"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/admin/config", {"latency_ms": 1e308}),
+        ("/admin/config", {"latency_ms": 600_001}),
+        ("/admin/config", {"jitter_ms": float("inf")}),
+        ("/admin/config", {"latency_ms": -1}),
+        ("/admin/config", {"latency_ms": "5"}),
+        ("/admin/config", {"latency_ms": True}),
+        ("/admin/config", {"default_max_tokens": 10**30}),
+        ("/admin/config", {"default_max_tokens": 0}),
+        ("/admin/quota", {"window_s": 1e308}),
+        ("/admin/quota", {"rpm": 10**20}),
+        ("/admin/quota", {"tpm": -5}),
+        ("/admin/quota", {"model": "m" * 5000}),
+        ("/admin/faults", {"timeout_s": 1e308}),
+        ("/admin/faults", {"retry_after_ms": 1e12}),
+        ("/admin/faults", {"seed": 1e300}),
+        ("/admin/faults", {"script": ["ok"] * 10_001}),
+        ("/admin/faults", {"rates": {"500": float("nan")}}),
+    ],
+)
+async def test_admin_numbers_are_bounded(base: str, admin_token: str, admin: Any, path: str, body: dict) -> None:
+    raw = json.dumps(body).encode()  # Infinity/NaN as Python's json writes them
+    headers = {"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(base + path, data=raw, headers=headers) as r:
+            assert r.status == 400, await r.text()
+            assert (await r.json())["error"]["message"]
+    config = (await admin("/admin/config", method="GET"))["config"]
+    assert config["latency_ms"] == 0 and config["jitter_ms"] == 0
+
+
+async def test_admin_body_nested_too_deep_is_400(base: str, admin_token: str, admin: Any) -> None:
+    headers = {"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(base + "/admin/config", data=b"[" * 100_000, headers=headers) as r:
+            assert r.status == 400
+
+
+def test_bounded_number_keeps_whole_numbers_whole() -> None:
+    assert bounded_number({"n": 3.0}, "n", 1, lo=0, hi=10, integer=True) == 3
+    assert bounded_number({}, "n", 1.5, lo=0, hi=10) == 1.5
+    with pytest.raises(ValueError, match="whole"):
+        bounded_number({"n": 2.5}, "n", 1, lo=0, hi=10, integer=True)
+
+
 # ---------------------------------------------------------------------------------------- CLI
 
 
@@ -749,10 +849,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_cli_starts_fast_and_detects_a_client_leaving(tiny: bytes) -> None:
+async def test_cli_starts_fast_and_detects_a_client_leaving(tiny: bytes, tmp_path: Path) -> None:
     port = _free_port()
+    token_file = tmp_path / "admin" / "token"
     args = [sys.executable, "-m", "local.model_server", "--port", str(port), "--mode", "facts", "--rpm", "50"]
-    args += ["--fault-script", "timeout", "--fault-timeout-s", "30", "--seed", "3"]
+    args += [
+        "--fault-script",
+        "timeout",
+        "--fault-timeout-s",
+        "30",
+        "--seed",
+        "3",
+        "--admin-token-file",
+        str(token_file),
+    ]
     proc = await asyncio.create_subprocess_exec(*args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -767,7 +877,10 @@ async def test_cli_starts_fast_and_detects_a_client_leaving(tiny: bytes) -> None
                     assert time.perf_counter() - t0 < 10, "server did not start"
                     await asyncio.sleep(0.1)
             assert health["mode"] == "facts"
-            quota = await (await s.get(base + "/admin/quota")).json()
+            assert (await s.get(base + "/admin/quota")).status == 401
+            assert token_file.stat().st_mode & 0o777 == 0o600
+            admin = ModelAdmin(base, read_token(token_file))
+            quota = await asyncio.to_thread(admin.call, "/admin/quota")
             assert quota["quota"]["rpm"] == 50
             c = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=0.5)
             with pytest.raises(openai.APITimeoutError):
@@ -1005,11 +1118,11 @@ async def test_unknown_deployments_get_azures_404(base: str, admin: Any, tiny: b
     assert stats["by_status"] == {"404": 4, "200": 2} and stats["completed"] == 2
 
 
-async def test_admin_model_validates_and_reset_restores_the_start(base: str, admin: Any) -> None:
+async def test_admin_model_validates_and_reset_restores_the_start(base: str, admin_token: str, admin: Any) -> None:
     start = (await admin("/admin/model", method="GET"))["model"]
     assert start["model_name"] == "local-ocr-rapidocr" and start["reasoning"] is False
     assert start["image_tokens"] == "tile:85:170:512" and start["deployments"] == []
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as s:
         for bad in (
             {"image_tokens": "hex:3"},
             {"image_tokens": "patch:-1"},
@@ -1049,18 +1162,20 @@ def test_spend_puts_reasoning_first() -> None:
     assert spend("abcdefgh", 2, 99, 100, 4) == Completion("abcd", 100, 99, "length")
 
 
-async def test_cli_plays_a_reasoning_model_behind_named_deployments(tiny: bytes) -> None:
+async def test_cli_plays_a_reasoning_model_behind_named_deployments(tiny: bytes, tmp_path: Path) -> None:
     port = _free_port()
+    token_file = tmp_path / "admin-token"
     args = [sys.executable, "-m", "local.model_server", "--port", str(port), "--mode", "facts"]
     args += ["--model-name", DATED, "--reasoning", "--image-tokens", "patch:1.9", "--deployments", "vision"]
-    args += ["--reasoning-tokens", "low:32"]
+    args += ["--reasoning-tokens", "low:32", "--admin-token-file", str(token_file)]
     proc = await asyncio.create_subprocess_exec(*args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as s:
             for _ in range(200):
                 try:
-                    async with s.get(base + "/admin/model") as resp:
+                    auth = {"Authorization": f"Bearer {token_file.read_text().strip() if token_file.exists() else ''}"}
+                    async with s.get(base + "/admin/model", headers=auth) as resp:
                         model = (await resp.json())["model"]
                         break
                 except aiohttp.ClientConnectionError:

@@ -25,7 +25,8 @@ import pytest
 import urllib3
 from azure.storage.blob import BlobServiceClient
 
-from tests.conftest import ModelAdmin, make_stack
+from shared.results import record_names as names_of
+from tests.conftest import make_stack
 
 pytestmark = pytest.mark.soak
 
@@ -169,14 +170,16 @@ def _records(stack) -> dict[str, dict]:
         return dict(zip(names, docs, strict=True))
 
 
-def _sources(record_names: list[str]) -> set[str]:
-    return {k.removesuffix(".json").removesuffix(".error") for k in record_names}
+def _sources(record_names: list[str], names: list[str]) -> set[str]:
+    """The source names among `names` that have a record (success or error)."""
+    have = set(record_names)
+    return {n for n in names if names_of(n).success in have or names_of(n).error in have}
 
 
 @pytest.mark.timeout(600)
 def test_soak_mixed_faults_tight_quota_nothing_lost_no_500_bounded_calls(soak_stack):
     stack = soak_stack
-    admin = ModelAdmin(stack.model_url)
+    admin = stack.model_admin()
     images = synthetic_images(BLOB_IMAGES + HTTP_IMAGES, seed=5)
     assert len({hashlib.sha256(i).digest() for i in images}) == len(images)
     blob_images, http_images = images[:BLOB_IMAGES], images[BLOB_IMAGES:]
@@ -192,7 +195,7 @@ def test_soak_mixed_faults_tight_quota_nothing_lost_no_500_bounded_calls(soak_st
 
     deadline = time.monotonic() + RECORD_TIMEOUT_S
     while True:
-        missing = set(names) - _sources(_record_names(stack))
+        missing = set(names) - _sources(_record_names(stack), names)
         if not missing:
             break
         if time.monotonic() > deadline:
@@ -209,11 +212,11 @@ def test_soak_mixed_faults_tight_quota_nothing_lost_no_500_bounded_calls(soak_st
     poisoned_after: Counter[str] = Counter()
     unexplained = []
     for name in names:
-        kinds = [k for k in (f"{name}.json", f"{name}.error.json") if k in records]
+        kinds = [k for k in (names_of(name).success, names_of(name).error) if k in records]
         assert len(kinds) == 1, (name, kinds)
         rec = records[kinds[0]]
         assert rec["source"]["name"] == name and len(rec["source"]["sha256"]) == 64
-        if kinds[0].endswith(".error.json"):
+        if kinds[0] == names_of(name).error:
             code = rec["error"]["code"]
             outcomes[f"error:{code}"] += 1
             if code == "poison":
@@ -226,7 +229,7 @@ def test_soak_mixed_faults_tight_quota_nothing_lost_no_500_bounded_calls(soak_st
         else:
             assert rec["status"] == "succeeded" and rec["result"], name
             outcomes["succeeded"] += 1
-    assert not set(records) - {f"{n}.json" for n in names} - {f"{n}.error.json" for n in names}
+    assert not set(records) - {names_of(n).success for n in names} - {names_of(n).error for n in names}
     assert not unexplained, unexplained
 
     # --- HTTP: 200 or a JSON error with the design's codes; Retry-After where it must be

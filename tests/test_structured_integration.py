@@ -13,6 +13,7 @@ import re
 import pytest
 from jsonschema import Draft202012Validator
 
+from shared.results import record_names
 from shared.task_schemas import INVOICE_SCHEMA
 from tests.conftest import CORPUS, corpus
 from tests.test_blob_integration import upload, wait_for
@@ -213,7 +214,7 @@ def test_blob_folder_with_a_named_schema_and_a_manifest_job(stack):
     upload(stack, "structured/_task.json", json.dumps({"task": "schema", "schema": "guest"}).encode())
     upload(stack, "structured/oyo.png", corpus("documents", "oyo.png").read_bytes())
     got = wait_for(stack, ["structured/oyo.png"], "structured/")
-    rec = got["structured/oyo.png.json"]
+    rec = got[record_names("structured/oyo.png").success]
     assert rec["task"] == "schema" and "guest" in rec["result"]
 
     upload(stack, "jobs/pair/_task.json", json.dumps({"task": "compare"}).encode())
@@ -221,6 +222,6 @@ def test_blob_folder_with_a_named_schema_and_a_manifest_job(stack):
     upload(stack, "jobs/pair/b.jpg", corpus("photos", "trailcam_2048x1536.jpg").read_bytes())
     upload(stack, "jobs/pair/_manifest.json", json.dumps({"images": ["a.jpg", "b.jpg"]}).encode())
     got = wait_for(stack, ["jobs/pair/_manifest.json"], "jobs/")
-    job = got["jobs/pair/_manifest.json.json"]
+    job = got[record_names("jobs/pair/_manifest.json").success]
     assert job["task"] == "compare" and "[Image 2]" in job["result"] and len(job["images"]) == 2
     assert not any(k.startswith(("jobs/pair/a.jpg", "jobs/pair/b.jpg")) for k in got)  # parts of the job
