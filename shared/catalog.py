@@ -15,7 +15,6 @@ the per-deployment calibration (shared/calibration.py) then corrects from usage.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -60,7 +59,11 @@ class CatalogError(ConfigurationError):
 
 @dataclass(frozen=True)
 class ImageTokens:
-    """How a family counts one image: tile (base + per 512-px tile) or patch (32-px patches x multiplier)."""
+    """How a family counts one image: tile (base + per 512-px tile) or patch (32-px patches x multiplier).
+
+    The internal kind "estimate" (never in a catalog file) is the unknown-model estimate: the tile
+    view, counted per patch (`Catalog.unknown_image_tokens`).
+    """
 
     kind: str
     base: int | None = None
@@ -136,31 +139,28 @@ class Catalog:
         return self.unknown_image_tokens()
 
     def unknown_image_tokens(self) -> ImageTokens:
-        """A deliberately high estimate for a model the catalog cannot count for.
+        """A deliberately high estimate for a model the catalog cannot count for (kind "estimate").
 
-        The view is the tile families' (long side fitted, short side capped, the smallest
-        images any family wants: sending more buys nothing for them, and patch models
-        still read it); each tile is counted as if every `patch_px` patch in it cost the
-        largest patch multiplier in the catalog, and low detail as one such tile. That is
-        at or above what every family counts for the same view (gpt-4o-mini's inflated
-        tile counts, a price-parity device, aside), so the limiter reserves too much
-        rather than too little until calibration (shared/calibration.py) has the real
-        ratio from the first answers.
+        The view is the tile families' (long side fitted, short side capped: the smallest
+        images any family wants, which patch models read too); the count is per `patch_px`
+        patch of what is sent, at the largest patch multiplier in the catalog. That is at
+        or above what every family counts for the same image (gpt-4o-mini's inflated tile
+        counts, a price-parity device, aside), so the limiter reserves too much rather than
+        too little at first; and being proportional to the pixels sent, one calibration
+        factor (shared/calibration.py) fits every image size once the first answers are in.
         """
         tiles = [f.image_tokens for f in self.families if f.image_tokens.kind == "tile" and f.image_tokens.complete]
         patches = [f.image_tokens for f in self.families if f.image_tokens.kind == "patch" and f.image_tokens.complete]
         view = min(tiles, key=lambda t: (t.short_side_px or 0, t.fit_px or 0)) if tiles else _FALLBACK_VIEW
         top = max(patches, key=lambda p: p.multiplier or 0.0) if patches else _FALLBACK_PATCH
-        tile_px = view.tile_px or 1
-        per_tile = math.ceil((tile_px / (top.patch_px or 1)) ** 2 * (top.multiplier or 1.0))
         return ImageTokens(
-            kind="tile",
-            base=per_tile,
-            per_tile=per_tile,
-            tile_px=tile_px,
+            kind="estimate",
+            tile_px=view.tile_px,
             fit_px=view.fit_px,
             short_side_px=view.short_side_px,
             low_px=view.low_px,
+            patch_px=top.patch_px,
+            multiplier=top.multiplier,
         )
 
 

@@ -5,7 +5,8 @@ parameters from a catalog entry (shared/catalog.py, shared/model_catalog.json).
 Tile models count `tile_px` tiles after fitting in `fit_px` squared and scaling the
 shortest side to `short_side_px` (low detail: `base` only, seen at most `low_px`);
 patch models count `patch_px` patches, capped at `max_patches`, times `multiplier`
-(DESIGN.md, "Image token formulas"). A `model` argument may be a catalog entry's
+(DESIGN.md, "Image token formulas"); an unknown model gets the tile view counted per
+patch (`Catalog.unknown_image_tokens`). A `model` argument may be a catalog entry's
 `ImageTokens` or a model name, looked up in the shipped catalog (the service passes
 the entry it resolved with the user's overrides).
 """
@@ -72,6 +73,9 @@ def image_tokens(width: int, height: int, detail: str, model: ImageTokens | str 
         w, h = patch_size(width, height, s)
         patches = min(s.max_patches or 0, math.ceil(w / (s.patch_px or 1)) * math.ceil(h / (s.patch_px or 1)))
         return math.ceil(patches * (s.multiplier or 0.0))
+    if s.kind == "estimate":  # unknown model: the tile view, counted per patch (proportional to pixels sent)
+        w, h = model_view_size(width, height, detail, s)
+        return math.ceil(math.ceil(w / (s.patch_px or 1)) * math.ceil(h / (s.patch_px or 1)) * (s.multiplier or 0.0))
     if detail == "low":
         return s.base or 0
     w, h = high_detail_size(width, height, s)
@@ -91,7 +95,7 @@ def model_view_size(width: int, height: int, detail: str, model: ImageTokens | s
 
 def _tile(spec: ImageTokens | str | None) -> ImageTokens:
     s = spec_for(spec)
-    if s.kind != "tile":
+    if s.kind == "patch":
         raise ValueError("tile geometry asked of a patch-counting model")
     return s
 
