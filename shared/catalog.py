@@ -143,7 +143,8 @@ class Catalog:
 
         The view is the tile families' (long side fitted, short side capped: the smallest
         images any family wants, which patch models read too); the count is per `patch_px`
-        patch of what is sent, at the largest patch multiplier in the catalog. That is at
+        patch of what is sent (high detail: at least one tile's worth), at the largest patch
+        multiplier in the catalog. That is at
         or above what every family counts for the same image (gpt-4o-mini's inflated tile
         counts, a price-parity device, aside), so the limiter reserves too much rather than
         too little at first; and being proportional to the pixels sent, one calibration

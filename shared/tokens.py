@@ -75,7 +75,11 @@ def image_tokens(width: int, height: int, detail: str, model: ImageTokens | str 
         return math.ceil(patches * (s.multiplier or 0.0))
     if s.kind == "estimate":  # unknown model: the tile view, counted per patch (proportional to pixels sent)
         w, h = model_view_size(width, height, detail, s)
-        return math.ceil(math.ceil(w / (s.patch_px or 1)) * math.ceil(h / (s.patch_px or 1)) * (s.multiplier or 0.0))
+        patch = s.patch_px or 1
+        count = math.ceil(w / patch) * math.ceil(h / patch)
+        if detail != "low":  # high detail costs at least one whole tile in every tile family
+            count = max(count, math.ceil((s.tile_px or 0) / patch) ** 2)
+        return math.ceil(count * (s.multiplier or 0.0))
     if detail == "low":
         return s.base or 0
     w, h = high_detail_size(width, height, s)
