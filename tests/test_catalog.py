@@ -147,4 +147,3 @@ def catalog_module_view(spec, size, detail):
     from shared.tokens import model_view_size
 
     return model_view_size(*size, detail, spec)
-

@@ -514,4 +514,5 @@ async def test_a_reserve_block_cancelled_mid_flight_gives_its_reservation_back()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert limiter.stats()["available_tokens"] == pytest.approx(1000) and limiter.stats()["available_requests"] == pytest.approx(10)
+    stats = limiter.stats()
+    assert (stats["available_tokens"], stats["available_requests"]) == (pytest.approx(1000), pytest.approx(10))
