@@ -32,7 +32,8 @@ from local.model_quota import Quota, QuotaLimits
 from local.model_server import ModelServerConfig, build_app
 from local.ocr_engine import Fragment, OcrEngine, decode, reading_order, resolve_detail
 from local.ocr_parse import parse_date, parse_number
-from shared.tokens import family_for, image_tokens, prompt_tokens, text_tokens
+from shared.catalog import load_catalog
+from shared.tokens import image_tokens, prompt_tokens, text_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("VLM_CORPUS", ROOT.parent / "shared" / "corpus"))
@@ -229,7 +230,8 @@ def test_detail_auto_rule() -> None:
     assert resolve_detail("auto", 513, 100) == "high"
     assert resolve_detail("auto", 512, 512) == "low"
     assert resolve_detail("low", 4000, 3000) == "low"
-    assert family_for("local-ocr-rapidocr").name == "local-ocr"
+    local = Path(__file__).resolve().parents[1] / "local" / "model_catalog.local.json"
+    assert load_catalog(str(local)).lookup("local-ocr-rapidocr").family == "local-ocr"  # via VLM_MODEL_CATALOG
 
 
 def test_fault_specs_validate() -> None:
