@@ -17,6 +17,7 @@ switched for that deployment, remembered, and the call is made once more.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -314,6 +315,10 @@ class ModelRouter:
         self._limiters: dict[str, RateLimiter] = {}
         self._client_factory = client_factory or (lambda target, hooks: build_client(target, settings, hooks))
         self._no_json_schema: dict[str, float] = {}  # target -> when it rejected json_schema (re-probed later)
+        # Until a deployment has answered once, its calls go one at a time: if its parameter style is
+        # wrong, only one call pays the extra round trip, not every call of a concurrent burst.
+        self._confirmed: set[str] = set()
+        self._probes: dict[str, asyncio.Lock] = {}
 
     def limiter(self, target: ModelTarget) -> RateLimiter:
         from .limiter import RateLimiter
@@ -364,6 +369,17 @@ class ModelRouter:
         )
 
     async def _call(self, target: ModelTarget, request: ChatRequest) -> ChatResult:
+        if target.label not in self._confirmed:
+            async with self._probes.setdefault(target.label, asyncio.Lock()):
+                if target.label not in self._confirmed:
+                    try:
+                        return await self._adaptive_call(target, request)
+                    finally:  # any answer settles the style question; a cancelled probe does not
+                        if not _cancelled():
+                            self._confirmed.add(target.label)
+        return await self._adaptive_call(target, request)
+
+    async def _adaptive_call(self, target: ModelTarget, request: ChatRequest) -> ChatResult:
         """One call, or two when the endpoint refuses the parameter style (switched and remembered)."""
         for attempt in (1, 2):
             style = self.book.style(target)
@@ -467,6 +483,11 @@ class ModelRouter:
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
+
+
+def _cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _detail(usage: Any, group: str, name: str) -> int:

@@ -186,6 +186,16 @@ async def test_a_refused_parameter_style_is_switched_once_and_remembered():
     assert r.breakers.get(r.settings.primary.label).consecutive_failures == 0
 
 
+async def test_a_burst_of_first_calls_pays_the_style_switch_once():
+    import asyncio
+
+    model = ScriptedModel(default=reasoning_peer())
+    r = router(model, VLM_DEPLOYMENT="vision", VLM_FALLBACK_DEPLOYMENTS="")
+    results = await asyncio.gather(*(r.complete(REQ) for _ in range(6)))
+    assert [x.content for x in results] == ["ok"] * 6
+    assert len(model.requests) == 6 + 1
+
+
 async def test_a_refused_style_parameter_that_adapting_cannot_fix_is_a_400_not_a_loop():
     model = ScriptedModel(default=lambda body: Reply(400, UNSUPPORTED_MAX_TOKENS))
     with pytest.raises(InvalidRequest):
