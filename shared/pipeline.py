@@ -70,6 +70,7 @@ class Dependencies:
         self._model = model
         self._cache = cache
         self._blobs = blobs
+        self._book: Any = None
         self.inflight: dict[str, asyncio.Future[Any]] = {}  # cache key -> the one model run for it
 
     @property
@@ -92,10 +93,12 @@ class Dependencies:
     def book(self) -> Any:
         """What this worker learned per deployment (the router's, when the model is a ModelRouter)."""
         book = getattr(self.model, "book", None)
-        if book is None:
-            from .deployments import DeploymentBook
+        if book is None:  # a plain ChatBackend (tests): a book of its own, kept for the worker's life
+            if self._book is None:
+                from .deployments import DeploymentBook
 
-            book = self.__dict__.setdefault("_book", DeploymentBook(self.settings))
+                self._book = DeploymentBook(self.settings)
+            book = self._book
         return book
 
     @property
@@ -289,7 +292,8 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
     out = await _run_once(deps, key, task_input, run_task)
     answered_by = _answered_by(out, identity)
     if answered_by != identity:  # a fallback (or a model learned only now) answered: its own address
-        key, raw_key = _key(req, answered_by, sent, "sent", effort), _key(req, answered_by, req.images, "raw", effort)
+        key = _key(req, answered_by, sent, "sent", effort)
+        raw_key = _key(req, answered_by, req.images, "raw", effort)
         alias = {"key": key, "images": facts}
     result = _priced(req, settings, key, out, facts, _timings(t0, t_prepared, time.perf_counter()))
     await deps.cache.put(key, {"model": result.model, "deployment": result.deployment, "result": result.result})
@@ -299,7 +303,7 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
 
 def _answered_by(out: Any, asked: str) -> str:
     """The identity every call of the task was answered by; several (a fallback mid-task) are all named."""
-    identities = sorted({getattr(c, "identity", "") or asked for c in out.calls}) or [asked]
+    identities = sorted({c.identity or asked for c in out.calls}) or [asked]
     return identities[0] if len(identities) == 1 else "+".join(identities)
 
 
@@ -335,19 +339,17 @@ def _priced(
     usage = Usage(
         prompt_tokens=sum(c.prompt_tokens for c in calls),
         completion_tokens=sum(c.completion_tokens for c in calls),
-        reasoning_tokens=sum(getattr(c, "reasoning_tokens", 0) for c in calls),
-        estimated_prompt_tokens=sum(getattr(c, "estimated_prompt_tokens", 0) for c in calls),
+        reasoning_tokens=sum(c.reasoning_tokens for c in calls),
+        estimated_prompt_tokens=sum(c.estimated_prompt_tokens for c in calls),
         estimated_image_tokens=sum(f["estimated_tokens"] for f in facts),
     )
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     catalog = load_catalog(settings.vlm_model_catalog)
     cost: float | None = 0.0
     for call in calls:
-        family = catalog.lookup(call.model) or catalog.named(getattr(call, "family", None))
+        family = catalog.lookup(call.model) or catalog.named(call.family)
         price = (
-            price_usd(family.prices, call.prompt_tokens, call.completion_tokens, getattr(call, "cached_tokens", 0))
-            if family
-            else None
+            price_usd(family.prices, call.prompt_tokens, call.completion_tokens, call.cached_tokens) if family else None
         )
         cost = None if cost is None or price is None else cost + price
     last = calls[-1] if calls else None
