@@ -46,7 +46,7 @@ FAMILY_FIELDS = {
 }
 # Used only when a catalog has no complete tile or patch family to derive the unknown-model
 # estimate from (an override file could in principle hold none): the tile view and the largest
-# patch multiplier OpenAI documented when this was written (DESIGN.md, "Image token formulas").
+# patch multiplier in the first catalog (2.46, rounded up; converted from the formulas used before).
 _FALLBACK_VIEW_FIELDS = {"base": 1, "per_tile": 1, "tile_px": 512, "fit_px": 2048, "short_side_px": 768, "low_px": 512}
 _FALLBACK_PATCH_FIELDS = {"patch_px": 32, "max_patches": 1536, "multiplier": 2.5}
 

@@ -5,7 +5,7 @@ parameters from a catalog entry (shared/catalog.py, shared/model_catalog.json).
 Tile models count `tile_px` tiles after fitting in `fit_px` squared and scaling the
 shortest side to `short_side_px` (low detail: `base` only, seen at most `low_px`);
 patch models count `patch_px` patches, capped at `max_patches`, times `multiplier`
-(DESIGN.md, "Image token formulas"); an unknown model gets the tile view counted per
+(each catalog entry cites its source); an unknown model gets the tile view counted per
 patch (`Catalog.unknown_image_tokens`). A `model` argument may be a catalog entry's
 `ImageTokens` or a model name, looked up in the shipped catalog (the service passes
 the entry it resolved with the user's overrides).

@@ -252,3 +252,27 @@ async def test_the_response_schema_is_counted_in_the_estimate():
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"description": "d" * 4000}}}
     bare, with_schema = chat_request("p", [], 100), chat_request("p", [], 100, fmt)
     assert with_schema.estimated_tokens - bare.estimated_tokens >= 1000
+
+
+async def test_cached_prompt_tokens_are_priced_at_the_cached_input_price(tmp_path):
+    entry = {
+        "family": "acme-vl",
+        "match": ["acme-vl"],
+        "image_tokens": {"kind": "patch", "patch_px": 32, "max_patches": 1536, "multiplier": 1.0},
+        "parameters": "chat",
+        "price_usd_per_mtok": {"input": 2.0, "cached_input": 0.5, "output": 8.0},
+    }
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps({"schema_version": 1, "families": [entry]}))
+    body = completion(model="acme-vl-2026-01-01")
+    body["usage"] = {"prompt_tokens": 1000, "completion_tokens": 10, "total_tokens": 1010,
+                     "prompt_tokens_details": {"cached_tokens": 600}}  # fmt: skip
+    deps = stack(ScriptedModel(default=lambda b: Reply(body=body)), VLM_MODEL="", VLM_MODEL_CATALOG=str(path))
+    result = await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
+    assert result.cost_usd == round((400 * 2.0 + 600 * 0.5 + 10 * 8.0) / 1e6, 6)
+
+
+async def test_a_model_without_a_catalog_price_has_no_made_up_cost():
+    deps = stack(ScriptedModel(default=lambda b: Reply(body=completion(model="acme-unknown"))), VLM_MODEL="")
+    result = await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
+    assert result.cost_usd is None and result.usage.prompt_tokens == 100

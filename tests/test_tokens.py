@@ -1,4 +1,4 @@
-"""Image-token geometry (DESIGN.md) with parameters from the catalog, the text estimate, and pricing."""
+"""Image-token geometry with parameters from the catalog, the text estimate, and pricing."""
 
 import pytest
 
