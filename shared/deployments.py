@@ -62,7 +62,7 @@ def choose_effort(wanted: str | None, family: Family | None, style: ParamStyle) 
     """The effort to send: the wanted one, or the next higher one the model takes (catalog, refusals)."""
     if not style.effort or wanted is None or wanted not in EFFORTS:
         return None
-    offered = [e for e in (family.reasoning_efforts if family and family.reasoning_efforts else EFFORTS)]
+    offered = family.reasoning_efforts if family and family.reasoning_efforts else EFFORTS
     allowed = [e for e in offered if e not in style.refused_efforts]
     for effort in EFFORTS[EFFORTS.index(wanted) :]:
         if effort in allowed:
