@@ -154,6 +154,8 @@ class Stack:
                 procs.wait_for_http(f"{self.model_url}/health", timeout_s=60, proc=self.model)
                 self.model_admin_token = read_token(self.model_admin_token_file)  # written before the port opened
                 self.values["VLM_ENDPOINT"] = f"{self.model_url}/v1"
+                # the stand-in's catalog entry (zero prices) comes from an override, never the shipped catalog
+                self.values.setdefault("VLM_MODEL_CATALOG", str(c.root / "local" / "model_catalog.local.json"))
             host_settings = c.data_dir / "host.settings.json"
             host_settings.write_text(json.dumps({"IsEncrypted": False, "Values": self.values}, indent=2))
             self.host = procs.start_process(

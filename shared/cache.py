@@ -1,8 +1,10 @@
 """Content-addressed result cache: a bounded in-memory LRU in front of JSON blobs.
 
 The key is a sha256 over everything that determines the answer (task, prompt,
-detail, schema, deployment, max_tokens and the optimised image bytes), so it doubles
-as the result id and a duplicate image anywhere never costs a second model call.
+detail, schema, the deployment and model that answer, max_tokens and the optimised
+image bytes), so it doubles as the result id and a duplicate image anywhere never
+costs a second model call. v2: keyed on who answered (deployment and model family),
+so a fallback's answer is never served as the primary's (v1 keys were the primary's).
 Only successes are stored. Storage trouble makes the cache miss, never fail a request.
 """
 
@@ -17,7 +19,7 @@ from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
-KEY_VERSION = "v1"
+KEY_VERSION = "v2"
 
 
 def cache_key(
@@ -26,7 +28,7 @@ def cache_key(
     prompt: str | None,
     detail: str,
     schema: Any,
-    deployment: str,
+    answered_by: str,
     max_tokens: int | None,
     images: Sequence[bytes],
     options: dict[str, Any] | None = None,
@@ -38,7 +40,7 @@ def cache_key(
         "prompt": prompt,
         "detail": detail,
         "schema": schema,
-        "deployment": deployment,
+        "answered_by": answered_by,
         "max_tokens": max_tokens,
         "options": options or {},
     }

@@ -90,6 +90,13 @@ class Refused(VlmError):
     code = "refused"
 
 
+class DeploymentUnavailable(VlmError):
+    """A deployment does not exist or runs a retired model version: an operator must act; retrying cannot help."""
+
+    status = 503
+    code = "deployment_unavailable"
+
+
 # --- upstream errors (transient) ----------------------------------------------------
 
 
@@ -128,6 +135,7 @@ ALL_ERRORS: tuple[type[VlmError], ...] = (
     ModelOutputInvalid,
     OutputTruncated,
     Refused,
+    DeploymentUnavailable,
     UpstreamThrottled,
     UpstreamError,
     UpstreamUnavailable,

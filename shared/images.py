@@ -58,6 +58,7 @@ from .frame_count import gif_frames, tiff_frames
 from .image_formats import PIL_FORMATS, SUPPORTED_FORMATS, sniff
 
 if TYPE_CHECKING:
+    from .catalog import ImageTokens
     from .settings import Settings
 
 __all__ = [
@@ -255,7 +256,9 @@ class StripPlan:
 # --- detail ------------------------------------------------------------------------
 
 
-def choose_detail(task: str, width: int, height: int, requested: str = "auto", model: str | None = None) -> str:
+def choose_detail(
+    task: str, width: int, height: int, requested: str = "auto", model: ImageTokens | str | None = None
+) -> str:
     """Resolve the detail level for one image of this (upright) size: "low" or "high".
 
     An explicit low/high is honoured. "auto": document tasks need every glyph (high); tasks
@@ -283,7 +286,7 @@ def _check_detail(requested: str) -> None:
 # --- strips ------------------------------------------------------------------------
 
 
-def plan_strips(width: int, height: int, model: str | None = None) -> StripPlan:
+def plan_strips(width: int, height: int, model: ImageTokens | str | None = None) -> StripPlan:
     """Cut a page of this upright size into strips the model sees at full resolution.
 
     The page is scaled (never up) so it is STRIP_TEXT_WIDTH px wide, about 186 dpi on A4,
@@ -318,20 +321,22 @@ def plan_strips(width: int, height: int, model: str | None = None) -> StripPlan:
     )
 
 
-def estimate_strips(width: int, height: int, model: str | None = None) -> tuple[int, int]:
+def estimate_strips(width: int, height: int, model: ImageTokens | str | None = None) -> tuple[int, int]:
     """(number of strips, total estimated tokens) for a page of this upright size: the cost up front."""
     plan = plan_strips(width, height, model)
     return plan.count, plan.tokens
 
 
-def _strip_heights(strip_width: int, fam: tokens.ModelFamily) -> tuple[int, ...]:
-    """Strip heights the model keeps unscaled at this width; the planner picks the cheapest."""
+def _strip_heights(strip_width: int, fam: ImageTokens) -> tuple[int, ...]:
+    """Strip heights the model keeps unscaled at this width (catalog geometry); the planner picks the cheapest."""
     if fam.kind == "patch":
-        cols = math.ceil(strip_width / tokens.PATCH)
-        return (max(1, tokens.MAX_PATCHES // cols) * tokens.PATCH,)
-    if strip_width <= tokens.TILE_SHORT_SIDE:  # narrow page: tall strips, the width is the short side
-        return (tokens.TILE_FIT, 3 * tokens.TILE_SIZE, 2 * tokens.TILE_SIZE)
-    return (tokens.TILE_SHORT_SIDE, tokens.TILE_SIZE)  # wide strips: the height is the short side
+        patch, cap = fam.patch_px or 1, fam.max_patches or 1
+        cols = math.ceil(strip_width / patch)
+        return (max(1, cap // cols) * patch,)
+    fit, short, tile = fam.fit_px or 1, fam.short_side_px or 1, fam.tile_px or 1
+    if strip_width <= short:  # narrow page: tall strips, the width is the short side
+        return (fit, 3 * tile, 2 * tile)
+    return (short, tile)  # wide strips: the height is the short side
 
 
 def _band_count(total: int, strip_height: int) -> int:
@@ -428,7 +433,7 @@ class _Job:
     fmt: str
     task: str
     detail: str
-    model: str | None
+    model: ImageTokens | str | None
     strips: bool
     bytes_in: int
     limits: ImageLimits
@@ -448,7 +453,7 @@ def prepare(
     task: str = "describe",
     detail: str = "auto",
     limits: ImageLimits = ImageLimits(),
-    model: str | None = None,
+    model: ImageTokens | str | None = None,
     pages: str | None = None,
     strips: bool = False,
     budget: Budget | None = None,

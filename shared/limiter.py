@@ -201,10 +201,15 @@ class RateLimiter:
 
         Leaving the block without settle/cancel keeps the estimate charged, also on an
         exception: the request may have reached the model, so refunding would over-admit.
+        A cancelled block (CancelledError, a BaseException) gives the reservation back:
+        keeping it would leave the limiter owing for calls that were abandoned.
         """
         reservation = await self.acquire(estimated_tokens)
         try:
             yield reservation
+        except asyncio.CancelledError:
+            reservation.cancel()
+            raise
         finally:
             reservation.done = True
 

@@ -4,11 +4,20 @@ The openai SDK is the only retry layer (it honours `retry-after-ms` / `Retry-Aft
 this module never loops on a failed call itself. When a deployment is still
 throttled, down or timing out after the SDK's retries, the next target in
 `VLM_FALLBACK_DEPLOYMENTS` is tried; a per-deployment circuit breaker skips a
-failing one for a cool-down. Input errors and content filters never fall back.
+failing one for a cool-down. A deployment that does not exist or runs a retired model
+is skipped too, without counting as a failure. Input errors and content filters never
+fall back.
+
+The parameter style (chat: max_tokens + temperature; reasoning: max_completion_tokens +
+reasoning_effort) comes from the catalog entry of the deployment's model
+(shared/deployments.py). The one exception to "never loops": when the endpoint refuses a
+parameter of that style (400 unsupported_parameter / unsupported_value), the style is
+switched for that deployment, remembered, and the call is made once more.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import (
     ContentFiltered,
+    DeploymentUnavailable,
     InvalidRequest,
     OutputTruncated,
     Refused,
@@ -32,6 +42,7 @@ if TYPE_CHECKING:
 
     from .breaker import BreakerBoard
     from .clock import Clock
+    from .deployments import DeploymentBook
     from .limiter import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -39,6 +50,22 @@ log = logging.getLogger(__name__)
 AZURE_SCOPE = "https://cognitiveservices.azure.com/.default"
 JSON_SCHEMA_REPROBE_S = 600.0  # an endpoint without strict mode is asked again after this (it may be upgraded)
 FALLBACK_ERRORS = (UpstreamThrottled, UpstreamError, UpstreamUnavailable, UpstreamTimeout)
+MAX_UPSTREAM_MESSAGE = 300  # an upstream message can quote the caller's input: never pass on more than this
+# Azure's 400 when json_schema itself is not available (model or API version), as opposed to a 400
+# for an invalid schema, which also names response_format: "Invalid parameter: 'response_format' of
+# type 'json_schema' is not supported with this model."
+# (https://github.com/langchain-ai/langchain/issues/31490), "response_format value as json_schema is
+# enabled only for api versions 2024-08-01-preview and later"
+# (https://github.com/langgenius/dify/issues/8994), "Invalid parameter: 'response_format' must be one of
+# 'json_object', 'text'." (https://github.com/BerriAI/litellm/issues/5295).
+JSON_SCHEMA_UNSUPPORTED = ("not supported", "unsupported", "enabled only", "must be one of")
+# A deployment of a retired model version: Azure answers 404 (code "404", "Resource not found":
+# https://github.com/BerriAI/litellm/issues/11116) or 400 "The chatCompletion operation does not work
+# with the specified model, ... Please choose different model"
+# (https://github.com/BerriAI/litellm/issues/11505); a missing deployment is 404 DeploymentNotFound,
+# "The API deployment for this resource does not exist."
+# (https://github.com/Azure-Samples/azure-search-openai-demo-csharp/issues/379).
+RETIRED_MARKERS = ("does not work with the specified model", "has been deprecated", "has been retired")
 
 
 class ResponseFormatRejected(VlmError):
@@ -51,9 +78,15 @@ class ResponseFormatRejected(VlmError):
 @dataclass
 class ChatRequest:
     messages: list[dict[str, Any]]
-    max_tokens: int
+    max_tokens: int  # the answer's budget; reasoning models get the reasoning allowance on top
     response_format: dict[str, Any] | None = None
-    estimated_tokens: int = 0  # prompt estimate (text + images) + max_tokens, reserved in the limiter
+    estimated_tokens: int = 0  # prompt estimate (text + images by formula) + max_tokens
+    image_tokens: int = 0  # the images' share of that estimate, by formula (calibrated per deployment)
+    reasoning_effort: str | None = None  # sent only to deployments whose style takes it
+
+    @property
+    def text_tokens(self) -> int:
+        return max(0, self.estimated_tokens - self.max_tokens - self.image_tokens)
 
 
 @dataclass
@@ -66,6 +99,12 @@ class ChatResult:
     deployment: str
     refusal: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    reasoning_tokens: int = 0  # already inside completion_tokens (and billed as output)
+    cached_tokens: int = 0  # prompt tokens served from the prompt cache
+    estimated_prompt_tokens: int = 0  # what we expected usage.prompt_tokens to be (calibrated)
+    family: str | None = None  # the catalog family of the model that answered, if known
+    identity: str = ""  # the deployment and model that answered, for cache keys
+    completion_budget: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -110,9 +149,13 @@ def build_client(
     )
 
 
-def _reasoning(deployment: str) -> bool:
-    name = deployment.lower()
-    return name.startswith(("o1", "o3", "o4", "gpt-5"))
+class StyleRejected(Exception):
+    """A 400 refusing a parameter of the style sent (internal: the router adapts and retries once)."""
+
+    def __init__(self, param: str, code: str) -> None:
+        super().__init__(param, code)
+        self.param = param
+        self.code = code
 
 
 def map_openai_error(exc: Exception, target: ModelTarget) -> VlmError:
@@ -128,8 +171,9 @@ def map_openai_error(exc: Exception, target: ModelTarget) -> VlmError:
         status = exc.status_code
         body = exc.body if isinstance(exc.body, dict) else {}
         body = body.get("error", body) if isinstance(body.get("error"), dict) else body
-        message = str(body.get("message") or exc.message)
+        message = str(body.get("message") or exc.message)[:MAX_UPSTREAM_MESSAGE]
         code = str(body.get("code") or "")
+        param = str(body.get("param") or "")
         retry_after = _retry_after(exc.response.headers) if exc.response is not None else None
         if status == 429:
             return UpstreamThrottled(
@@ -140,8 +184,14 @@ def map_openai_error(exc: Exception, target: ModelTarget) -> VlmError:
                 "the request was blocked by the content filter",
                 details={**where, "stage": "prompt", "categories": filtered_categories(body)},
             )
-        if status == 400 and "response_format" in (message + str(body.get("param") or "")):
-            return ResponseFormatRejected(f"{target.deployment} rejected response_format: {message}", details=where)
+        if status == 404 or (status == 400 and any(m in message.lower() for m in RETIRED_MARKERS)):
+            return deployment_unavailable(target, "not_found" if status == 404 else "retired")
+        if status == 400 and "response_format" in (message + param):
+            if any(m in message.lower() for m in JSON_SCHEMA_UNSUPPORTED):
+                return ResponseFormatRejected(f"{target.deployment} rejected response_format: {message}", details=where)
+            return InvalidRequest(
+                f"the model endpoint rejected the response schema: {message}", details={**where, "field": "schema"}
+            )
         if status in (400, 413, 422):
             return InvalidRequest(f"the model endpoint rejected the request: {message}", details=where)
         if status == 503:
@@ -154,6 +204,35 @@ def map_openai_error(exc: Exception, target: ModelTarget) -> VlmError:
     if isinstance(exc, openai.APIResponseValidationError | ValueError):
         return UpstreamError(f"{target.deployment} returned an unreadable response: {exc}", details=where)
     return UpstreamError(f"model call to {target.deployment} failed: {exc}", details=where)
+
+
+def deployment_unavailable(target: ModelTarget, reason: str) -> DeploymentUnavailable:
+    """A clear, operator-facing error: which deployment, and what to do about it."""
+    if reason == "retired":
+        what = (
+            f"deployment {target.deployment} runs a retired model version: upgrade the deployment to a current "
+            "version (or point VLM_DEPLOYMENT / VLM_FALLBACK_DEPLOYMENTS at one that is)"
+        )
+    else:
+        what = (
+            f"deployment {target.deployment} does not exist on its endpoint (or runs a retired model): create it, "
+            "or fix VLM_DEPLOYMENT / VLM_FALLBACK_DEPLOYMENTS; a deployment made in the last minutes may need a moment"
+        )
+    return DeploymentUnavailable(what, details={"deployment": target.deployment, "reason": reason})
+
+
+def _style_rejection(exc: Exception) -> StyleRejected | None:
+    """A 400 unsupported_parameter / unsupported_value naming a style parameter, else None."""
+    import openai
+
+    if not isinstance(exc, openai.APIStatusError) or exc.status_code != 400:
+        return None
+    body = exc.body if isinstance(exc.body, dict) else {}
+    body = body.get("error", body) if isinstance(body.get("error"), dict) else body
+    from .deployments import ADAPTABLE_CODES, ADAPTABLE_PARAMS
+
+    code, param = str(body.get("code") or ""), str(body.get("param") or "")
+    return StyleRejected(param, code) if code in ADAPTABLE_CODES and param in ADAPTABLE_PARAMS else None
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -192,6 +271,18 @@ def check_finish(result: ChatResult) -> ChatResult:
                 "categories": filtered_categories(result.extra),
             },
         )
+    if result.finish_reason == "length" and result.reasoning_tokens and not (result.content or "").strip():
+        raise OutputTruncated(
+            "the model spent the whole completion budget on reasoning and wrote no answer; lower reasoning_effort "
+            "or raise VLM_REASONING_ALLOWANCE (or max_tokens)",
+            details={
+                "deployment": result.deployment,
+                "reason": "reasoning_used_budget",
+                "reasoning_tokens": result.reasoning_tokens,
+                "completion_tokens": result.completion_tokens,
+                "completion_budget": result.completion_budget,
+            },
+        )
     if result.finish_reason == "length":
         raise OutputTruncated(
             "the answer was cut off at max_tokens; raise max_tokens or narrow the task",
@@ -208,11 +299,14 @@ class ModelRouter:
         settings: Settings,
         clock: Clock | None = None,
         client_factory: Callable[[ModelTarget, dict[str, list[Any]]], AsyncOpenAI] | None = None,
+        book: DeploymentBook | None = None,
     ) -> None:
         from .breaker import BreakerBoard
         from .clock import MonotonicClock
+        from .deployments import DeploymentBook
 
         self.settings = settings
+        self.book: DeploymentBook = book or DeploymentBook(settings)
         self.clock = clock or MonotonicClock()
         self.breakers: BreakerBoard = BreakerBoard(
             failure_threshold=settings.breaker_failures, cooldown_s=settings.breaker_cooldown_s, clock=self.clock
@@ -221,6 +315,10 @@ class ModelRouter:
         self._limiters: dict[str, RateLimiter] = {}
         self._client_factory = client_factory or (lambda target, hooks: build_client(target, settings, hooks))
         self._no_json_schema: dict[str, float] = {}  # target -> when it rejected json_schema (re-probed later)
+        # Until a deployment has answered once, its calls go one at a time: if its parameter style is
+        # wrong, only one call pays the extra round trip, not every call of a concurrent burst.
+        self._confirmed: set[str] = set()
+        self._probes: dict[str, asyncio.Lock] = {}
 
     def limiter(self, target: ModelTarget) -> RateLimiter:
         from .limiter import RateLimiter
@@ -247,6 +345,12 @@ class ModelRouter:
                 continue
             try:
                 result = await self._call(target, request)
+            except DeploymentUnavailable as err:
+                log.warning(
+                    "deployment %s is unavailable (%s); trying the next one", target.label, err.details["reason"]
+                )
+                last = err  # a configuration fault, not a transient one: no breaker failure, no retries
+                continue
             except FALLBACK_ERRORS as err:
                 breaker.record_failure()
                 log.warning("deployment %s failed (%s); trying the next one", target.label, err.code)
@@ -265,14 +369,53 @@ class ModelRouter:
         )
 
     async def _call(self, target: ModelTarget, request: ChatRequest) -> ChatResult:
+        if target.label not in self._confirmed:
+            async with self._probes.setdefault(target.label, asyncio.Lock()):
+                if target.label not in self._confirmed:
+                    try:
+                        return await self._adaptive_call(target, request)
+                    finally:  # any answer settles the style question; a cancelled probe does not
+                        if not _cancelled():
+                            self._confirmed.add(target.label)
+        return await self._adaptive_call(target, request)
+
+    async def _adaptive_call(self, target: ModelTarget, request: ChatRequest) -> ChatResult:
+        """One call, or two when the endpoint refuses the parameter style (switched and remembered)."""
+        for attempt in (1, 2):
+            style = self.book.style(target)
+            try:
+                return await self._call_once(target, request, style)
+            except StyleRejected as rejected:
+                from .deployments import adapt
+
+                effort = self._effort(target, request, style)
+                new_style = adapt(style, rejected.param, rejected.code, effort)
+                if new_style is None or new_style == style or attempt == 2:
+                    raise InvalidRequest(
+                        f"{target.deployment} refused the parameter {rejected.param} ({rejected.code})",
+                        details={"deployment": target.deployment, "param": rejected.param},
+                    ) from None
+                log.info(
+                    "deployment %s refused %s: switching to the %s style", target.label, rejected.param, new_style.name
+                )
+                self.book.set_style(target, new_style)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _effort(self, target: ModelTarget, request: ChatRequest, style: Any) -> str | None:
+        from .deployments import choose_effort
+
+        return choose_effort(request.reasoning_effort, self.book.family(target), style)
+
+    async def _call_once(self, target: ModelTarget, request: ChatRequest, style: Any) -> ChatResult:
         import openai
 
-        kwargs: dict[str, Any] = {"model": target.deployment, "messages": request.messages}
-        if _reasoning(target.deployment):
-            kwargs["max_completion_tokens"] = request.max_tokens
-        else:
-            kwargs["max_tokens"] = request.max_tokens
+        budget = self.book.completion_budget(target, request.max_tokens, style)
+        kwargs: dict[str, Any] = {"model": target.deployment, "messages": request.messages, style.budget_param: budget}
+        if style.temperature:
             kwargs["temperature"] = 0
+        effort = self._effort(target, request, style)
+        if effort is not None:
+            kwargs["reasoning_effort"] = effort
         if request.response_format is not None:
             rejected_at = self._no_json_schema.get(target.label)
             if request.response_format.get("type") == "json_schema" and rejected_at is not None:
@@ -280,26 +423,34 @@ class ModelRouter:
                     raise ResponseFormatRejected(f"{target.deployment} does not take json_schema", details={})
                 del self._no_json_schema[target.label]
             kwargs["response_format"] = request.response_format
-        reservation = await self.limiter(target).acquire(request.estimated_tokens)
+        calibration = self.book.calibration(target)
+        estimated_prompt = request.text_tokens + calibration.image_estimate(request.image_tokens)
+        reservation = await self.limiter(target).acquire(estimated_prompt + budget)
         try:
             response = await self.client(target).chat.completions.create(**kwargs)
         except (openai.OpenAIError, ValueError) as exc:  # ValueError: a 200 whose body is not JSON
             reservation.cancel()
+            rejected = _style_rejection(exc)
+            if rejected is not None:
+                raise rejected from None
             error = map_openai_error(exc, target)
             if isinstance(error, ResponseFormatRejected):
                 self._no_json_schema[target.label] = self.clock.now()
             raise error from exc
-        except Exception:
+        except BaseException:  # also CancelledError: a call cancelled mid-flight gives its reservation back
             reservation.cancel()
             raise
         usage = response.usage
         prompt_tokens = usage.prompt_tokens if usage else 0
         completion_tokens = usage.completion_tokens if usage else 0
-        # The quota is charged at admission with the prompt plus max_tokens, and a shorter answer is not
-        # refunded (Azure; the local model server does the same). Settle to that charge, correcting only
-        # our prompt estimate: settling to the billed usage would hand the unused max_tokens back to the
+        # The quota is charged at admission with the prompt plus the completion budget, and a shorter answer
+        # is not refunded (Azure; the local model server does the same). Settle to that charge, correcting
+        # only our prompt estimate: settling to the billed usage would hand the unused budget back to the
         # limiter, which would then admit calls the server refuses with 429.
-        reservation.settle(prompt_tokens + request.max_tokens if usage else request.estimated_tokens)
+        reservation.settle(prompt_tokens + budget if usage else estimated_prompt + budget)
+        self.book.learn(target, response.model)
+        if usage:
+            calibration.observe(prompt_tokens, request.text_tokens, request.image_tokens)
         if not response.choices:
             raise UpstreamError(f"{target.deployment} returned no choices", details={"deployment": target.deployment})
         choice = response.choices[0]
@@ -310,6 +461,7 @@ class ModelRouter:
         )
         if cfr:
             extra["content_filter_results"] = cfr
+        family = self.book.family(target)
         return ChatResult(
             content=message.content,
             finish_reason=choice.finish_reason or "stop",
@@ -319,9 +471,26 @@ class ModelRouter:
             deployment=target.deployment,
             refusal=getattr(message, "refusal", None),
             extra=extra,
+            reasoning_tokens=_detail(usage, "completion_tokens_details", "reasoning_tokens"),
+            cached_tokens=_detail(usage, "prompt_tokens_details", "cached_tokens"),
+            estimated_prompt_tokens=estimated_prompt,
+            family=family.family if family else None,
+            identity=self.book.identity(target),
+            completion_budget=budget,
         )
 
     async def close(self) -> None:
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
+
+
+def _cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _detail(usage: Any, group: str, name: str) -> int:
+    """A count from usage.*_details, 0 when the endpoint does not report it."""
+    value = getattr(getattr(usage, group, None), name, None) if usage else None
+    return value if isinstance(value, int) and value > 0 else 0

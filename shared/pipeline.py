@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from .errors import InvalidRequest, UpstreamTimeout, VlmError
-from .settings import DETAILS, Settings
+from .settings import DETAILS, REASONING_EFFORTS, Settings
 
 T = TypeVar("T")
 
@@ -32,14 +32,19 @@ class AnalysisRequest:
     strips: bool = False
     use_cache: bool = True
     budget_s: float | None = None  # per-request deadline (HTTP); None: no deadline beyond the SDK timeouts
+    reasoning_effort: str | None = None  # None: VLM_REASONING_EFFORT for the task
 
 
 @dataclass
 class Usage:
+    """Observed usage over every model call, next to what was estimated (drift shows here)."""
+
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # includes reasoning_tokens
+    reasoning_tokens: int = 0
     total_tokens: int = 0
-    estimated_image_tokens: int = 0
+    estimated_prompt_tokens: int = 0  # text + calibrated image estimate, summed over the calls
+    estimated_image_tokens: int = 0  # by the catalog's formula, for the images as sent
 
 
 @dataclass
@@ -51,7 +56,7 @@ class AnalysisResult:
     result: Any
     cached: bool
     usage: Usage
-    cost_usd: float
+    cost_usd: float | None  # None: the catalog has no price for a model that answered
     images: list[dict[str, Any]]
     timings_ms: dict[str, float]
     model_calls: int = 0
@@ -90,6 +95,7 @@ class Dependencies:
         self._model = model
         self._cache = cache
         self._blobs = blobs
+        self._book: Any = None
         self.inflight: dict[str, asyncio.Future[Any]] = {}  # cache key -> the one model run for it
         self._prepare_slots: PrepareSlots | None = None
 
@@ -114,6 +120,18 @@ class Dependencies:
 
             self._model = ModelRouter(self.settings)
         return self._model
+
+    @property
+    def book(self) -> Any:
+        """What this worker learned per deployment (the router's, when the model is a ModelRouter)."""
+        book = getattr(self.model, "book", None)
+        if book is None:  # a plain ChatBackend (tests): a book of its own, kept for the worker's life
+            if self._book is None:
+                from .deployments import DeploymentBook
+
+                self._book = DeploymentBook(self.settings)
+            book = self._book
+        return book
 
     @property
     def cache(self) -> Any:
@@ -162,6 +180,10 @@ def validate_request(req: AnalysisRequest, settings: Settings) -> None:
             f"task {req.task} takes {spec.min_images}-{limit} images, got {len(req.images)}",
             details={"field": "images", "min": spec.min_images, "max": limit, "got": len(req.images)},
         )
+    if req.reasoning_effort is not None and req.reasoning_effort not in REASONING_EFFORTS:
+        raise InvalidRequest(
+            f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}", details={"field": "reasoning_effort"}
+        )
     if req.max_tokens is not None and not 1 <= req.max_tokens <= 16384:
         raise InvalidRequest("max_tokens must be between 1 and 16384", details={"field": "max_tokens"})
     if req.schema is not None:
@@ -171,11 +193,10 @@ def validate_request(req: AnalysisRequest, settings: Settings) -> None:
         to_strict(req.schema)  # limits (depth, property count) fail here, before any image work
 
 
-def _prepare_all(req: AnalysisRequest, settings: Settings) -> list[Any]:
-    """CPU-bound: decode and optimise every input (run in a worker thread, one slot of PrepareSlots).
-
-    One budget covers the whole request: decoded bytes and images sent add up across its inputs.
-    """
+def _prepare_all(req: AnalysisRequest, settings: Settings, image_spec: Any = None) -> list[Any]:
+    """CPU-bound: decode and optimise every input (run in a worker thread, one slot of PrepareSlots),
+    sized for the primary's model (`image_spec`: its catalog ImageTokens; None: the estimate for an
+    unknown model). One budget covers the whole request: decoded bytes and images sent add up."""
     from .images import Budget, ImageLimits, prepare
     from .tasks import task_spec
 
@@ -190,7 +211,7 @@ def _prepare_all(req: AnalysisRequest, settings: Settings) -> list[Any]:
                 task=req.task,
                 detail=req.detail,
                 limits=limits,
-                model=settings.model_family,
+                model=image_spec,
                 pages=req.pages,
                 strips=req.strips,
                 budget=budget,
@@ -217,19 +238,23 @@ async def analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
     return await _analyze(req, deps)
 
 
-def _key(req: AnalysisRequest, settings: Settings, images: list[bytes], stage: str) -> str:
-    """The content address of a request: over the optimised bytes ("sent") or the bytes as received ("raw")."""
+def _key(req: AnalysisRequest, identity: str, images: list[bytes], stage: str, effort: str | None) -> str:
+    """The content address of a request: over the optimised bytes ("sent") or the bytes as received ("raw").
+
+    `identity` is the deployment and model (family) that answers: looked up as the primary's, stored
+    as whoever answered, so a fallback's answer is never served as the primary's.
+    """
     from .cache import cache_key
 
-    options = {"labels": req.labels, "pages": req.pages, "strips": req.strips}
-    if stage == "raw":  # the optimiser's output depends on the model family too
-        options |= {"stage": "raw", "model": settings.model_family}
+    options = {"labels": req.labels, "pages": req.pages, "strips": req.strips, "effort": effort}
+    if stage == "raw":  # the optimiser's output depends on the model too (covered by the identity)
+        options |= {"stage": "raw"}
     return cache_key(
         task=req.task,
         prompt=req.prompt,
         detail=req.detail,
         schema=req.schema,
-        deployment=settings.vlm_deployment,
+        answered_by=identity,
         max_tokens=req.max_tokens,
         images=images,
         options=options,
@@ -242,6 +267,9 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
     settings = deps.settings
     t0 = time.perf_counter()
     validate_request(req, settings)
+    book = deps.book
+    identity = book.identity(settings.primary)
+    effort = req.reasoning_effort or settings.reasoning_effort_for(req.task)
 
     def reused(key: str, hit: dict[str, Any], facts: list[dict[str, Any]], t_prepared: float) -> AnalysisResult:
         """An answer paid for earlier (cache) or by an identical request in flight: no usage, no cost."""
@@ -259,17 +287,18 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
         )
 
     # A repeat of the very same bytes skips decoding: the raw request's address points at the answer.
-    raw_key = _key(req, settings, req.images, "raw")
+    raw_key = _key(req, identity, req.images, "raw", effort)
     if req.use_cache:
         alias = await deps.cache.get(raw_key)
         hit = await deps.cache.get(alias["key"]) if alias and "key" in alias else None
         if hit is not None:
             return reused(alias["key"], hit, alias["images"], t0)
 
-    images = await deps.prepare_slots.run(_prepare_all, req, settings)
+    images = await deps.prepare_slots.run(_prepare_all, req, settings, book.image_tokens(settings.primary))
     t_prepared = time.perf_counter()
     facts = [i.facts.to_dict() for i in images]
-    key = _key(req, settings, [i.data for i in images], "sent")
+    sent = [i.data for i in images]
+    key = _key(req, identity, sent, "sent", effort)
     alias = {"key": key, "images": facts}
     if req.use_cache:
         hit = await deps.cache.get(key)
@@ -293,12 +322,24 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
         labels=req.labels,
         max_tokens=req.max_tokens,
         concurrency=settings.sequence_concurrency,
+        reasoning_effort=effort,
     )
     out = await _run_once(deps, key, task_input, run_task)
+    answered_by = _answered_by(out, identity)
+    if answered_by != identity:  # a fallback (or a model learned only now) answered: its own address
+        key = _key(req, answered_by, sent, "sent", effort)
+        raw_key = _key(req, answered_by, req.images, "raw", effort)
+        alias = {"key": key, "images": facts}
     result = _priced(req, settings, key, out, facts, _timings(t0, t_prepared, time.perf_counter()))
     await deps.cache.put(key, {"model": result.model, "deployment": result.deployment, "result": result.result})
     await deps.cache.put(raw_key, alias)
     return result
+
+
+def _answered_by(out: Any, asked: str) -> str:
+    """The identity every call of the task was answered by; several (a fallback mid-task) are all named."""
+    identities = sorted({c.identity or asked for c in out.calls}) or [asked]
+    return identities[0] if len(identities) == 1 else "+".join(identities)
 
 
 async def _run_once(deps: Dependencies, key: str, task_input: Any, run_task: Any) -> Any:
@@ -325,20 +366,28 @@ async def _run_once(deps: Dependencies, key: str, task_input: Any, run_task: Any
 def _priced(
     req: AnalysisRequest, settings: Settings, key: str, out: Any, facts: list[dict[str, Any]], timings: dict[str, float]
 ) -> AnalysisResult:
-    """Usage and cost over every call the task made, priced by the family that answered."""
-    from .tokens import cost_usd, known_family
+    """Usage and cost over every call the task made, each priced by the catalog entry of the model that answered."""
+    from .catalog import load_catalog
+    from .tokens import price_usd
 
+    calls = out.calls
     usage = Usage(
-        prompt_tokens=sum(c.prompt_tokens for c in out.calls),
-        completion_tokens=sum(c.completion_tokens for c in out.calls),
+        prompt_tokens=sum(c.prompt_tokens for c in calls),
+        completion_tokens=sum(c.completion_tokens for c in calls),
+        reasoning_tokens=sum(c.reasoning_tokens for c in calls),
+        estimated_prompt_tokens=sum(c.estimated_prompt_tokens for c in calls),
         estimated_image_tokens=sum(f["estimated_tokens"] for f in facts),
     )
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-    cost = 0.0
-    for call in out.calls:
-        name = call.model if known_family(call.model) else settings.model_family
-        cost += cost_usd(call.prompt_tokens, call.completion_tokens, name)
-    last = out.calls[-1] if out.calls else None
+    catalog = load_catalog(settings.vlm_model_catalog)
+    cost: float | None = 0.0
+    for call in calls:
+        family = catalog.lookup(call.model) or catalog.named(call.family)
+        price = (
+            price_usd(family.prices, call.prompt_tokens, call.completion_tokens, call.cached_tokens) if family else None
+        )
+        cost = None if cost is None or price is None else cost + price
+    last = calls[-1] if calls else None
     return AnalysisResult(
         id=key,
         task=req.task,
@@ -347,7 +396,7 @@ def _priced(
         result=out.result,
         cached=False,
         usage=usage,
-        cost_usd=round(cost, 6),
+        cost_usd=None if cost is None else round(cost, 6),
         images=facts,
         timings_ms=timings,
         model_calls=len(out.calls),

@@ -18,15 +18,21 @@ from .errors import ConfigurationError
 MIB = 1024 * 1024
 STORAGE_CONNECTION = "VlmStorage"
 DETAILS = ("low", "high", "auto")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # ordered, cheapest first
 
 
 @dataclass(frozen=True)
 class ModelTarget:
-    """One place a chat completion can be sent: an endpoint and a deployment (model) name."""
+    """One place a chat completion can be sent: an endpoint, a deployment name and, if known, its model.
+
+    `model` is the model behind the deployment (VLM_MODEL, or a fallback's `=model`); when
+    None the router learns it from the first answer's `model` field (shared/model.py).
+    """
 
     endpoint: str
     deployment: str
     api_key: str | None = None
+    model: str | None = None
 
     @property
     def is_azure(self) -> bool:
@@ -55,7 +61,7 @@ class Settings:
     storage: StorageSettings
     vlm_api_key: str | None = None
     vlm_deployment: str = "gpt-4o"
-    vlm_model: str | None = None  # model family for token/price estimates; defaults to the deployment
+    vlm_model: str | None = None  # the model behind the primary deployment; None: learned from answers
     vlm_fallback_deployments: tuple[ModelTarget, ...] = ()
     vlm_rpm: int = 0
     vlm_tpm: int = 0
@@ -97,20 +103,26 @@ class Settings:
     max_manifest_images: int = 50  # images one _manifest.json may name (or its folder may hold)
     max_manifest_bytes: int = 64 * MIB  # their total size
     max_schema_blob_bytes: int = 256 * 1024  # a schema blob named in _task.json / _manifest.json
+    # --- model catalog, reasoning models, calibration (issue 11) ---
+    vlm_model_catalog: str | None = None  # a JSON file adding/overriding catalog families (shared/catalog.py)
+    vlm_reasoning_effort: str = "low"  # reasoning_effort for every task unless the task or request says otherwise
+    vlm_reasoning_effort_tasks: tuple[tuple[str, str], ...] = ()  # per-task overrides, e.g. (("compare", "medium"),)
+    vlm_reasoning_allowance: int = 4096  # completion tokens added to max_tokens for reasoning models
+    vlm_calibration_window: int = 20  # recent answers the per-deployment image-token correction is the median of
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def primary(self) -> ModelTarget:
-        return ModelTarget(self.vlm_endpoint, self.vlm_deployment, self.vlm_api_key)
+        return ModelTarget(self.vlm_endpoint, self.vlm_deployment, self.vlm_api_key, self.vlm_model)
 
     @property
     def model_targets(self) -> tuple[ModelTarget, ...]:
         """The primary, then each fallback, in the order they are tried."""
         return (self.primary, *self.vlm_fallback_deployments)
 
-    @property
-    def model_family(self) -> str:
-        return self.vlm_model or self.vlm_deployment
+    def reasoning_effort_for(self, task: str) -> str:
+        """The reasoning_effort a task runs with when the request does not name one."""
+        return dict(self.vlm_reasoning_effort_tasks).get(task, self.vlm_reasoning_effort)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -164,6 +176,11 @@ class Settings:
             max_manifest_images=r.integer("MAX_MANIFEST_IMAGES", 50, minimum=1),
             max_manifest_bytes=r.integer("MAX_MANIFEST_BYTES", 64 * MIB, minimum=1),
             max_schema_blob_bytes=r.integer("MAX_SCHEMA_BLOB_BYTES", 256 * 1024, minimum=1),
+            # --- model catalog, reasoning models, calibration (issue 11) ---
+            vlm_model_catalog=r.optional("VLM_MODEL_CATALOG"),
+            **_reasoning_efforts(r.optional("VLM_REASONING_EFFORT")),
+            vlm_reasoning_allowance=r.integer("VLM_REASONING_ALLOWANCE", 4096),
+            vlm_calibration_window=r.integer("VLM_CALIBRATION_WINDOW", 20, minimum=1),
         )
 
 
@@ -219,26 +236,56 @@ class _Reader:
 
 
 def _parse_fallbacks(raw: str | None, endpoint: str, api_key: str | None) -> tuple[ModelTarget, ...]:
-    """`dep2, https://other.openai.azure.com|dep3` -> targets; bare names share the primary endpoint."""
+    """`dep2=gpt-5.4-nano, https://other.openai.azure.com|dep3` -> targets.
+
+    Bare names share the primary endpoint; the optional `=model` names the model behind the
+    deployment (else it is learned from the first answer).
+    """
     if not raw:
         return ()
     targets = []
     for item in (part.strip() for part in raw.split(",")):
         if not item:
             continue
-        if "|" in item:
-            other, deployment = (p.strip() for p in item.rsplit("|", 1))
-            if not other.startswith(("http://", "https://")) or not deployment:
-                raise ConfigurationError(
-                    f"VLM_FALLBACK_DEPLOYMENTS entry {item!r} must be 'deployment' or 'https://endpoint|deployment'",
-                    details={"variable": "VLM_FALLBACK_DEPLOYMENTS"},
-                )
-            # another endpoint uses Entra ID (or the same key only if it is the same endpoint)
-            same = other.rstrip("/") == endpoint
-            targets.append(ModelTarget(other.rstrip("/"), deployment, api_key if same else None))
-        else:
-            targets.append(ModelTarget(endpoint, item, api_key))
+        other, _, named = item.rpartition("|")
+        deployment, _, model = (p.strip() for p in named.partition("="))
+        other = other.strip().rstrip("/")
+        if not deployment or ("=" in named and not model) or (other and not other.startswith(("http://", "https://"))):
+            raise ConfigurationError(
+                f"VLM_FALLBACK_DEPLOYMENTS entry {item!r} must be 'deployment[=model]' or "
+                "'https://endpoint|deployment[=model]'",
+                details={"variable": "VLM_FALLBACK_DEPLOYMENTS"},
+            )
+        if "|" in item and not other:
+            raise ConfigurationError(
+                f"VLM_FALLBACK_DEPLOYMENTS entry {item!r} has an empty endpoint",
+                details={"variable": "VLM_FALLBACK_DEPLOYMENTS"},
+            )
+        # another endpoint uses Entra ID (or the same key only if it is the same endpoint)
+        target_endpoint = other or endpoint
+        key = api_key if target_endpoint == endpoint else None
+        targets.append(ModelTarget(target_endpoint, deployment, key, model or None))
     return tuple(targets)
+
+
+def _reasoning_efforts(raw: str | None) -> dict[str, object]:
+    """VLM_REASONING_EFFORT: `low` (every task) or `low,compare=medium` (a default, then per-task values)."""
+    default, per_task = "low", []
+    for item in (p.strip() for p in (raw or "").split(",")):
+        if not item:
+            continue
+        task, _, value = item.rpartition("=")
+        if value not in REASONING_EFFORTS or (task == "" and "=" in item):
+            raise ConfigurationError(
+                f"setting VLM_REASONING_EFFORT: {item!r} must be one of {', '.join(REASONING_EFFORTS)}, "
+                "optionally as task=value",
+                details={"variable": "VLM_REASONING_EFFORT"},
+            )
+        if task:
+            per_task.append((task.strip(), value))
+        else:
+            default = value
+    return {"vlm_reasoning_effort": default, "vlm_reasoning_effort_tasks": tuple(per_task)}
 
 
 def _storage(r: _Reader) -> StorageSettings:

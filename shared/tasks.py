@@ -92,6 +92,7 @@ class TaskInput:
     labels: list[str] | None = None
     max_tokens: int | None = None
     concurrency: int = 4
+    reasoning_effort: str | None = None  # for deployments whose model reasons (the router decides)
 
 
 @dataclass
@@ -126,8 +127,10 @@ def chat_request(
     response_format: dict[str, Any] | None = None,
     label: str | None = None,
     extra_messages: list[dict[str, Any]] | None = None,
+    reasoning_effort: str | None = None,
 ) -> ChatRequest:
-    """Builds the messages and the limiter's estimate: text + image tokens (by formula) + max_tokens."""
+    """Builds the messages and the limiter's estimate: text (with the response schema, which the model
+    reads as part of the prompt) + image tokens (by formula; the router calibrates them) + max_tokens."""
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": [{"type": "text", "text": prompt}, *image_parts(images, label)]},
@@ -136,8 +139,18 @@ def chat_request(
     texts = [SYSTEM_PROMPT, prompt] + [m["content"] for m in extra_messages or [] if isinstance(m["content"], str)]
     if label:
         texts += [f"[{label} {n}]" for n in range(1, len(images) + 1)]
-    estimate = prompt_tokens(texts, messages=len(messages)) + sum(i.facts.estimated_tokens for i in images)
-    return ChatRequest(messages, max_tokens, response_format, estimated_tokens=estimate + max_tokens)
+    if response_format is not None:
+        texts.append(json.dumps(response_format, separators=(",", ":")))
+    image_tokens = sum(i.facts.estimated_tokens for i in images)
+    estimate = prompt_tokens(texts, messages=len(messages)) + image_tokens
+    return ChatRequest(
+        messages,
+        max_tokens,
+        response_format,
+        estimated_tokens=estimate + max_tokens,
+        image_tokens=image_tokens,
+        reasoning_effort=reasoning_effort,
+    )
 
 
 async def run_task(inp: TaskInput, model: ChatBackend) -> TaskOutput:
@@ -152,7 +165,8 @@ def _max_tokens(inp: TaskInput, key: str | None = None) -> int:
 async def _text(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     prompt = inp.prompt or DEFAULT_PROMPTS[inp.task]
     label = "Image" if inp.task == "compare" else ("Page" if len(inp.images) > 1 else None)
-    result = await model.complete(chat_request(prompt, inp.images, _max_tokens(inp), label=label))
+    request = chat_request(prompt, inp.images, _max_tokens(inp), label=label, reasoning_effort=inp.reasoning_effort)
+    result = await model.complete(request)
     return TaskOutput(result=result.content or "", calls=[result])
 
 
@@ -164,6 +178,7 @@ async def structured_call(
     max_tokens: int,
     name: str = "result",
     label: str | None = None,
+    reasoning_effort: str | None = None,
 ) -> TaskOutput:
     """Strict json_schema call, validated against the original schema; one re-ask; json_object fallback."""
     from . import schemas, task_schemas
@@ -180,7 +195,9 @@ async def structured_call(
             fmt, text = {"type": "json_object"}, json_object_prompt
         else:
             fmt, text = strict.response_format(), prompt
-        return await model.complete(chat_request(text, images, max_tokens, fmt, label=label, extra_messages=extra))
+        return await model.complete(
+            chat_request(text, images, max_tokens, fmt, label, extra, reasoning_effort=reasoning_effort)
+        )
 
     for attempt in (1, 2):
         try:
@@ -220,7 +237,7 @@ async def _invoice(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     label = "Page" if len(inp.images) > 1 else None
     prompt = task_schemas.INVOICE_PROMPT + (f"\n\n{inp.prompt}" if inp.prompt else "")
     return await structured_call(
-        model, prompt, inp.images, task_schemas.INVOICE_SCHEMA, _max_tokens(inp), "invoice", label
+        model, prompt, inp.images, task_schemas.INVOICE_SCHEMA, _max_tokens(inp), "invoice", label, inp.reasoning_effort
     )
 
 
@@ -228,7 +245,8 @@ async def _table(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     from . import task_schemas
 
     prompt = task_schemas.TABLE_PROMPT + (f"\n\n{inp.prompt}" if inp.prompt else "")
-    return await structured_call(model, prompt, inp.images, task_schemas.TABLE_SCHEMA, _max_tokens(inp), "table")
+    schema, effort = task_schemas.TABLE_SCHEMA, inp.reasoning_effort
+    return await structured_call(model, prompt, inp.images, schema, _max_tokens(inp), "table", None, effort)
 
 
 async def _classify(inp: TaskInput, model: ChatBackend) -> TaskOutput:
@@ -240,7 +258,8 @@ async def _classify(inp: TaskInput, model: ChatBackend) -> TaskOutput:
         )
     schema = task_schemas.classify_schema(inp.labels)
     prompt = task_schemas.classify_prompt(inp.labels) + (f"\n\n{inp.prompt}" if inp.prompt else "")
-    return await structured_call(model, prompt, inp.images, schema, _max_tokens(inp), "classification")
+    effort = inp.reasoning_effort
+    return await structured_call(model, prompt, inp.images, schema, _max_tokens(inp), "classification", None, effort)
 
 
 async def _schema(inp: TaskInput, model: ChatBackend) -> TaskOutput:
@@ -250,7 +269,8 @@ async def _schema(inp: TaskInput, model: ChatBackend) -> TaskOutput:
         raise InvalidRequest("task schema needs `schema` (a JSON Schema object)", details={"field": "schema"})
     label = "Page" if len(inp.images) > 1 else None
     prompt = task_schemas.SCHEMA_PROMPT + (f"\n\n{inp.prompt}" if inp.prompt else "")
-    return await structured_call(model, prompt, inp.images, inp.schema, _max_tokens(inp), "result", label)
+    effort = inp.reasoning_effort
+    return await structured_call(model, prompt, inp.images, inp.schema, _max_tokens(inp), "result", label, effort)
 
 
 async def _sequence(inp: TaskInput, model: ChatBackend) -> TaskOutput:
@@ -260,14 +280,23 @@ async def _sequence(inp: TaskInput, model: ChatBackend) -> TaskOutput:
 
     async def one(image: PreparedImage) -> ChatResult:
         async with gate:
-            return await model.complete(chat_request(item_prompt, [image], DEFAULT_MAX_TOKENS["sequence_item"]))
+            budget = DEFAULT_MAX_TOKENS["sequence_item"]
+            return await model.complete(
+                chat_request(item_prompt, [image], budget, reasoning_effort=inp.reasoning_effort)
+            )
 
     item_results = await asyncio.gather(*(one(image) for image in inp.images))
     items = [{"image": n, "analysis": r.content or ""} for n, r in enumerate(item_results, 1)]
     listing = "\n\n".join(f"[Image {i['image']}]\n{i['analysis']}" for i in items)
     synthesis_prompt = f"{DEFAULT_PROMPTS['sequence']}\n\n{listing}"
     synthesis = await structured_call(
-        model, synthesis_prompt, [], SYNTHESIS_SCHEMA, _max_tokens(inp, "sequence"), "synthesis"
+        model,
+        synthesis_prompt,
+        [],
+        SYNTHESIS_SCHEMA,
+        _max_tokens(inp, "sequence"),
+        "synthesis",
+        reasoning_effort=inp.reasoning_effort,
     )
     return TaskOutput(result={"items": items, "synthesis": synthesis.result}, calls=[*item_results, *synthesis.calls])
 

@@ -1,120 +1,107 @@
-"""Token and cost estimates: image-token formulas per model family, a text estimate, prices.
+"""Token and cost mechanics: image-token geometry, a text estimate, a price calculation.
 
-The image formulas are the published ones (DESIGN.md, "Image token formulas"): tile
-models count 512 px tiles after fitting in 2048x2048 and scaling the shortest side
-to 768; patch models count 32 px patches, capped at 1536, times a multiplier. The
-same functions serve the estimates, the limiter and the local model server's usage.
+Nothing here names a model or holds a model's numbers: the geometry takes its
+parameters from a catalog entry (shared/catalog.py, shared/model_catalog.json).
+Tile models count `tile_px` tiles after fitting in `fit_px` squared and scaling the
+shortest side to `short_side_px` (low detail: `base` only, seen at most `low_px`);
+patch models count `patch_px` patches, capped at `max_patches`, times `multiplier`
+(each catalog entry cites its source); an unknown model gets the tile view counted per
+patch (`Catalog.unknown_image_tokens`). A `model` argument may be a catalog entry's
+`ImageTokens` or a model name, looked up in the shipped catalog (the service passes
+the entry it resolved with the user's overrides).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .catalog import Catalog, ImageTokens, Prices
 
 
-@dataclass(frozen=True)
-class ModelFamily:
-    name: str
-    kind: str  # "tile" or "patch"
-    base: int = 0  # tile models: tokens for the low-res overview
-    tile: int = 0  # tile models: tokens per 512 px tile
-    multiplier: float = 1.0  # patch models
-    input_per_mtok: float = 0.0  # USD per million input tokens
-    output_per_mtok: float = 0.0  # USD per million output tokens
+def spec_for(model: ImageTokens | str | None, catalog: Catalog | None = None) -> ImageTokens:
+    """The image accounting for a catalog entry or a model name (unknown names get the high estimate)."""
+    from .catalog import ImageTokens, load_catalog
+
+    if isinstance(model, ImageTokens):
+        return model
+    return (catalog or load_catalog()).image_tokens_for(model)
 
 
-FAMILIES: dict[str, ModelFamily] = {
-    f.name: f
-    for f in (
-        ModelFamily("gpt-4o", "tile", 85, 170, input_per_mtok=2.50, output_per_mtok=10.00),
-        ModelFamily("gpt-4o-mini", "tile", 2833, 5667, input_per_mtok=0.15, output_per_mtok=0.60),
-        ModelFamily("gpt-4.1", "tile", 85, 170, input_per_mtok=2.00, output_per_mtok=8.00),
-        ModelFamily("gpt-4.5", "tile", 85, 170, input_per_mtok=75.00, output_per_mtok=150.00),
-        ModelFamily("o1", "tile", 75, 150, input_per_mtok=15.00, output_per_mtok=60.00),
-        ModelFamily("o3", "tile", 75, 150, input_per_mtok=2.00, output_per_mtok=8.00),
-        ModelFamily("gpt-5", "tile", 70, 140, input_per_mtok=1.25, output_per_mtok=10.00),
-        ModelFamily("gpt-4.1-mini", "patch", multiplier=1.62, input_per_mtok=0.40, output_per_mtok=1.60),
-        ModelFamily("gpt-4.1-nano", "patch", multiplier=2.46, input_per_mtok=0.10, output_per_mtok=0.40),
-        ModelFamily("o4-mini", "patch", multiplier=1.72, input_per_mtok=1.10, output_per_mtok=4.40),
-        ModelFamily("gpt-5-mini", "patch", multiplier=1.62, input_per_mtok=0.25, output_per_mtok=2.00),
-        ModelFamily("gpt-5-nano", "patch", multiplier=2.46, input_per_mtok=0.05, output_per_mtok=0.40),
-        # The local stand-in (local/model_server.py) counts like gpt-4o and costs nothing.
-        ModelFamily("local-ocr", "tile", 85, 170),
-    )
-}
-DEFAULT_FAMILY = "gpt-4o"
-
-TILE_FIT = 2048
-TILE_SHORT_SIDE = 768
-TILE_SIZE = 512
-LOW_DETAIL_SIDE = 512
-PATCH = 32
-MAX_PATCHES = 1536
+family_for = spec_for  # older name, kept for callers (images, the local stand-in, benches)
 
 
-def known_family(model: str | None) -> ModelFamily | None:
-    """The family a model or deployment name starts with (longest prefix wins: gpt-4o-mini before gpt-4o)."""
-    name = (model or "").lower()
-    best = max((key for key in FAMILIES if name.startswith(key)), key=len, default=None)
-    return FAMILIES[best] if best else None
-
-
-def family_for(model: str | None) -> ModelFamily:
-    """Like `known_family`, defaulting to gpt-4o for names that say nothing (custom deployment names)."""
-    return known_family(model) or FAMILIES[DEFAULT_FAMILY]
-
-
-def high_detail_size(width: int, height: int) -> tuple[int, int]:
-    """The size a tile model looks at in high detail: fit 2048x2048, then shortest side 768; never upscale."""
+def high_detail_size(width: int, height: int, spec: ImageTokens | str | None = None) -> tuple[int, int]:
+    """The size a tile model looks at in high detail: fit `fit_px` squared, then shortest side; never upscale."""
+    s = _tile(spec)
+    fit, short = s.fit_px or 0, s.short_side_px or 0
     w, h = float(width), float(height)
-    if max(w, h) > TILE_FIT:
-        s = TILE_FIT / max(w, h)
-        w, h = w * s, h * s
-    if min(w, h) > TILE_SHORT_SIDE:
-        s = TILE_SHORT_SIDE / min(w, h)
-        w, h = w * s, h * s
+    if max(w, h) > fit:
+        r = fit / max(w, h)
+        w, h = w * r, h * r
+    if min(w, h) > short:
+        r = short / min(w, h)
+        w, h = w * r, h * r
     return max(1, round(w)), max(1, round(h))
 
 
-def low_detail_size(width: int, height: int) -> tuple[int, int]:
-    """Low detail: the model sees at most 512x512; never upscale."""
-    if max(width, height) <= LOW_DETAIL_SIDE:
+def low_detail_size(width: int, height: int, spec: ImageTokens | str | None = None) -> tuple[int, int]:
+    """Low detail: the model sees at most `low_px` squared; never upscale."""
+    side = _tile(spec).low_px or 0
+    if max(width, height) <= side:
         return width, height
-    s = LOW_DETAIL_SIDE / max(width, height)
-    return max(1, round(width * s)), max(1, round(height * s))
+    r = side / max(width, height)
+    return max(1, round(width * r)), max(1, round(height * r))
 
 
-def patch_size(width: int, height: int) -> tuple[int, int]:
-    """The size a patch model looks at: shrunk so that at most 1536 32-px patches cover it."""
-    if math.ceil(width / PATCH) * math.ceil(height / PATCH) <= MAX_PATCHES:
+def patch_size(width: int, height: int, spec: ImageTokens | str | None = None) -> tuple[int, int]:
+    """The size a patch model looks at: shrunk so that at most `max_patches` patches cover it."""
+    s = spec_for(spec)
+    patch, cap = s.patch_px or 1, s.max_patches or 1
+    if math.ceil(width / patch) * math.ceil(height / patch) <= cap:
         return width, height
-    r = math.sqrt(PATCH * PATCH * MAX_PATCHES / (width * height))
-    r *= min(math.floor(width * r / PATCH) / (width * r / PATCH), math.floor(height * r / PATCH) / (height * r / PATCH))
+    r = math.sqrt(patch * patch * cap / (width * height))
+    r *= min(math.floor(width * r / patch) / (width * r / patch), math.floor(height * r / patch) / (height * r / patch))
     return max(1, int(width * r)), max(1, int(height * r))
 
 
-def image_tokens(width: int, height: int, detail: str, model: str | None = None) -> int:
+def image_tokens(width: int, height: int, detail: str, model: ImageTokens | str | None = None) -> int:
     """Estimated input tokens for one image of this size at this detail ('low' or 'high')."""
-    fam = family_for(model)
-    if fam.kind == "patch":
-        w, h = patch_size(width, height)
-        patches = min(MAX_PATCHES, math.ceil(w / PATCH) * math.ceil(h / PATCH))
-        return math.ceil(patches * fam.multiplier)
+    s = spec_for(model)
+    if s.kind == "patch":
+        w, h = patch_size(width, height, s)
+        patches = min(s.max_patches or 0, math.ceil(w / (s.patch_px or 1)) * math.ceil(h / (s.patch_px or 1)))
+        return math.ceil(patches * (s.multiplier or 0.0))
+    if s.kind == "estimate":  # unknown model: the tile view, counted per patch (proportional to pixels sent)
+        w, h = model_view_size(width, height, detail, s)
+        patch = s.patch_px or 1
+        count = math.ceil(w / patch) * math.ceil(h / patch)
+        if detail != "low":  # high detail costs at least one whole tile in every tile family
+            count = max(count, math.ceil((s.tile_px or 0) / patch) ** 2)
+        return math.ceil(count * (s.multiplier or 0.0))
     if detail == "low":
-        return fam.base
-    w, h = high_detail_size(width, height)
-    tiles = math.ceil(w / TILE_SIZE) * math.ceil(h / TILE_SIZE)
-    return fam.base + tiles * fam.tile
+        return s.base or 0
+    w, h = high_detail_size(width, height, s)
+    tile = s.tile_px or 1
+    return (s.base or 0) + math.ceil(w / tile) * math.ceil(h / tile) * (s.per_tile or 0)
 
 
-def model_view_size(width: int, height: int, detail: str, model: str | None = None) -> tuple[int, int]:
+def model_view_size(width: int, height: int, detail: str, model: ImageTokens | str | None = None) -> tuple[int, int]:
     """The largest size the model will actually look at: sending more buys nothing."""
-    fam = family_for(model)
-    if fam.kind == "patch":
-        return patch_size(width, height)
+    s = spec_for(model)
+    if s.kind == "patch":
+        return patch_size(width, height, s)
     if detail == "low":
-        return low_detail_size(width, height)
-    return high_detail_size(width, height)
+        return low_detail_size(width, height, s)
+    return high_detail_size(width, height, s)
+
+
+def _tile(spec: ImageTokens | str | None) -> ImageTokens:
+    s = spec_for(spec)
+    if s.kind == "patch":
+        raise ValueError("tile geometry asked of a patch-counting model")
+    return s
 
 
 # Chat overhead per message and per request, as in OpenAI's cookbook counting guide.
@@ -134,7 +121,12 @@ def prompt_tokens(texts: list[str], messages: int = 1) -> int:
     return TOKENS_PER_REQUEST + messages * TOKENS_PER_MESSAGE + sum(text_tokens(t) for t in texts)
 
 
-def cost_usd(prompt_tokens_used: int, completion_tokens_used: int, model: str | None) -> float:
-    fam = family_for(model)
-    cost = prompt_tokens_used * fam.input_per_mtok / 1e6 + completion_tokens_used * fam.output_per_mtok / 1e6
-    return round(cost, 6)
+def price_usd(prices: Prices, prompt: int, completion: int, cached: int = 0) -> float | None:
+    """Cost of one call: uncached input, cached input (at the input price when no cached price is
+    known) and output, which already includes reasoning tokens. None when a needed price is unknown."""
+    if prices.input is None or prices.output is None:
+        return None
+    cached = min(max(0, cached), prompt)
+    cached_price = prices.cached_input if prices.cached_input is not None else prices.input
+    cost = (prompt - cached) * prices.input + cached * cached_price + completion * prices.output
+    return round(cost / 1e6, 6)

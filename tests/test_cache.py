@@ -4,7 +4,7 @@ import asyncio
 
 from shared.cache import MemoryLRU, ResultCache, blob_name, cache_key
 
-BASE = dict(task="describe", prompt=None, detail="auto", schema=None, deployment="gpt-4o", max_tokens=None)
+BASE = dict(task="describe", prompt=None, detail="auto", schema=None, answered_by="gpt-4o|gpt-4o", max_tokens=None)
 
 
 def test_key_is_stable_and_hex():
@@ -20,7 +20,7 @@ def test_key_changes_with_every_input():
         cache_key(**{**BASE, "prompt": "x"}, images=[b"abc"]),
         cache_key(**{**BASE, "detail": "high"}, images=[b"abc"]),
         cache_key(**{**BASE, "schema": {"type": "object"}}, images=[b"abc"]),
-        cache_key(**{**BASE, "deployment": "gpt-4o-mini"}, images=[b"abc"]),
+        cache_key(**{**BASE, "answered_by": "backup|gpt-4o-mini"}, images=[b"abc"]),
         cache_key(**{**BASE, "max_tokens": 10}, images=[b"abc"]),
         cache_key(**BASE, images=[b"abd"]),
         cache_key(**BASE, images=[b"abc", b"abc"]),

@@ -496,3 +496,23 @@ async def test_hook_sees_the_429s_the_openai_sdk_retries_internally() -> None:
     stats = limiter.stats()
     assert stats["throttles"] == 1
     assert stats["available_tokens"] == pytest.approx(0)  # drained by the 429, pause not over in fake time
+
+
+async def test_a_reserve_block_cancelled_mid_flight_gives_its_reservation_back() -> None:
+    """A cancelled call (CancelledError is a BaseException) must not leave the limiter owing its estimate."""
+    limiter = RateLimiter(rpm=10, tpm=1000, clock=FakeClock())
+    started = asyncio.Event()
+
+    async def call() -> None:
+        async with limiter.reserve(800):
+            started.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(call())
+    await started.wait()
+    assert limiter.stats()["available_tokens"] == pytest.approx(200)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stats = limiter.stats()
+    assert (stats["available_tokens"], stats["available_requests"]) == (pytest.approx(1000), pytest.approx(10))

@@ -33,7 +33,8 @@ from local.model_quota import Quota, QuotaLimits
 from local.model_server import SERVER_KEY, ModelServerConfig, build_app
 from local.ocr_engine import Fragment, OcrEngine, decode, reading_order, resolve_detail
 from local.ocr_parse import parse_date, parse_number
-from shared.tokens import family_for, image_tokens, prompt_tokens, text_tokens
+from shared.catalog import load_catalog
+from shared.tokens import image_tokens, prompt_tokens, text_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("VLM_CORPUS", ROOT.parent / "shared" / "corpus"))
@@ -237,7 +238,8 @@ def test_detail_auto_rule() -> None:
     assert resolve_detail("auto", 513, 100) == "high"
     assert resolve_detail("auto", 512, 512) == "low"
     assert resolve_detail("low", 4000, 3000) == "low"
-    assert family_for("local-ocr-rapidocr").name == "local-ocr"
+    local = Path(__file__).resolve().parents[1] / "local" / "model_catalog.local.json"
+    assert load_catalog(str(local)).lookup("local-ocr-rapidocr").family == "local-ocr"  # via VLM_MODEL_CATALOG
 
 
 def test_fault_specs_validate() -> None:
@@ -1080,9 +1082,9 @@ async def test_image_tokens_follow_the_spec_not_the_model_name(base: str, admin:
     assert await prompt(oyo, "high") == 88  # shrunk to 8 x 11 patches to fit the cap of 100
     await admin("/admin/model", {"image_tokens": "tile:100:200"})
     assert await prompt(oyo, "high") == 100 + 4 * 200 and await prompt(tiny, "low") == 100
-    # the model name alone changes nothing: gpt-4.1-mini is a patch model in shared.tokens, not here
+    # the model name alone changes nothing: gpt-4.1-mini is a patch model in the catalog, not here
     await admin("/admin/model", {"model_name": "gpt-4.1-mini-2025-04-14", "image_tokens": "tile:85:170"})
-    assert family_for("gpt-4.1-mini").kind == "patch"
+    assert load_catalog().image_tokens_for("gpt-4.1-mini").kind == "patch"
     assert await prompt(oyo, "high") == 85 + 4 * 170
 
 
