@@ -580,7 +580,7 @@ class ModelServer:
             try:
                 decoded.append(
                     await loop.run_in_executor(
-                        None, decode, part.data, i, part.effective_detail, self.config.model_name
+                        None, decode, part.data, i, part.effective_detail, self.behaviour.image_rule
                     )
                 )
             except ImageDecodeError as exc:
@@ -845,7 +845,7 @@ class ModelServer:
                 self.behaviour = self.behaviour.updated(await self._admin_body(request))
             except (RequestError, TypeError, ValueError) as exc:
                 return web.json_response(error_body(str(exc), "invalid_request_error"), status=400)
-            self.config.model_name = self.behaviour.model_name  # the OCR view size follows the model name
+            self.config.model_name = self.behaviour.model_name
         return web.json_response({"model": self.behaviour.state()})
 
     async def admin_reset(self, request: web.Request) -> web.Response:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 FIT_PX = 2048
 SHORT_SIDE_PX = 768
 PATCH_PX = 32
+LOW_PX = 512  # low detail: the whole image fits 512x512
 DEFAULT_SPEC = "tile:85:170"  # what the stand-in always counted (gpt-4o's numbers)
 
 
@@ -50,6 +51,23 @@ class ImageTokenRule:
             return self.base
         w, h = _tile_view(width, height)
         return self.base + math.ceil(w / self.tile_px) * math.ceil(h / self.tile_px) * self.per_tile
+
+    def view_size(self, width: int, height: int, detail: str) -> tuple[int, int]:
+        """The size this model looks at (what its OCR reads): tiles fit 2048 then 768 on the short side,
+        or 512 at low detail; patches shrink until the cap covers them. Never upscaled."""
+        if self.kind == "patch":
+            n = math.ceil(width / PATCH_PX) * math.ceil(height / PATCH_PX)
+            if n <= self.max_patches:
+                return width, height
+            scale = math.sqrt(PATCH_PX * PATCH_PX * self.max_patches / (width * height))
+            return max(1, int(width * scale)), max(1, int(height * scale))
+        if detail == "low":
+            if max(width, height) <= LOW_PX:
+                return width, height
+            scale = LOW_PX / max(width, height)
+            return max(1, round(width * scale)), max(1, round(height * scale))
+        w, h = _tile_view(width, height)
+        return int(w), int(h)
 
 
 def _tile_view(width: int, height: int) -> tuple[float, float]:

@@ -1,8 +1,8 @@
 """What the local model "sees": decoded images, image facts and OCR lines in reading order.
 
 The local model server answers from these instead of a real vision model. Images are decoded
-at the size the model would look at (shared.tokens.model_view_size for the requested detail),
-so a low-detail request reads as badly as it would on GPT-4o. OCR is RapidOCR (onnxruntime,
+at the size the model it plays would look at (its own image rule, local/model_tokens.py, for the
+requested detail), so a low-detail request reads as badly as it would on a real model. OCR is RapidOCR (onnxruntime,
 models inside the wheel), loaded once per engine and run on one worker thread so the event loop
 keeps serving while a page is read.
 """
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from shared.tokens import image_tokens, model_view_size
+from local.model_tokens import ImageTokenRule
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def _colour_name(r: float, g: float, b: float) -> str:
 
 
 def compute_facts(
-    view: Image.Image, header: ImageHeader, width: int, height: int, detail: str, model: str
+    view: Image.Image, header: ImageHeader, width: int, height: int, detail: str, rule: ImageTokenRule
 ) -> ImageFacts:
     """Statistics of the view the model looks at; colours are named on a thumbnail."""
     thumb = view.copy()
@@ -290,7 +290,7 @@ def compute_facts(
         view_height=view.height,
         detail=detail,
         format=header.format,
-        tokens=image_tokens(header.width, header.height, detail, model),
+        tokens=rule.count(header.width, header.height, detail),
         orientation=orientation,
         brightness=round(brightness, 1),
         brightness_word="dark" if brightness < 85 else ("bright" if brightness > 170 else "medium"),
@@ -304,14 +304,14 @@ def compute_facts(
     )
 
 
-def decode(data: bytes, index: int, detail: str, model: str) -> DecodedImage:
+def decode(data: bytes, index: int, detail: str, rule: ImageTokenRule) -> DecodedImage:
     """Decode at the model's view size (JPEG draft mode keeps 12 MP photos cheap), upright per EXIF."""
     header = read_header(data)
     try:
         im = Image.open(io.BytesIO(data), formats=FORMATS)
         swapped = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that turn the picture 90°
         width, height = (header.height, header.width) if swapped else (header.width, header.height)
-        vw, vh = model_view_size(width, height, detail, model)
+        vw, vh = rule.view_size(width, height, detail)
         if im.format == "JPEG":
             im.draft("RGB", (vh, vw) if swapped else (vw, vh))
         im = ImageOps.exif_transpose(im)
@@ -320,7 +320,7 @@ def decode(data: bytes, index: int, detail: str, model: str) -> DecodedImage:
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
         elif im.mode not in ("RGB", "L"):
             im = im.convert("RGB")
-        vw, vh = model_view_size(width, height, detail, model)
+        vw, vh = rule.view_size(width, height, detail)
         vw, vh = min(vw, MAX_OCR_SIDE), min(vh, MAX_OCR_SIDE)
         view = im.resize((vw, vh), Image.Resampling.LANCZOS) if (vw, vh) != im.size else im.copy()
         if view.mode != "RGB":
@@ -329,7 +329,7 @@ def decode(data: bytes, index: int, detail: str, model: str) -> DecodedImage:
         raise
     except Exception as exc:
         raise ImageDecodeError(str(exc) or type(exc).__name__) from exc
-    facts = compute_facts(view, header, width, height, detail, model)
+    facts = compute_facts(view, header, width, height, detail, rule)
     key = hashlib.sha256(data).hexdigest() + f":{vw}x{vh}"
     return DecodedImage(index=index, key=key, view=view, facts=facts)
 

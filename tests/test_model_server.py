@@ -31,10 +31,13 @@ from local.model_admin import ModelAdmin, bounded_number, read_token
 from local.model_faults import FaultSpecError, parse_rates, parse_script
 from local.model_quota import Quota, QuotaLimits
 from local.model_server import SERVER_KEY, ModelServerConfig, build_app
+from local.model_tokens import DEFAULT_SPEC, parse_image_tokens
 from local.ocr_engine import Fragment, OcrEngine, decode, reading_order, resolve_detail
 from local.ocr_parse import parse_date, parse_number
 from shared.catalog import load_catalog
-from shared.tokens import image_tokens, prompt_tokens, text_tokens
+from shared.tokens import prompt_tokens, text_tokens
+
+STAND_IN_RULE = parse_image_tokens(DEFAULT_SPEC)  # how the stand-in counts unless told otherwise
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("VLM_CORPUS", ROOT.parent / "shared" / "corpus"))
@@ -257,9 +260,9 @@ def test_fault_specs_validate() -> None:
 
 def test_facts_are_measured_upright() -> None:
     """EXIF orientation 6 stores a landscape picture as 450x600; the model sees it upright."""
-    im = decode((CORPUS / "orientation" / "landscape_6.jpg").read_bytes(), 0, "high", "local-ocr-rapidocr")
+    im = decode((CORPUS / "orientation" / "landscape_6.jpg").read_bytes(), 0, "high", STAND_IN_RULE)
     assert (im.facts.width, im.facts.height, im.facts.orientation) == (600, 450, "landscape")
-    assert im.view.size == (600, 450) and im.facts.tokens == image_tokens(600, 450, "high")
+    assert im.view.size == (600, 450) and im.facts.tokens == STAND_IN_RULE.count(600, 450, "high")
     assert 0 <= im.facts.brightness <= 255 and im.facts.colour
 
 
@@ -331,7 +334,7 @@ async def test_text_answer_reads_the_document_in_reading_order(
     assert "OYO" in text and "IBZY2087" in text
     assert text.index("PAYMENT RECEIPT") < text.index("Booking ID") < text.index("Grand Total")
     assert r.usage is not None
-    assert r.usage.prompt_tokens == prompt_tokens([prompt], messages=1) + image_tokens(724, 1024, "high")
+    assert r.usage.prompt_tokens == prompt_tokens([prompt], messages=1) + STAND_IN_RULE.count(724, 1024, "high")
     assert r.usage.completion_tokens == text_tokens(text)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert ocr_engine.loads == 1
@@ -342,7 +345,7 @@ async def test_usage_uses_auto_detail_per_image(client: openai.AsyncOpenAI, admi
     small = jpeg_bytes(CORPUS / "orientation" / "landscape_1.jpg", 400)  # 400x300 -> auto = low
     r = await client.chat.completions.create(model="gpt-4o", messages=user("x", (photo, "auto"), (small, "auto")))
     assert r.usage is not None
-    expected = prompt_tokens(["x"], 1) + image_tokens(600, 450, "high") + image_tokens(400, 300, "low")
+    expected = prompt_tokens(["x"], 1) + STAND_IN_RULE.count(600, 450, "high") + STAND_IN_RULE.count(400, 300, "low")
     assert r.usage.prompt_tokens == expected
 
 
@@ -619,7 +622,7 @@ async def test_quota_over_http(client: openai.AsyncOpenAI, admin: Any, tiny: byt
     first = await client.chat.completions.with_raw_response.create(
         model="gpt-4o", messages=user("x", (tiny, "low")), max_tokens=900
     )
-    charged = prompt_tokens(["x"], 1) + image_tokens(64, 48, "low") + 900
+    charged = prompt_tokens(["x"], 1) + STAND_IN_RULE.count(64, 48, "low") + 900
     assert first.headers["x-ratelimit-remaining-tokens"] == str(2000 - charged)
     with pytest.raises(openai.RateLimitError) as err:
         await client.chat.completions.create(model="gpt-4o", messages=user("x", (tiny, "low")), max_tokens=1200)
