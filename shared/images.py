@@ -48,6 +48,7 @@ from PIL import Image
 from . import tokens
 from .errors import ImageTooLarge, InvalidRequest, TooManyPixels, VlmError
 from .image_formats import PIL_FORMATS, SUPPORTED_FORMATS, sniff
+from .settings import DETAILS
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -69,7 +70,6 @@ __all__ = [
 
 JPEG_QUALITY = 85
 MIME = "image/jpeg"
-DETAILS = ("low", "high", "auto")
 
 # Tasks whose multi-page inputs expand to one image per page, at high detail when "auto".
 DOCUMENT_TASKS = frozenset({"ocr", "invoice", "table", "schema"})

@@ -79,6 +79,18 @@ class Settings:
     cache_memory_items: int = 256
     sequence_concurrency: int = 4
     task_config_ttl_s: float = 30.0
+    # --- request parsing limits (shared/options.py, shared/http_api.py) ---
+    max_request_bytes: int = 100 * MIB  # the Functions host's own request-size limit
+    max_multipart_parts: int = 64
+    max_part_header_bytes: int = 8 * 1024
+    max_prompt_chars: int = 20_000
+    max_schema_bytes: int = 64 * 1024
+    max_json_depth: int = 64
+    max_json_items: int = 100_000  # values in one JSON document (body, schema, labels, folder config)
+    max_labels: int = 100
+    max_label_chars: int = 100
+    max_pages_spec_chars: int = 100
+    max_tokens_limit: int = 16_384  # the largest max_tokens a caller may ask for
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -135,6 +147,18 @@ class Settings:
             cache_memory_items=r.integer("CACHE_MEMORY_ITEMS", 256),
             sequence_concurrency=r.integer("SEQUENCE_CONCURRENCY", 4, minimum=1),
             task_config_ttl_s=r.number("TASK_CONFIG_TTL_S", 30.0),
+            # --- request parsing limits ---
+            max_request_bytes=r.integer("MAX_REQUEST_BYTES", 100 * MIB, minimum=1),
+            max_multipart_parts=r.integer("MAX_MULTIPART_PARTS", 64, minimum=1),
+            max_part_header_bytes=r.integer("MAX_PART_HEADER_BYTES", 8 * 1024, minimum=256),
+            max_prompt_chars=r.integer("MAX_PROMPT_CHARS", 20_000, minimum=1),
+            max_schema_bytes=r.integer("MAX_SCHEMA_BYTES", 64 * 1024, minimum=2),
+            max_json_depth=r.integer("MAX_JSON_DEPTH", 64, minimum=4),
+            max_json_items=r.integer("MAX_JSON_ITEMS", 100_000, minimum=16),
+            max_labels=r.integer("MAX_LABELS", 100, minimum=1),
+            max_label_chars=r.integer("MAX_LABEL_CHARS", 100, minimum=1),
+            max_pages_spec_chars=r.integer("MAX_PAGES_SPEC_CHARS", 100, minimum=1),
+            max_tokens_limit=r.integer("MAX_TOKENS_LIMIT", 16_384, minimum=1),
         )
 
 
