@@ -37,6 +37,10 @@ def test_valid_task_file():
         (b"[]", '"task" string'),
         (b'{"task": "paint"}', "unknown task"),
         (b'{"task": "ocr", "colour": "red"}', "unknown keys: colour"),
+        (b"[" * 100_000, "nested deeper than"),
+        (b'{"task": "ocr", "max_tokens": 1e400}', "number out of range"),
+        (b'{"task": "ocr", "max_tokens": "lots"}', "max_tokens must be an integer"),
+        (b'{"task": "ocr", "pages": 3}', "pages must be a string"),
     ],
 )
 def test_invalid_task_files_say_why(raw, says):
