@@ -129,9 +129,8 @@ def loads_bounded(
     """`json.loads` with its work bounded: items counted before parsing (a cheap upper bound from
     the structural characters), depth refused whether Python's recursion limit or ours is hit,
     non-finite numbers refused. Messages give the position only, never the decoder's text."""
-    count = text.count(b"," if isinstance(text, bytes) else ",") + text.count(b"[" if isinstance(text, bytes) else "[")
-    count += text.count(b"{" if isinstance(text, bytes) else "{")
-    if count > limits.max_json_items:
+    marks: tuple[Any, ...] = (b",", b"[", b"{") if isinstance(text, bytes) else (",", "[", "{")
+    if sum(text.count(mark) for mark in marks) > limits.max_json_items:
         raise _bad(field, f"has too many JSON items (over {limits.max_json_items})", source, error)
     try:
         value = json.loads(text, parse_float=_finite, parse_constant=_no_constant)

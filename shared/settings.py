@@ -87,7 +87,7 @@ class Settings:
     max_schema_bytes: int = 64 * 1024
     max_json_depth: int = 64
     max_json_items: int = 100_000  # values in one JSON document (body, schema, labels, folder config)
-    max_labels: int = 100
+    max_labels: int = 100  # raising these two past 100 has no effect: task_schemas caps classify's schema at 100 x 100
     max_label_chars: int = 100
     max_pages_spec_chars: int = 100
     max_tokens_limit: int = 16_384  # the largest max_tokens a caller may ask for

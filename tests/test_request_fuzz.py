@@ -9,6 +9,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared.blob_job import InvalidTaskConfig, _parse_task_file
 from shared.errors import VlmError
 from shared.http_api import HttpInput, parse_request
 from shared.options import OPTION_KEYS, OptionLimits, parse_options
@@ -110,3 +111,16 @@ def test_options_from_any_source(fields, source):
         return
     assert opts.max_tokens is None or 1 <= opts.max_tokens <= OptionLimits().max_tokens
     assert isinstance(opts.strips, bool)
+
+
+@FUZZ
+@given(
+    st.one_of(st.binary(max_size=200), st.dictionaries(KEYS, option_values, max_size=6).map(json.dumps).map(str.encode))
+)
+def test_task_files(raw):
+    try:
+        doc = _parse_task_file(raw, "f/_task.json")
+    except InvalidTaskConfig as err:
+        assert "f/_task.json" in err.message and not err.transient
+        return
+    assert isinstance(doc, dict) and isinstance(doc["task"], str)
