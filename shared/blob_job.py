@@ -151,7 +151,7 @@ def _parse_task_file(raw: bytes, path: str, limits: OptionLimits | None = None) 
         check_known_keys(doc, path)
     except InvalidRequest as err:
         raise InvalidTaskConfig(err.message, details={**err.details, "task_file": path}) from None
-    config_options(doc, path, limits)
+    doc["task"] = config_options(doc, path, limits).task  # normalised (" OCR " is "ocr" everywhere)
     return doc
 
 

@@ -157,10 +157,10 @@ def _task(raw: Any, has_schema: bool, default_task: str, source: str) -> str:
 
     if _absent(raw):
         return "schema" if has_schema else default_task
-    if not isinstance(raw, str) or len(raw) > MAX_TASK_CHARS or raw.strip() not in TASKS:
+    if not isinstance(raw, str) or len(raw) > MAX_TASK_CHARS or raw.strip().lower() not in TASKS:
         named = f" {raw!r}" if isinstance(raw, str) and len(raw) <= MAX_TASK_CHARS else ""  # short: safe to show
         raise _bad("task", f"names an unknown task{named}; use one of: {', '.join(TASKS)}", source, tasks=list(TASKS))
-    return raw.strip()
+    return raw.strip().lower()
 
 
 def _prompt(raw: Any, limits: OptionLimits, source: str) -> str | None:

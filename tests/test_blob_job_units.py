@@ -26,7 +26,7 @@ def test_control_files():
 
 
 def test_valid_task_file():
-    doc = _parse_task_file(b'{"task": "invoice", "detail": "high", "schema": "inv"}', "a/_task.json")
+    doc = _parse_task_file(b'{"task": " Invoice ", "detail": "high", "schema": "inv"}', "a/_task.json")
     assert doc["task"] == "invoice"
 
 
