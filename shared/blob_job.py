@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ImageTooLarge, InvalidRequest, VlmError
+from .errors import ImageTooLarge, InternalError, InvalidRequest, VlmError
 from .names import MAX_BLOB_NAME, name_problem
+from .options import OPTION_KEYS, OptionLimits, RequestOptions, check_known_keys, loads_bounded, parse_options
 from .pipeline import AnalysisRequest, Dependencies, analyze
 from .results import ResultWriter, Source, now_iso, record_names
-from .tasks import parse_labels
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ TASK_FILE = "_task.json"
 MANIFEST_FILE = "_manifest.json"
 CONTROL_FILES = (TASK_FILE, MANIFEST_FILE)
 MULTI_IMAGE_TASKS = ("compare", "sequence")
-TASK_KEYS = {"task", "prompt", "detail", "schema", "labels", "max_tokens", "pages", "strips"}
+TASK_KEYS = set(OPTION_KEYS)
 
 
 class InvalidTaskConfig(InvalidRequest):
@@ -88,6 +88,7 @@ class TaskResolver:
     def __init__(self, deps: Dependencies) -> None:
         self.deps = deps
         self.ttl_s = deps.settings.task_config_ttl_s
+        self.limits = OptionLimits.from_settings(deps.settings)
         self._cache: dict[str, tuple[float, dict[str, Any] | InvalidTaskConfig | None]] = {}
 
     async def _load(self, folder: str) -> dict[str, Any] | InvalidTaskConfig | None:
@@ -102,7 +103,7 @@ class TaskResolver:
         value: dict[str, Any] | InvalidTaskConfig | None
         try:
             raw = await (await container.download_blob(path)).readall()
-            value = _parse_task_file(raw, path)
+            value = _parse_task_file(raw, path, self.limits)
         except ResourceNotFoundError:
             value = None
         except InvalidTaskConfig as err:
@@ -120,30 +121,59 @@ class TaskResolver:
         meta = {k.lower(): v for k, v in (metadata or {}).items()}
         if meta.get("task"):
             fields = {k: v for k, v in meta.items() if k in TASK_KEYS}
-            return TaskConfig(meta["task"], "metadata", fields)
+            options = config_options(fields, "metadata", self.limits)  # bad metadata fails here, first attempt
+            return TaskConfig(options.task, "metadata", fields)
         return TaskConfig(self.deps.settings.default_task, "default", {"task": self.deps.settings.default_task})
 
 
-def _parse_task_file(raw: bytes, path: str) -> dict[str, Any]:
-    from .tasks import task_spec
-
+def config_options(
+    fields: dict[str, Any],
+    source: str,
+    limits: OptionLimits,
+    default_task: str = "describe",
+    default_detail: str = "auto",
+) -> RequestOptions:
+    """`parse_options` for a folder config or metadata: a caller error becomes a permanent
+    `invalid_task_config` naming the field and the file (or "metadata")."""
     try:
-        doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidTaskConfig(f"{path} is not valid JSON: {exc}", details={"task_file": path}) from None
+        return parse_options(
+            fields, source=source, default_task=default_task, default_detail=default_detail, limits=limits
+        )
+    except VlmError as err:
+        if err.status >= 500:
+            raise
+        where = {"source": "metadata"} if source == "metadata" else {"task_file": source}
+        raise InvalidTaskConfig(err.message, details={**err.details, **where}) from None
+
+
+def _parse_task_file(raw: bytes, path: str, limits: OptionLimits | None = None) -> dict[str, Any]:
+    """A `_task.json` (or a manifest's task keys), checked in full: JSON, keys, and every field's type."""
+    limits = limits or OptionLimits()
+    try:
+        doc = loads_bounded(raw, field="the file", limits=limits, source=path)
+    except VlmError as err:
+        raise InvalidTaskConfig(err.message, details={"task_file": path}) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("task"), str):
         raise InvalidTaskConfig(f'{path} must be an object with a "task" string', details={"task_file": path})
-    unknown = set(doc) - TASK_KEYS
-    if unknown:
-        raise InvalidTaskConfig(
-            f"{path} has unknown keys: {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(TASK_KEYS))}",
-            details={"task_file": path},
-        )
     try:
-        task_spec(doc["task"])
+        check_known_keys(doc, path)
     except InvalidRequest as err:
-        raise InvalidTaskConfig(f"{path}: {err.message}", details={"task_file": path}) from None
+        raise InvalidTaskConfig(err.message, details={**err.details, "task_file": path}) from None
+    doc["task"] = config_options(doc, path, limits).task  # normalised (" OCR " is "ocr" everywhere)
     return doc
+
+
+def _is_transient(err: Exception) -> bool:
+    """Storage and network trouble is worth a retry; not-found, permission and anything else are not
+    (a bug retried five times is still a bug, and hides behind a poison record)."""
+    import aiohttp
+    from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
+
+    if isinstance(err, (ResourceNotFoundError, ClientAuthenticationError)):
+        return False
+    if isinstance(err, HttpResponseError) and err.status_code in (401, 403, 404):
+        return False
+    return isinstance(err, (AzureError, aiohttp.ClientError, OSError, TimeoutError))
 
 
 class BlobProcessor:
@@ -206,7 +236,9 @@ class BlobProcessor:
             doc["failures"] = int(doc.get("failures", 0)) + 1
             doc["task"], doc["job"] = task, job
             doc["last_error"] = (
-                err.to_dict()["error"] if isinstance(err, VlmError) else {"code": "internal_error", "message": str(err)}
+                err.to_dict()["error"]
+                if isinstance(err, VlmError)
+                else {"code": "transient_error", "message": f"{type(err).__name__} (details in the logs)"}
             )
             doc["at"] = now_iso()
             container = await self.deps.blobs.container(self.deps.settings.cache_container)
@@ -269,8 +301,22 @@ class BlobProcessor:
             await self._clear_attempts(name)
             return BlobOutcome("failed", record)
         except Exception as err:
-            await self._note_failure(name, etag, err, task, job)
-            raise
+            if _is_transient(err):
+                await self._note_failure(name, etag, err, task, job)
+                raise
+            internal = InternalError.logged(log, f"unexpected error processing {name[:300]}")
+            record = {
+                "status": "failed",
+                "error": internal.to_dict()["error"],
+                "source": source.to_dict(),
+                "task": task,
+                "job": job,
+                "attempts": attempts,
+                "processed_at": now_iso(),
+            }
+            await self.writer.write_error(name, record)
+            await self._clear_attempts(name)
+            return BlobOutcome("failed", record)
         record = {
             "status": "succeeded",
             **result.to_dict(),
@@ -304,18 +350,25 @@ class BlobProcessor:
         return BlobOutcome("failed", record)
 
     async def _request(self, config: TaskConfig, images: list[bytes]) -> AnalysisRequest:
-        f = config.fields
-        max_tokens = f.get("max_tokens")
+        settings = self.deps.settings
+        options = config_options(
+            config.fields,
+            config.origin,
+            self.resolver.limits,
+            default_task=config.task,
+            default_detail=settings.default_detail,
+        )
         return AnalysisRequest(
             images=images,
-            task=config.task,
-            prompt=f.get("prompt"),
-            detail=f.get("detail") or self.deps.settings.default_detail,
-            schema=await self._schema(f.get("schema"), config.origin),
-            labels=parse_labels(f.get("labels")),
-            max_tokens=int(max_tokens) if max_tokens not in (None, "") else None,
-            pages=f.get("pages"),
-            strips=str(f.get("strips", "")).lower() in ("1", "true", "yes"),
+            task=options.task,
+            prompt=options.prompt,
+            detail=options.detail,
+            schema=await self._schema(options.schema, config.origin),
+            labels=options.labels,
+            max_tokens=options.max_tokens,
+            pages=options.pages,
+            strips=options.strips,
+            reasoning_effort=options.reasoning_effort,
         )
 
     async def _manifest(self, name: str, data: bytes) -> tuple[TaskConfig, list[bytes]]:

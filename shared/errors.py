@@ -2,12 +2,14 @@
 
 Each error knows its HTTP status, its stable `code`, and whether it is transient
 (worth retrying later by the host or the caller). Entry points map these to HTTP
-responses or `.error.json` records in exactly one place each; nothing else
-decides a status code.
+responses or `.error.json` records in exactly one place each (`http_api.error_response`
+and the blob processor's record); the error classes carry the status codes.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 from typing import Any
 
 
@@ -40,6 +42,21 @@ class ConfigurationError(VlmError):
 
     status = 500
     code = "configuration_error"
+
+
+class InternalError(VlmError):
+    """A bug or an unforeseen failure: the caller gets only an `error_id`, the log gets the traceback."""
+
+    status = 500
+    code = "internal_error"
+
+    @classmethod
+    def logged(cls, log: logging.Logger, context: str) -> InternalError:
+        """Call inside an `except` block: logs the traceback under a new error id and returns the
+        error to answer with (no exception text reaches the caller)."""
+        error_id = secrets.token_hex(6)
+        log.exception("%s (error_id=%s)", context, error_id)
+        return cls(f"unexpected error; quote error_id {error_id} when reporting it", details={"error_id": error_id})
 
 
 # --- caller errors (4xx, permanent) -------------------------------------------------
@@ -126,6 +143,7 @@ class UpstreamTimeout(VlmError):
 
 ALL_ERRORS: tuple[type[VlmError], ...] = (
     ConfigurationError,
+    InternalError,
     InvalidRequest,
     InvalidSchema,
     TooManyPixels,

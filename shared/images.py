@@ -56,6 +56,7 @@ from . import tokens
 from .errors import ImageTooLarge, InvalidRequest, TooManyPixels, VlmError
 from .frame_count import gif_frames, tiff_frames
 from .image_formats import PIL_FORMATS, SUPPORTED_FORMATS, sniff
+from .settings import DETAILS
 
 if TYPE_CHECKING:
     from .catalog import ImageTokens
@@ -79,7 +80,6 @@ __all__ = [
 
 JPEG_QUALITY = 85
 MIME = "image/jpeg"
-DETAILS = ("low", "high", "auto")
 
 # Tasks whose multi-page inputs expand to one image per page, at high detail when "auto".
 DOCUMENT_TASKS = frozenset({"ocr", "invoice", "table", "schema"})

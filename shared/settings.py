@@ -109,6 +109,18 @@ class Settings:
     vlm_reasoning_effort_tasks: tuple[tuple[str, str], ...] = ()  # per-task overrides, e.g. (("compare", "medium"),)
     vlm_reasoning_allowance: int = 4096  # completion tokens added to max_tokens for reasoning models
     vlm_calibration_window: int = 20  # recent answers the per-deployment image-token correction is the median of
+    # --- request parsing limits (shared/options.py, shared/http_api.py) ---
+    max_request_bytes: int = 100 * MIB  # the Functions host's own request-size limit
+    max_multipart_parts: int = 64
+    max_part_header_bytes: int = 8 * 1024
+    max_prompt_chars: int = 20_000
+    max_schema_bytes: int = 64 * 1024
+    max_json_depth: int = 64
+    max_json_items: int = 100_000  # values in one JSON document (body, schema, labels, folder config)
+    max_labels: int = 100  # raising these two past 100 has no effect: task_schemas caps classify's schema at 100 x 100
+    max_label_chars: int = 100
+    max_pages_spec_chars: int = 100
+    max_tokens_limit: int = 16_384  # the largest max_tokens a caller may ask for
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -181,6 +193,18 @@ class Settings:
             **_reasoning_efforts(r.optional("VLM_REASONING_EFFORT")),
             vlm_reasoning_allowance=r.integer("VLM_REASONING_ALLOWANCE", 4096),
             vlm_calibration_window=r.integer("VLM_CALIBRATION_WINDOW", 20, minimum=1),
+            # --- request parsing limits ---
+            max_request_bytes=r.integer("MAX_REQUEST_BYTES", 100 * MIB, minimum=1),
+            max_multipart_parts=r.integer("MAX_MULTIPART_PARTS", 64, minimum=1),
+            max_part_header_bytes=r.integer("MAX_PART_HEADER_BYTES", 8 * 1024, minimum=256),
+            max_prompt_chars=r.integer("MAX_PROMPT_CHARS", 20_000, minimum=1),
+            max_schema_bytes=r.integer("MAX_SCHEMA_BYTES", 64 * 1024, minimum=2),
+            max_json_depth=r.integer("MAX_JSON_DEPTH", 64, minimum=4),
+            max_json_items=r.integer("MAX_JSON_ITEMS", 100_000, minimum=16),
+            max_labels=r.integer("MAX_LABELS", 100, minimum=1),
+            max_label_chars=r.integer("MAX_LABEL_CHARS", 100, minimum=1),
+            max_pages_spec_chars=r.integer("MAX_PAGES_SPEC_CHARS", 100, minimum=1),
+            max_tokens_limit=r.integer("MAX_TOKENS_LIMIT", 16_384, minimum=1),
         )
 
 

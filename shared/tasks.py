@@ -311,21 +311,3 @@ RUNNERS: dict[str, Callable[[TaskInput, ChatBackend], Awaitable[TaskOutput]]] = 
     "schema": _schema,
     "sequence": _sequence,
 }
-
-
-def parse_labels(raw: Any) -> list[str] | None:
-    """`labels` as a JSON list or a comma-separated string."""
-    if raw is None or raw == "":
-        return None
-    if isinstance(raw, str):
-        text = raw.strip()
-        if text.startswith("["):
-            try:
-                raw = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequest(f"labels is not valid JSON: {exc}", details={"field": "labels"}) from None
-        else:
-            raw = [p.strip() for p in text.split(",") if p.strip()]
-    if not isinstance(raw, list) or not all(isinstance(x, str) and x.strip() for x in raw):
-        raise InvalidRequest("labels must be a list of non-empty strings", details={"field": "labels"})
-    return [x.strip() for x in raw]
