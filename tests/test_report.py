@@ -308,3 +308,59 @@ async def test_cli_window_and_a_missing_container(
     assert code == rp.EXIT_OK and _total_line(out)[1] == "0" and "1 outside the time window" in out
     code = await asyncio.to_thread(rp.main, ["--connection-string", azurite, "--results-container", "nosuch"])
     assert code == rp.EXIT_ERROR and "report failed" in capsys.readouterr().err
+
+
+class _Blob:
+    def __init__(self, name: str, size: int, modified: datetime) -> None:
+        self.name, self.size, self.last_modified = name, size, modified
+
+
+class _Downloader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def readall(self) -> bytes:
+        return self.data
+
+
+class FakeContainer:
+    """Just enough of an aio ContainerClient: a listing, and downloads that are counted."""
+
+    def __init__(self, blobs: dict[str, tuple[bytes, datetime]]) -> None:
+        self.blobs = blobs
+        self.downloaded: list[str] = []
+
+    async def list_blobs(self, name_starts_with: str | None = None):
+        for name, (data, modified) in self.blobs.items():
+            if name.startswith(name_starts_with or ""):
+                yield _Blob(name, len(data), modified)
+
+    async def download_blob(self, name: str, offset: int = 0, length: int | None = None) -> _Downloader:
+        self.downloaded.append(name)
+        data = self.blobs[name][0]
+        return _Downloader(data[offset : offset + length if length is not None else None])
+
+
+async def test_listing_budget_skips_before_downloading() -> None:
+    now = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    old = datetime(2026, 11, 1, tzinfo=UTC)
+    small = json.dumps(success()).encode()
+    container = FakeContainer(
+        {
+            "p/a.png.json": (small, now),
+            "p/big.png.json": (b" " * 5000, now),  # over the cap by its listed size: never downloaded
+            "p/old.png.json": (small, old),  # written before --since: processed before it, never downloaded
+            "p/readme.txt": (b"x", now),  # not a record name
+            **{f"p/{i}.png.json": (small, now) for i in range(10)},
+        }
+    )
+    options = rp.ReportOptions(prefix="p/", since=datetime(2026, 11, 29, tzinfo=UTC), max_record_bytes=4096)
+    report = await rp.collect(container, options)
+    assert report.totals.files == 11
+    assert "p/big.png.json" not in container.downloaded and "p/old.png.json" not in container.downloaded
+    assert (report.skipped.oversize, report.skipped.outside_window) == (1, 1)
+    assert len(container.downloaded) == 11 and not report.truncated
+
+    capped = await rp.collect(FakeContainer(container.blobs), rp.ReportOptions(prefix="p/", max_records=5))
+    assert capped.truncated and capped.totals.files + capped.skipped.invalid == 5  # big.png.json: 5000 spaces
+    assert "stopped at --max-records" in rp.render(capped)
