@@ -11,6 +11,8 @@ with cost per day per task, the model latency distribution and tokens per image 
 Records are caller-influenced data: each is size-capped before download, parsed defensively, and
 every label (task, model, deployment, error code, detail) is reduced to a short, safe string before
 it is printed or put in the page. Records that are too large or not records are skipped and counted.
+Memory grows with the records read only by a few numbers each (model latencies and per-image token
+estimates for the percentiles and charts); `--max-records` bounds a run over a huge container.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import math
 import re
 import sys
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -648,22 +650,6 @@ def main(argv: list[str] | None = None) -> int:
         options.html.write_text(render_html(report, where), encoding="utf-8")
         print(f"charts: {options.html}")
     return EXIT_OK
-
-
-def totals_as_dict(report: Report) -> Mapping[str, Any]:
-    """The totals as plain numbers (for scripts and tests)."""
-    t = report.totals
-    return {
-        "files": t.files,
-        "ok": t.ok,
-        "failed": t.failed,
-        "cached": t.cached,
-        "prompt_tokens": t.prompt_tokens,
-        "completion_tokens": t.completion_tokens,
-        "reasoning_tokens": t.reasoning_tokens,
-        "total_tokens": t.total_tokens,
-        "cost_usd": t.cost_usd,
-    }
 
 
 if __name__ == "__main__":
