@@ -54,7 +54,10 @@ RESERVED_EXPORTER_PREFIXES = (
 # --------------------------------------------------------------------------- span names
 
 SPAN_ANALYZE = "vlm.analyze"
-"""One analysis (HTTP request or blob), parent of the spans below; carries the vlm.* summary."""
+"""One analysis (HTTP request or blob), parent of the spans below; carries the vlm.* summary.
+
+Kind INTERNAL (a child of the host's request span), so it lands in `dependencies`, where the
+workbook reads its duration percentiles."""
 
 SPAN_PREPARE = "vlm.prepare"
 """Sniff, decode, resize and encode the images."""
@@ -73,7 +76,7 @@ GEN_AI_OPERATION_CHAT = "chat"
 
 
 def model_call_span_name(request_model: str | None) -> str:
-    """The model-call span name: `{gen_ai.operation.name} {gen_ai.request.model}` (semconv)."""
+    """The model-call span name: `{gen_ai.operation.name} {gen_ai.request.model}` (semconv; kind CLIENT)."""
     return f"{GEN_AI_OPERATION_CHAT} {request_model}" if request_model else GEN_AI_OPERATION_CHAT
 
 
