@@ -5,7 +5,7 @@
 //   ├─ user-assigned identity ── the only credential the app has (no keys, no connection strings)
 //   ├─ storage account ── images/ results/ cache/ schemas/ + deployment package; lifecycle rule on cache/
 //   ├─ Event Grid system topic on the storage account (subscription: postdeploy hook)
-//   ├─ Log Analytics + Application Insights (Entra ID ingestion only)
+//   ├─ Log Analytics + Application Insights (Entra ID ingestion only), a workbook and two alert rules
 //   ├─ Flex Consumption plan (FC1) + function app (Python 3.11)
 //   └─ Azure OpenAI account + gpt-5.4-mini deployment (+ optional fallback), unless an existing endpoint is given
 //
@@ -64,6 +64,11 @@ param vlmRpm int = 0
 @minValue(0)
 @description('Client-side tokens-per-minute limit per instance (VLM_TPM); 0 = off.')
 param vlmTpm int = 0
+
+// ---- Monitoring ----
+
+@description('Action group resource id the alerts (sustained 429s, poison records) notify; empty: they show in the portal only.')
+param alertActionGroupId string = ''
 
 // ---- Storage ----
 
@@ -185,6 +190,20 @@ module monitoring 'modules/monitoring.bicep' = {
     applicationInsightsName: '${abbrs.insightsComponents}${resourceToken}'
     location: location
     tags: tags
+  }
+}
+
+// The workbook (tokens, cost, 429 rate, latency, cache hits, poison) and the two alert rules.
+module monitoringWorkbook 'modules/monitoring-workbook.bicep' = {
+  name: 'monitoring-workbook'
+  scope: rg
+  params: {
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    location: location
+    tags: tags
+    actionGroupIds: empty(alertActionGroupId) ? [] : [
+      alertActionGroupId
+    ]
   }
 }
 
