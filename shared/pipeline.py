@@ -133,10 +133,11 @@ def validate_request(req: AnalysisRequest, settings: Settings) -> None:
     if req.max_tokens is not None and not 1 <= req.max_tokens <= 16384:
         raise InvalidRequest("max_tokens must be between 1 and 16384", details={"field": "max_tokens"})
     if req.schema is not None:
-        from .schemas import check_caller_schema, to_strict
+        from .schemas import SchemaBudget, to_strict
 
-        check_caller_schema(req.schema)
-        to_strict(req.schema)  # limits (depth, property count) fail here, before any image work
+        # to_strict runs check_caller_schema first (budget, references, regexes, meta-schema);
+        # strict limits (depth, property count) fail here too, before any image work.
+        to_strict(req.schema, budget=SchemaBudget.from_settings(settings))
 
 
 def _prepare_all(req: AnalysisRequest, settings: Settings) -> list[Any]:
@@ -200,6 +201,7 @@ def _key(req: AnalysisRequest, settings: Settings, images: list[bytes], stage: s
 
 
 async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
+    from .schemas import SchemaBudget
     from .tasks import TaskInput, run_task
 
     settings = deps.settings
@@ -256,6 +258,7 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
         labels=req.labels,
         max_tokens=req.max_tokens,
         concurrency=settings.sequence_concurrency,
+        schema_budget=SchemaBudget.from_settings(settings),
     )
     out = await _run_once(deps, key, task_input, run_task)
     result = _priced(req, settings, key, out, facts, _timings(t0, t_prepared, time.perf_counter()))

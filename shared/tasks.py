@@ -21,6 +21,7 @@ from .tokens import prompt_tokens
 
 if TYPE_CHECKING:
     from .images import PreparedImage
+    from .schema_guard import SchemaBudget
 
 SYSTEM_PROMPT = (
     "You are a careful vision assistant. Answer only from what is visible in the images. "
@@ -92,6 +93,7 @@ class TaskInput:
     labels: list[str] | None = None
     max_tokens: int | None = None
     concurrency: int = 4
+    schema_budget: SchemaBudget | None = None  # None: the defaults (shared.schema_guard.DEFAULT_BUDGET)
 
 
 @dataclass
@@ -164,11 +166,13 @@ async def structured_call(
     max_tokens: int,
     name: str = "result",
     label: str | None = None,
+    budget: SchemaBudget | None = None,
 ) -> TaskOutput:
     """Strict json_schema call, validated against the original schema; one re-ask; json_object fallback."""
     from . import schemas, task_schemas
 
-    strict = schemas.to_strict(schema, name=name)
+    budget = budget or schemas.DEFAULT_BUDGET
+    strict = schemas.to_strict(schema, name=name, budget=budget)
     json_object_prompt = prompt + "\n\n" + task_schemas.json_object_instructions(strict.schema)
     calls: list[ChatResult] = []
     extra: list[dict[str, Any]] = []
@@ -196,8 +200,8 @@ async def structured_call(
             answer = schemas.parse_json_tolerant(result.content or "")
             if strict.wrapped:
                 answer = schemas.unwrap(strict, answer)
-            answer = schemas.normalise(schema, answer)
-            errors = schemas.validate(schema, answer)
+            answer = schemas.normalise(schema, answer, budget=budget)
+            errors = schemas.validate(schema, answer, budget=budget)
         except (ValueError, KeyError, TypeError) as exc:
             errors = [f"the answer is not valid JSON for the schema: {exc}"]
         if not errors:
@@ -220,7 +224,14 @@ async def _invoice(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     label = "Page" if len(inp.images) > 1 else None
     prompt = task_schemas.INVOICE_PROMPT + (f"\n\n{inp.prompt}" if inp.prompt else "")
     return await structured_call(
-        model, prompt, inp.images, task_schemas.INVOICE_SCHEMA, _max_tokens(inp), "invoice", label
+        model,
+        prompt,
+        inp.images,
+        task_schemas.INVOICE_SCHEMA,
+        _max_tokens(inp),
+        "invoice",
+        label,
+        budget=inp.schema_budget,
     )
 
 
@@ -228,7 +239,9 @@ async def _table(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     from . import task_schemas
 
     prompt = task_schemas.TABLE_PROMPT + (f"\n\n{inp.prompt}" if inp.prompt else "")
-    return await structured_call(model, prompt, inp.images, task_schemas.TABLE_SCHEMA, _max_tokens(inp), "table")
+    return await structured_call(
+        model, prompt, inp.images, task_schemas.TABLE_SCHEMA, _max_tokens(inp), "table", budget=inp.schema_budget
+    )
 
 
 async def _classify(inp: TaskInput, model: ChatBackend) -> TaskOutput:
@@ -240,7 +253,9 @@ async def _classify(inp: TaskInput, model: ChatBackend) -> TaskOutput:
         )
     schema = task_schemas.classify_schema(inp.labels)
     prompt = task_schemas.classify_prompt(inp.labels) + (f"\n\n{inp.prompt}" if inp.prompt else "")
-    return await structured_call(model, prompt, inp.images, schema, _max_tokens(inp), "classification")
+    return await structured_call(
+        model, prompt, inp.images, schema, _max_tokens(inp), "classification", budget=inp.schema_budget
+    )
 
 
 async def _schema(inp: TaskInput, model: ChatBackend) -> TaskOutput:
@@ -250,7 +265,9 @@ async def _schema(inp: TaskInput, model: ChatBackend) -> TaskOutput:
         raise InvalidRequest("task schema needs `schema` (a JSON Schema object)", details={"field": "schema"})
     label = "Page" if len(inp.images) > 1 else None
     prompt = task_schemas.SCHEMA_PROMPT + (f"\n\n{inp.prompt}" if inp.prompt else "")
-    return await structured_call(model, prompt, inp.images, inp.schema, _max_tokens(inp), "result", label)
+    return await structured_call(
+        model, prompt, inp.images, inp.schema, _max_tokens(inp), "result", label, budget=inp.schema_budget
+    )
 
 
 async def _sequence(inp: TaskInput, model: ChatBackend) -> TaskOutput:
