@@ -60,7 +60,8 @@ def compile_safe(pattern: str) -> re2._Regexp:
     if len(pattern) > MAX_PATTERN_CHARS:
         raise RegexRefused(f"longer than {MAX_PATTERN_CHARS} characters")
     try:
-        return re2.compile(pattern, options=_OPTIONS)
+        # surrogatepass: a lone surrogate (valid in JSON text) must not raise UnicodeEncodeError.
+        return re2.compile(pattern.encode("utf-8", "surrogatepass"), options=_OPTIONS)
     except re2.error:
         raise RegexRefused(
             "not a regular expression that runs in linear time (RE2 syntax: no backreferences or "
@@ -70,7 +71,7 @@ def compile_safe(pattern: str) -> re2._Regexp:
 
 def search(pattern: str, text: str) -> bool:
     """Whether `pattern` matches anywhere in `text` (JSON Schema's unanchored semantics)."""
-    return compile_safe(pattern).search(text) is not None
+    return compile_safe(pattern).search(text.encode("utf-8", "surrogatepass")) is not None
 
 
 def is_valid_regex(text: object) -> bool:

@@ -52,7 +52,7 @@ class SchemaBudget:
     Defaults match `Settings` (SCHEMA_MAX_* / ANSWER_MAX_*); `from_settings` reads them.
     """
 
-    max_bytes: int = 100_000
+    max_bytes: int = 64_000
     max_nodes: int = 10_000
     max_depth: int = 40
     max_string_chars: int = 5_000
@@ -60,7 +60,7 @@ class SchemaBudget:
     max_enum_items: int = 500
     max_enum_total: int = 2_000
     max_combinators: int = 200
-    max_validation_steps: int = 200_000
+    max_validation_steps: int = 25_000
     max_answer_nodes: int = 20_000
     max_answer_depth: int = 40
 
@@ -207,11 +207,11 @@ def _scalar_size(value: Any, path: str, b: SchemaBudget) -> int:
     if value is None or isinstance(value, bool):
         return 5
     if isinstance(value, int):
-        return 20  # at most; Python refuses to parse more than 4300 digits anyway
+        return value.bit_length() * 30103 // 100000 + 2  # decimal digits, without converting
     if isinstance(value, float):
         if not math.isfinite(value):
             raise _refuse(path, "numbers must be finite (no NaN or Infinity)")
-        return 24
+        return len(repr(value))
     if isinstance(value, (dict, list)):
         return 0
     raise _refuse(path, "the schema holds a value that is not JSON")

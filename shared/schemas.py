@@ -23,8 +23,11 @@ Nothing here does I/O, and no function mutates its arguments.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -234,6 +237,33 @@ def check_caller_schema(schema: Any, budget: SchemaBudget = DEFAULT_BUDGET) -> N
             details={"path": "", "reason": "not an object"},
         )
     guard_schema(schema, budget)
+    # One request checks its schema more than once (request validation, then the task's
+    # conversion); meta-validation is the costly part (~1 s at SCHEMA_MAX_BYTES), so schemas
+    # that passed are remembered by content (the guard above bounds the serialisation).
+    key = (_fingerprint(schema), budget)
+    with _PASSED_LOCK:
+        if key in _PASSED:
+            _PASSED.move_to_end(key)
+            return
+    _meta_validate(schema, budget)
+    with _PASSED_LOCK:
+        _PASSED[key] = None
+        while len(_PASSED) > _PASSED_MAX:
+            _PASSED.popitem(last=False)
+
+
+_PASSED: OrderedDict[tuple[str, SchemaBudget], None] = OrderedDict()
+_PASSED_LOCK = threading.Lock()
+_PASSED_MAX = 256
+
+
+def _fingerprint(schema: dict[str, Any]) -> str:
+    text = json.dumps(schema, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _meta_validate(schema: dict[str, Any], budget: SchemaBudget) -> None:
+    """The schema against its draft's meta-schema; the first error, with its path, as a 400."""
     cls = _validator_class(schema)
     meta = _safe_class(validators.validator_for(cls.META_SCHEMA, default=cls))
     checker = meta(cls.META_SCHEMA, format_checker=_format_checker(), registry=_NO_RETRIEVAL)
@@ -1044,6 +1074,9 @@ def _resolve_local(root: dict[str, Any], ref: Any) -> Any:
 def _prune(v: Any, root: dict[str, Any], schema: Any, value: Any, _refs: int = 0) -> Any:
     if not isinstance(schema, dict) or not isinstance(value, (dict, list)):
         return value
+    steps = _STEPS.get()
+    if steps is not None:  # pruning recurses into union branches too: it shares the step budget
+        steps.tick()
     if "$ref" in schema and _refs < 64:  # the bound stops a schema that is only a ref cycle
         value = _prune(v, root, _resolve_local(root, schema["$ref"]), value, _refs + 1)
     for sub in schema.get("allOf", []):

@@ -80,7 +80,7 @@ class Settings:
     sequence_concurrency: int = 4
     task_config_ttl_s: float = 30.0
     # --- caller JSON Schemas and the answers validated against them (shared/schema_guard.py) ---
-    schema_max_bytes: int = 100_000  # serialised size of one caller schema
+    schema_max_bytes: int = 64_000  # serialised size of one caller schema (meta-validation ~1 s at the limit)
     schema_max_nodes: int = 10_000  # JSON values (objects, arrays, scalars) in one schema
     schema_max_depth: int = 40  # JSON nesting of one schema
     schema_max_string_chars: int = 5_000  # any one string (key, description, pattern, enum value)
@@ -88,7 +88,7 @@ class Settings:
     schema_max_enum_items: int = 500  # values of one `enum`
     schema_max_enum_total: int = 2_000  # `enum` values in the whole schema
     schema_max_combinators: int = 200  # allOf/anyOf/oneOf/not keywords in the whole schema
-    schema_max_validation_steps: int = 200_000  # keyword evaluations per meta-check or answer validation
+    schema_max_validation_steps: int = 25_000  # keyword evaluations (and pruning steps) per answer check, ~1 s
     answer_max_nodes: int = 20_000  # JSON values in one structured answer
     answer_max_depth: int = 40  # JSON nesting of one structured answer
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -148,7 +148,7 @@ class Settings:
             sequence_concurrency=r.integer("SEQUENCE_CONCURRENCY", 4, minimum=1),
             task_config_ttl_s=r.number("TASK_CONFIG_TTL_S", 30.0),
             # --- caller JSON Schemas (shared/schema_guard.py) ---
-            schema_max_bytes=r.integer("SCHEMA_MAX_BYTES", 100_000, minimum=1),
+            schema_max_bytes=r.integer("SCHEMA_MAX_BYTES", 64_000, minimum=1),
             schema_max_nodes=r.integer("SCHEMA_MAX_NODES", 10_000, minimum=1),
             schema_max_depth=r.integer("SCHEMA_MAX_DEPTH", 40, minimum=1),
             schema_max_string_chars=r.integer("SCHEMA_MAX_STRING_CHARS", 5_000, minimum=1),
@@ -156,7 +156,7 @@ class Settings:
             schema_max_enum_items=r.integer("SCHEMA_MAX_ENUM_ITEMS", 500, minimum=1),
             schema_max_enum_total=r.integer("SCHEMA_MAX_ENUM_TOTAL", 2_000, minimum=1),
             schema_max_combinators=r.integer("SCHEMA_MAX_COMBINATORS", 200, minimum=0),
-            schema_max_validation_steps=r.integer("SCHEMA_MAX_VALIDATION_STEPS", 200_000, minimum=1),
+            schema_max_validation_steps=r.integer("SCHEMA_MAX_VALIDATION_STEPS", 25_000, minimum=1),
             answer_max_nodes=r.integer("ANSWER_MAX_NODES", 20_000, minimum=1),
             answer_max_depth=r.integer("ANSWER_MAX_DEPTH", 40, minimum=1),
         )
