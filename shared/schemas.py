@@ -466,10 +466,35 @@ def to_strict(
     """
     check_caller_schema(schema, budget)
     original = copy.deepcopy(schema)
-    converter = _Converter(original)
-    strict, wrapped = converter.run()
-    _Measure(strict, converter.origin, wrapped, limits).run()
+    try:
+        converter = _Converter(original)
+        strict, wrapped = converter.run()
+        _Measure(strict, converter.origin, wrapped, limits).run()
+    except InvalidSchema as err:
+        raise _bounded(err) from None
     return StrictSchema(schema=strict, original=original, wrapped=wrapped, name=_clean_name(name))
+
+
+_MAX_MESSAGE = 600
+_MAX_DETAIL = 200
+
+
+def _bounded(err: InvalidSchema) -> InvalidSchema:
+    """The same error with its message and details cut to size.
+
+    Conversion messages quote the caller's keys, references and names; those are bounded by
+    the schema budget, but not tightly enough for an error body.
+    """
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, str):
+            return _short(value, _MAX_DETAIL)
+        if isinstance(value, list):
+            return [cut(v) for v in value[:10]]
+        return value
+
+    details = {k: cut(v) for k, v in err.details.items()}
+    return InvalidSchema(_short(err.message, _MAX_MESSAGE), details=details)
 
 
 def _clean_name(name: str) -> str:

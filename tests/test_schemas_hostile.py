@@ -422,3 +422,27 @@ def test_messages_carry_no_exception_text_and_are_bounded() -> None:
         assert len(str(err.details)) < 1_000
         for leak in ("missing )", "re2", "Traceback", "Error", "PointerToNowhere"):
             assert leak not in err.message
+
+
+def test_conversion_messages_are_bounded() -> None:
+    long = "n" * 4_000
+    cases = [
+        {"type": "object", "properties": {"a": {"type": "string"}}, "required": [f"{long}{i}" for i in range(12)]},
+        {"$ref": "#/$defs/A", "$defs": {"A": OBJ}, **{f"{long}{i}": 1 for i in range(10)}},
+        {"type": "object", "properties": {long: {"type": "object", "properties": {long: {"type": "object"}}}}},
+    ]
+    for schema in cases:
+        schemas.check_caller_schema(schema)  # a valid JSON Schema: the conversion refuses it
+        with pytest.raises(InvalidSchema) as info:
+            schemas.to_strict(schema)
+        assert len(info.value.message) <= 600
+        assert len(str(info.value.details)) < 3_000
+
+
+def test_bad_labels_are_not_echoed() -> None:
+    from shared import task_schemas
+    from shared.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as info:
+        task_schemas.classify_schema(["a", {"k": "v" * 100_000}])
+    assert "vvvv" not in info.value.message and len(info.value.message) < 100
