@@ -17,6 +17,15 @@ validation keywords (`pattern`, `format`, `minimum`, `minItems`, ...), but older
 deployments and OpenAI-compatible servers do not. So every validation keyword is moved into the
 description text, where the model still reads it, and the local validation still enforces it.
 
+Caller schemas are hostile input. `check_caller_schema` (run by `to_strict`, so for HTTP
+schemas and schemas-container blobs alike) first lets `schema_guard` budget the document and
+refuse non-local references, nested `$id`/`$schema`, regexes RE2 cannot run, and reference
+shapes that never end or explode; only then is the meta-schema checked. Validators are the
+stock jsonschema ones extended with linear-time keywords (RE2 regexes, hashed `uniqueItems`,
+overflow-free `multipleOf`) and a step counter, built with a registry that retrieves nothing.
+Answers are size-checked before the (recursive) pruning and validation. Error messages name
+the JSON pointer and the rule, bounded in length; they never carry Python exception text.
+
 Nothing here does I/O, and no function mutates its arguments.
 """
 
@@ -367,9 +376,16 @@ def _additional_properties(validator: Any, aP: Any, instance: Any, schema: Any) 
         for extra in extras:
             yield from validator.descend(instance[extra], aP, path=extra)
     elif not aP and extras:
+        # jsonschema's wording, with the caller's keys bounded.
         names = ", ".join(_short(repr(e), 60) for e in sorted(extras)[:10])
-        more = f" and {len(extras) - 10} more" if len(extras) > 10 else ""
-        yield ValidationError(f"Additional properties are not allowed ({names}{more} unexpected)")
+        names += f" and {len(extras) - 10} more" if len(extras) > 10 else ""
+        if patterns:
+            verb = "does" if len(extras) == 1 else "do"
+            listed = ", ".join(_short(repr(p), 60) for p in sorted(patterns)[:10])
+            yield ValidationError(f"{names} {verb} not match any of the regexes: {listed}")
+        else:
+            verb = "was" if len(extras) == 1 else "were"
+            yield ValidationError(f"Additional properties are not allowed ({names} {verb} unexpected)")
 
 
 def _unique_items(validator: Any, unique: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
