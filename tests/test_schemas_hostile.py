@@ -179,7 +179,7 @@ def test_catastrophic_patterns_run_in_linear_time(no_python_re: None) -> None:
     answer = {"s": LONG_KEY, "r": "(a+)+", LONG_A: "not an integer", LONG_KEY: 1}
     errors = schemas.validate(schema, answer)
     assert len(errors) == 3
-    assert errors[0].startswith("(root): ") and "Additional properties" in errors[0]
+    assert errors[0].startswith("(root): ") and "does not match any of the regexes" in errors[0]
     assert errors[1].startswith("/aaaa") and "is not of type 'integer'" in errors[1]
     assert errors[2].startswith("/s: ") and "does not match" in errors[2]
     assert schemas.validate(schema, {"s": "aaa", "r": "^a$", "aaaa": 1}) == []
