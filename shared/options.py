@@ -34,7 +34,7 @@ class OptionLimits:
     """The caps on option fields; `from_settings` reads them from `Settings` (see README, Limits)."""
 
     max_prompt_chars: int = 20_000
-    max_schema_bytes: int = 64 * 1024
+    max_schema_bytes: int = 64_000  # SCHEMA_MAX_BYTES: the same cap the schema guard applies after parsing
     max_json_depth: int = 64
     max_json_items: int = 100_000
     max_labels: int = 100
@@ -46,7 +46,7 @@ class OptionLimits:
     def from_settings(cls, s: Any) -> OptionLimits:
         return cls(
             max_prompt_chars=s.max_prompt_chars,
-            max_schema_bytes=s.max_schema_bytes,
+            max_schema_bytes=s.schema_max_bytes,
             max_json_depth=s.max_json_depth,
             max_json_items=s.max_json_items,
             max_labels=s.max_labels,

@@ -180,10 +180,11 @@ def validate_request(req: AnalysisRequest, settings: Settings) -> None:
             details={"field": "images", "min": spec.min_images, "max": limit, "got": len(req.images)},
         )
     if req.schema is not None:
-        from .schemas import check_caller_schema, to_strict
+        from .schemas import SchemaBudget, to_strict
 
-        check_caller_schema(req.schema)
-        to_strict(req.schema)  # limits (depth, property count) fail here, before any image work
+        # to_strict runs check_caller_schema first (budget, references, regexes, meta-schema);
+        # strict limits (depth, property count) fail here too, before any image work.
+        to_strict(req.schema, budget=SchemaBudget.from_settings(settings))
 
 
 def _prepare_all(req: AnalysisRequest, settings: Settings, image_spec: Any = None) -> list[Any]:
@@ -255,6 +256,7 @@ def _key(req: AnalysisRequest, identity: str, images: list[bytes], stage: str, e
 
 
 async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
+    from .schemas import SchemaBudget
     from .tasks import TaskInput, run_task
 
     settings = deps.settings
@@ -316,6 +318,7 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
         max_tokens=req.max_tokens,
         concurrency=settings.sequence_concurrency,
         reasoning_effort=effort,
+        schema_budget=SchemaBudget.from_settings(settings),
     )
     out = await _run_once(deps, key, task_input, run_task)
     answered_by = _answered_by(out, identity)

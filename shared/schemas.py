@@ -17,28 +17,50 @@ validation keywords (`pattern`, `format`, `minimum`, `minItems`, ...), but older
 deployments and OpenAI-compatible servers do not. So every validation keyword is moved into the
 description text, where the model still reads it, and the local validation still enforces it.
 
+Caller schemas are hostile input. `check_caller_schema` (run by `to_strict`, so for HTTP
+schemas and schemas-container blobs alike) first lets `schema_guard` budget the document and
+refuse non-local references, nested `$id`/`$schema`, regexes RE2 cannot run, and reference
+shapes that never end or explode; only then is the meta-schema checked. Validators are the
+stock jsonschema ones extended with linear-time keywords (RE2 regexes, hashed `uniqueItems`,
+overflow-free `multipleOf`) and a step counter, built with a registry that retrieves nothing.
+Answers are size-checked before the (recursive) pruning and validation. Error messages name
+the JSON pointer and the rule, bounded in length; they never carry Python exception text.
+
 Nothing here does I/O, and no function mutates its arguments.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
 from typing import Any
 
 from jsonschema import Draft202012Validator, FormatChecker, validators
-from jsonschema.exceptions import SchemaError, ValidationError, best_match
-from referencing.exceptions import Unresolvable
+from jsonschema.exceptions import ValidationError, best_match
+from referencing import Registry
+from referencing.exceptions import NoSuchResource, Unresolvable
 
+from . import safe_regex
 from .errors import InvalidSchema
+from .schema_guard import DEFAULT_BUDGET, SchemaBudget, bounded_path, check_answer_size, guard_schema
 
 __all__ = [
     "AZURE_LIMITS",
+    "DEFAULT_BUDGET",
     "MOVED_KEYWORDS",
     "OPENAI_LIMITS",
+    "AnswerTooLarge",
+    "SchemaBudget",
     "StrictLimits",
     "StrictSchema",
     "check_caller_schema",
@@ -203,54 +225,292 @@ def _matches(value: Any, type_name: str) -> bool:
 
 
 def _validator_class(schema: Any) -> Any:
-    """The validator for the draft the schema declares (2020-12 when it declares none)."""
+    """The safe validator for the draft the schema declares (2020-12 when it declares none)."""
     if isinstance(schema, dict):
-        return validators.validator_for(schema, default=Draft202012Validator)
-    return Draft202012Validator
+        return _safe_class(validators.validator_for(schema, default=Draft202012Validator))
+    return _safe_class(Draft202012Validator)
 
 
-def check_caller_schema(schema: Any) -> None:
-    """Reject what is not a JSON Schema object at all, naming where its meta-schema check fails.
+def check_caller_schema(schema: Any, budget: SchemaBudget = DEFAULT_BUDGET) -> None:
+    """Refuse a caller's schema that is not a JSON Schema, is over budget, or could reach or stall.
 
-    Run before anything else so a malformed schema is a 400 with a path, not a crash later.
+    Run before anything else (HTTP schemas and schemas-container blobs alike), so a hostile or
+    malformed schema is a 400 naming the JSON pointer and the rule, never a fetch, a stalled
+    worker or a 500. Order matters: `schema_guard` budgets and inspects the document first,
+    because meta-validation itself is super-linear on some inputs; only then is the
+    meta-schema checked, by the same safe validator classes the answers use.
     """
     if not isinstance(schema, dict):
         raise InvalidSchema(
             f"the schema must be a JSON object, got {type(schema).__name__}",
             details={"path": "", "reason": "not an object"},
         )
-    try:
-        _validator_class(schema).check_schema(schema)
-    except SchemaError as exc:
-        path = "".join(f"/{_esc(str(p))}" for p in exc.absolute_path)
-        reason = _short(exc.message)
-        closest = best_match(exc.context) if exc.context else None
+    guard_schema(schema, budget)
+    # One request checks its schema more than once (request validation, then the task's
+    # conversion); meta-validation is the costly part (~1 s at SCHEMA_MAX_BYTES), so schemas
+    # that passed are remembered by content (the guard above bounds the serialisation).
+    key = (_fingerprint(schema), budget)
+    with _PASSED_LOCK:
+        if key in _PASSED:
+            _PASSED.move_to_end(key)
+            return
+    _meta_validate(schema, budget)
+    with _PASSED_LOCK:
+        _PASSED[key] = None
+        while len(_PASSED) > _PASSED_MAX:
+            _PASSED.popitem(last=False)
+
+
+_PASSED: OrderedDict[tuple[str, SchemaBudget], None] = OrderedDict()
+_PASSED_LOCK = threading.Lock()
+_PASSED_MAX = 256
+
+
+def _fingerprint(schema: dict[str, Any]) -> str:
+    text = json.dumps(schema, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _meta_validate(schema: dict[str, Any], budget: SchemaBudget) -> None:
+    """The schema against its draft's meta-schema; the first error, with its path, as a 400."""
+    cls = _validator_class(schema)
+    meta = _safe_class(validators.validator_for(cls.META_SCHEMA, default=cls))
+    checker = meta(cls.META_SCHEMA, format_checker=_format_checker(), registry=_NO_RETRIEVAL)
+    with _step_budget(budget.max_validation_steps):
+        try:
+            error = next(iter(checker.iter_errors(schema)), None)
+        except _StepsExceeded:
+            raise InvalidSchema(
+                f"checking the schema took more than {budget.max_validation_steps} steps; simplify it",
+                details={"path": "", "limit": budget.max_validation_steps, "setting": "SCHEMA_MAX_VALIDATION_STEPS"},
+            ) from None
+    if error is not None:
+        path = bounded_path("".join(f"/{_esc(str(p))}" for p in error.absolute_path))
+        reason = _short(error.message, 200)
+        closest = best_match(error.context) if error.context else None
         if closest is not None:
-            reason += f" ({_short(closest.message, 200)})"
+            reason += f" ({_short(closest.message, 150)})"
         raise InvalidSchema(
             f"the schema is not a valid JSON Schema: at {path or '(root)'}: {reason}",
-            details={"path": path, "reason": reason},
-        ) from None
+            details={"path": path, "reason": reason, "rule": str(error.validator)},
+        )
+
+
+# --- safe validators -------------------------------------------------------------------------
+#
+# jsonschema's stock validators evaluate caller regexes with Python's backtracking `re`
+# (`pattern`, `patternProperties`, `additionalProperties` next to patternProperties, the
+# `regex` format), compare `uniqueItems` pairwise when items are unhashable, can overflow in
+# `multipleOf`, and fetch any `$ref` they cannot resolve over HTTP or from file:// URLs. The
+# classes below are the stock ones extended with linear replacements for those keywords, a
+# step counter on every keyword, and are always built with a registry that retrieves nothing.
+# (`unevaluatedProperties` next to `patternProperties` still uses `re` inside jsonschema, so
+# schema_guard refuses that combination.)
+
+
+class _StepsExceeded(Exception):
+    """Raised inside validation when the step budget is spent; never leaves this module."""
+
+
+class _Steps:
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def tick(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise _StepsExceeded
+
+
+_STEPS: ContextVar[_Steps | None] = ContextVar("schema_validation_steps", default=None)
+
+
+@contextmanager
+def _step_budget(limit: int) -> Iterator[None]:
+    token = _STEPS.set(_Steps(limit))
+    try:
+        yield
+    finally:
+        _STEPS.reset(token)
+
+
+def _refuse_retrieval(uri: str) -> Any:
+    """The registry's retrieve function: no URL, file or anything else is ever fetched."""
+    raise NoSuchResource(ref=uri)
+
+
+_NO_RETRIEVAL: Registry[Any] = Registry(retrieve=_refuse_retrieval)  # type: ignore[call-arg]
+
+
+def _counted(keyword: Any) -> Any:
+    def run(validator: Any, value: Any, instance: Any, schema: Any) -> Any:
+        steps = _STEPS.get()
+        if steps is not None:
+            steps.tick()
+        return keyword(validator, value, instance, schema)
+
+    return run
+
+
+def _pattern(validator: Any, patrn: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _re_search(patrn, instance):
+        yield ValidationError(f"{_short(repr(instance), 100)} does not match {_short(repr(patrn), 100)}")
+
+
+def _pattern_properties(validator: Any, patterns: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    for patrn, subschema in patterns.items():
+        for key, value in instance.items():
+            if _re_search(patrn, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=patrn)
+
+
+def _additional_properties(validator: Any, aP: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    props = schema.get("properties", {})
+    patterns = list(schema.get("patternProperties", {}))
+    extras = [k for k in instance if k not in props and not any(_re_search(p, k) for p in patterns)]
+    if validator.is_type(aP, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], aP, path=extra)
+    elif not aP and extras:
+        # jsonschema's wording, with the caller's keys bounded.
+        names = ", ".join(_short(repr(e), 60) for e in sorted(extras)[:10])
+        names += f" and {len(extras) - 10} more" if len(extras) > 10 else ""
+        if patterns:
+            verb = "does" if len(extras) == 1 else "do"
+            listed = ", ".join(_short(repr(p), 60) for p in sorted(patterns)[:10])
+            yield ValidationError(f"{names} {verb} not match any of the regexes: {listed}")
+        else:
+            verb = "was" if len(extras) == 1 else "were"
+            yield ValidationError(f"Additional properties are not allowed ({names} {verb} unexpected)")
+
+
+def _unique_items(validator: Any, unique: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if not unique or not validator.is_type(instance, "array"):
+        return
+    seen: set[Any] = set()
+    for item in instance:
+        key = _hashable(item)
+        if key in seen:
+            yield ValidationError("the array has non-unique elements")
+            return
+        seen.add(key)
+
+
+def _hashable(value: Any) -> Any:
+    """A key equal for values JSON Schema calls equal (1 == 1.0, True != 1, key order ignored)."""
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, (int, float)):
+        return ("n", value)
+    if isinstance(value, dict):
+        return ("o", frozenset((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("a", tuple(_hashable(v) for v in value))
+    return ("s", value)
+
+
+def _multiple_of(validator: Any, factor: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "number"):
+        return
+    try:
+        if isinstance(factor, float):
+            quotient = instance / factor
+            failed = int(quotient) != quotient
+        else:
+            failed = bool(instance % factor)
+    except (OverflowError, ValueError, ZeroDivisionError):  # exact arithmetic cannot overflow
+        failed = factor == 0 or (Fraction(instance) / Fraction(factor)).denominator != 1
+    if failed:
+        yield ValidationError(f"{_short(repr(instance), 60)} is not a multiple of {_short(repr(factor), 60)}")
+
+
+def _re_search(pattern: Any, text: str) -> bool:
+    try:
+        return safe_regex.search(pattern, text)
+    except safe_regex.RegexRefused:
+        # schema_guard refuses such patterns up front; one reached here (e.g. meta-validation
+        # of a refused schema) simply does not match.
+        return False
+
+
+_REPLACED = {
+    "pattern": _pattern,
+    "patternProperties": _pattern_properties,
+    "additionalProperties": _additional_properties,
+    "uniqueItems": _unique_items,
+    "multipleOf": _multiple_of,
+}
+
+
+@lru_cache(maxsize=16)
+def _safe_class(base: Any) -> Any:
+    """`base` with the linear keyword replacements and a step counter on every keyword."""
+    keywords = {k: _counted(_REPLACED.get(k, fn)) for k, fn in base.VALIDATORS.items()}
+    return validators.extend(base, keywords)
+
+
+@lru_cache(maxsize=1)
+def _format_checker() -> FormatChecker:
+    """jsonschema's format checks, with `regex` decided by RE2 (compiling with `re` can overflow)."""
+    checker = FormatChecker()
+    checker.checks("regex")(safe_regex.is_valid_regex)
+    return checker
 
 
 # --- conversion ------------------------------------------------------------------------------
 
 
-def to_strict(schema: dict[str, Any], name: str = "result", *, limits: StrictLimits = AZURE_LIMITS) -> StrictSchema:
+def to_strict(
+    schema: dict[str, Any],
+    name: str = "result",
+    *,
+    limits: StrictLimits = AZURE_LIMITS,
+    budget: SchemaBudget = DEFAULT_BUDGET,
+) -> StrictSchema:
     """Convert a caller's JSON Schema into the strict structured-output subset.
 
     Every property becomes required, properties the caller left optional become nullable,
     every object is closed (`additionalProperties: false`), validation keywords move into the
     description, `definitions` become `$defs`, `oneOf` becomes `anyOf`, a single-item `allOf`
     is inlined, and a non-object root is wrapped as `{"value": <root>}`. Anything strict mode
-    cannot express, and schemas over `limits`, raise InvalidSchema naming the JSON pointer.
+    cannot express, and schemas over `limits` or `budget`, raise InvalidSchema naming the JSON
+    pointer.
     """
-    check_caller_schema(schema)
+    check_caller_schema(schema, budget)
     original = copy.deepcopy(schema)
-    converter = _Converter(original)
-    strict, wrapped = converter.run()
-    _Measure(strict, converter.origin, wrapped, limits).run()
+    try:
+        converter = _Converter(original)
+        strict, wrapped = converter.run()
+        _Measure(strict, converter.origin, wrapped, limits).run()
+    except InvalidSchema as err:
+        raise _bounded(err) from None
     return StrictSchema(schema=strict, original=original, wrapped=wrapped, name=_clean_name(name))
+
+
+_MAX_MESSAGE = 600
+_MAX_DETAIL = 200
+
+
+def _bounded(err: InvalidSchema) -> InvalidSchema:
+    """The same error with its message and details cut to size.
+
+    Conversion messages quote the caller's keys, references and names; those are bounded by
+    the schema budget, but not tightly enough for an error body.
+    """
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, str):
+            return _short(value, _MAX_DETAIL)
+        if isinstance(value, list):
+            return [cut(v) for v in value[:10]]
+        return value
+
+    details = {k: cut(v) for k, v in err.details.items()}
+    return InvalidSchema(_short(err.message, _MAX_MESSAGE), details=details)
 
 
 def _clean_name(name: str) -> str:
@@ -789,12 +1049,42 @@ class _Measure:
 # --- answers ---------------------------------------------------------------------------------
 
 
+class AnswerTooLarge(ValueError):
+    """The model's answer is over the answer budget (values, nesting); its text is ours, bounded."""
+
+
 def _validator(original: dict[str, Any], check_formats: bool = True) -> Any:
     cls = _validator_class(original)
-    return cls(original, format_checker=FormatChecker() if check_formats else None)
+    return cls(original, format_checker=_format_checker() if check_formats else None, registry=_NO_RETRIEVAL)
 
 
-def prune_nulls(original: dict[str, Any], answer: Any) -> Any:
+@contextmanager
+def _bounded_answer(answer: Any, budget: SchemaBudget) -> Iterator[None]:
+    """Refuse an oversized answer, then run the block under the validation step budget.
+
+    Two bounds keep answer validation from stalling a worker: the answer's size and nesting are
+    checked first (iteratively), and every keyword evaluated counts against
+    `max_validation_steps`, so no schema/answer pair can take more than that many steps, whatever
+    the schema's shape. Running out is the schema's doing (schema_guard already refused the
+    shapes known to blow up), so it is an InvalidSchema, never a retry.
+    """
+    why = check_answer_size(answer, budget)
+    if why is not None:
+        raise AnswerTooLarge(why)
+    try:
+        with _step_budget(budget.max_validation_steps):
+            yield
+    except _StepsExceeded:
+        raise InvalidSchema(
+            f"validating the answer against the schema took more than {budget.max_validation_steps} steps; "
+            "simplify the schema",
+            details={"limit": budget.max_validation_steps, "setting": "SCHEMA_MAX_VALIDATION_STEPS"},
+        ) from None
+    except Unresolvable:
+        raise InvalidSchema("the schema has a reference that cannot be resolved", details={"rule": "ref"}) from None
+
+
+def prune_nulls(original: dict[str, Any], answer: Any, *, budget: SchemaBudget = DEFAULT_BUDGET) -> Any:
     """Drop null values of optional keys the caller's schema does not let be null.
 
     The strict schema made every optional property nullable, so the model answers `null`
@@ -802,7 +1092,8 @@ def prune_nulls(original: dict[str, Any], answer: Any) -> Any:
     does allow the key to be absent. Follows local `$ref`s; in unions, uses the first branch
     that accepts the pruned value. Returns a new value; `answer` is not changed.
     """
-    return _prune(_validator(original, check_formats=False), original, original, copy.deepcopy(answer))
+    with _bounded_answer(answer, budget):
+        return _prune(_validator(original, check_formats=False), original, original, copy.deepcopy(answer))
 
 
 def _resolve_local(root: dict[str, Any], ref: Any) -> Any:
@@ -824,6 +1115,9 @@ def _resolve_local(root: dict[str, Any], ref: Any) -> Any:
 def _prune(v: Any, root: dict[str, Any], schema: Any, value: Any, _refs: int = 0) -> Any:
     if not isinstance(schema, dict) or not isinstance(value, (dict, list)):
         return value
+    steps = _STEPS.get()
+    if steps is not None:  # pruning recurses into union branches too: it shares the step budget
+        steps.tick()
     if "$ref" in schema and _refs < 64:  # the bound stops a schema that is only a ref cycle
         value = _prune(v, root, _resolve_local(root, schema["$ref"]), value, _refs + 1)
     for sub in schema.get("allOf", []):
@@ -851,9 +1145,9 @@ def _prune(v: Any, root: dict[str, Any], schema: Any, value: Any, _refs: int = 0
     return value
 
 
-def normalise(original: dict[str, Any], answer: Any) -> Any:
+def normalise(original: dict[str, Any], answer: Any, *, budget: SchemaBudget = DEFAULT_BUDGET) -> Any:
     """The answer as returned to the caller: `prune_nulls` applied (the only normalisation)."""
-    return prune_nulls(original, answer)
+    return prune_nulls(original, answer, budget=budget)
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -861,22 +1155,28 @@ def _short(text: str, limit: int = 300) -> str:
 
 
 def _pointer(path: Any) -> str:
-    return "".join(f"/{_esc(str(p))}" for p in path) or "(root)"
+    return bounded_path("".join(f"/{_esc(str(p))}" for p in path)) or "(root)"
 
 
-def validate(original: dict[str, Any], answer: Any, *, check_formats: bool = True, max_errors: int = 20) -> list[str]:
+def validate(
+    original: dict[str, Any],
+    answer: Any,
+    *,
+    check_formats: bool = True,
+    max_errors: int = 20,
+    budget: SchemaBudget = DEFAULT_BUDGET,
+) -> list[str]:
     """Errors of the (null-pruned) answer against the caller's original schema, as readable lines.
 
     Each line is "<JSON pointer>: <message>", e.g. "/line_items/0/total: 'abc' is not of type
     'number'", short enough to send back to the model in the re-ask. Formats (date, email, ...)
-    are checked when `check_formats`.
+    are checked when `check_formats`. The work is bounded by `budget` (see `_bounded_answer`):
+    AnswerTooLarge for an oversized answer, InvalidSchema when validation runs out of steps.
     """
-    v = _validator(original, check_formats)
-    pruned = _prune(v, original, original, copy.deepcopy(answer))
-    try:
+    with _bounded_answer(answer, budget):
+        v = _validator(original, check_formats)
+        pruned = _prune(v, original, original, copy.deepcopy(answer))
         errors = sorted(v.iter_errors(pruned), key=lambda e: (list(map(str, e.absolute_path)), e.message))
-    except Unresolvable as exc:
-        raise InvalidSchema(f"the schema has an unresolvable reference: {exc}", details={"ref": str(exc)}) from None
     lines: list[str] = []
     for err in errors[:max_errors]:
         line = f"{_pointer(err.absolute_path)}: {_short(err.message)}"

@@ -114,13 +114,24 @@ class Settings:
     max_multipart_parts: int = 64
     max_part_header_bytes: int = 8 * 1024
     max_prompt_chars: int = 20_000
-    max_schema_bytes: int = 64 * 1024
     max_json_depth: int = 64
     max_json_items: int = 100_000  # values in one JSON document (body, schema, labels, folder config)
     max_labels: int = 100  # raising these two past 100 has no effect: task_schemas caps classify's schema at 100 x 100
     max_label_chars: int = 100
     max_pages_spec_chars: int = 100
     max_tokens_limit: int = 16_384  # the largest max_tokens a caller may ask for
+    # --- caller JSON Schemas and the answers validated against them (shared/schema_guard.py) ---
+    schema_max_bytes: int = 64_000  # serialised size of one caller schema (meta-validation ~1 s at the limit)
+    schema_max_nodes: int = 10_000  # JSON values (objects, arrays, scalars) in one schema
+    schema_max_depth: int = 40  # JSON nesting of one schema
+    schema_max_string_chars: int = 5_000  # any one string (key, description, pattern, enum value)
+    schema_max_list_items: int = 1_000  # items of any one array in the schema
+    schema_max_enum_items: int = 500  # values of one `enum`
+    schema_max_enum_total: int = 2_000  # `enum` values in the whole schema
+    schema_max_combinators: int = 200  # allOf/anyOf/oneOf/not keywords in the whole schema
+    schema_max_validation_steps: int = 25_000  # keyword evaluations (and pruning steps) per answer check, ~1 s
+    answer_max_nodes: int = 20_000  # JSON values in one structured answer
+    answer_max_depth: int = 40  # JSON nesting of one structured answer
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -198,13 +209,24 @@ class Settings:
             max_multipart_parts=r.integer("MAX_MULTIPART_PARTS", 64, minimum=1),
             max_part_header_bytes=r.integer("MAX_PART_HEADER_BYTES", 8 * 1024, minimum=256),
             max_prompt_chars=r.integer("MAX_PROMPT_CHARS", 20_000, minimum=1),
-            max_schema_bytes=r.integer("MAX_SCHEMA_BYTES", 64 * 1024, minimum=2),
             max_json_depth=r.integer("MAX_JSON_DEPTH", 64, minimum=4),
             max_json_items=r.integer("MAX_JSON_ITEMS", 100_000, minimum=16),
             max_labels=r.integer("MAX_LABELS", 100, minimum=1),
             max_label_chars=r.integer("MAX_LABEL_CHARS", 100, minimum=1),
             max_pages_spec_chars=r.integer("MAX_PAGES_SPEC_CHARS", 100, minimum=1),
             max_tokens_limit=r.integer("MAX_TOKENS_LIMIT", 16_384, minimum=1),
+            # --- caller JSON Schemas (shared/schema_guard.py) ---
+            schema_max_bytes=r.integer("SCHEMA_MAX_BYTES", 64_000, minimum=1),
+            schema_max_nodes=r.integer("SCHEMA_MAX_NODES", 10_000, minimum=1),
+            schema_max_depth=r.integer("SCHEMA_MAX_DEPTH", 40, minimum=1),
+            schema_max_string_chars=r.integer("SCHEMA_MAX_STRING_CHARS", 5_000, minimum=1),
+            schema_max_list_items=r.integer("SCHEMA_MAX_LIST_ITEMS", 1_000, minimum=1),
+            schema_max_enum_items=r.integer("SCHEMA_MAX_ENUM_ITEMS", 500, minimum=1),
+            schema_max_enum_total=r.integer("SCHEMA_MAX_ENUM_TOTAL", 2_000, minimum=1),
+            schema_max_combinators=r.integer("SCHEMA_MAX_COMBINATORS", 200, minimum=0),
+            schema_max_validation_steps=r.integer("SCHEMA_MAX_VALIDATION_STEPS", 25_000, minimum=1),
+            answer_max_nodes=r.integer("ANSWER_MAX_NODES", 20_000, minimum=1),
+            answer_max_depth=r.integer("ANSWER_MAX_DEPTH", 40, minimum=1),
         )
 
 

@@ -133,7 +133,7 @@ def check_labels(labels: Any) -> list[str]:
     for i, label in enumerate(labels):
         if not isinstance(label, str) or not label.strip():
             raise InvalidRequest(
-                f"label {i} must be a non-empty string, got {label!r}", details={"field": "labels", "index": i}
+                f"label {i} must be a non-empty string, got {_kind(label)}", details={"field": "labels", "index": i}
             )
         if len(label) > MAX_LABEL_CHARS:
             raise InvalidRequest(
@@ -144,6 +144,13 @@ def check_labels(labels: Any) -> list[str]:
             raise InvalidRequest(f"label {label!r} is given twice", details={"field": "labels", "index": i})
         seen.add(label)
     return list(labels)
+
+
+def _kind(value: Any) -> str:
+    """What a bad label is, without echoing it (it may be large)."""
+    if isinstance(value, str):
+        return "a blank string"
+    return "null" if value is None else f"a JSON {type(value).__name__}"
 
 
 def classify_schema(labels: list[str]) -> dict[str, Any]:

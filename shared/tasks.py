@@ -21,6 +21,7 @@ from .tokens import prompt_tokens
 
 if TYPE_CHECKING:
     from .images import PreparedImage
+    from .schema_guard import SchemaBudget
 
 SYSTEM_PROMPT = (
     "You are a careful vision assistant. Answer only from what is visible in the images. "
@@ -93,6 +94,7 @@ class TaskInput:
     max_tokens: int | None = None
     concurrency: int = 4
     reasoning_effort: str | None = None  # for deployments whose model reasons (the router decides)
+    schema_budget: SchemaBudget | None = None  # None: the defaults (shared.schema_guard.DEFAULT_BUDGET)
 
 
 @dataclass
@@ -179,11 +181,13 @@ async def structured_call(
     name: str = "result",
     label: str | None = None,
     reasoning_effort: str | None = None,
+    budget: SchemaBudget | None = None,
 ) -> TaskOutput:
     """Strict json_schema call, validated against the original schema; one re-ask; json_object fallback."""
     from . import schemas, task_schemas
 
-    strict = schemas.to_strict(schema, name=name)
+    budget = budget or schemas.DEFAULT_BUDGET
+    strict = schemas.to_strict(schema, name=name, budget=budget)
     json_object_prompt = prompt + "\n\n" + task_schemas.json_object_instructions(strict.schema)
     calls: list[ChatResult] = []
     extra: list[dict[str, Any]] = []
@@ -213,8 +217,8 @@ async def structured_call(
             answer = schemas.parse_json_tolerant(result.content or "")
             if strict.wrapped:
                 answer = schemas.unwrap(strict, answer)
-            answer = schemas.normalise(schema, answer)
-            errors = schemas.validate(schema, answer)
+            answer = schemas.normalise(schema, answer, budget=budget)
+            errors = schemas.validate(schema, answer, budget=budget)
         except (ValueError, KeyError, TypeError) as exc:
             errors = [f"the answer is not valid JSON for the schema: {exc}"]
         if not errors:
@@ -237,7 +241,15 @@ async def _invoice(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     label = "Page" if len(inp.images) > 1 else None
     prompt = task_schemas.INVOICE_PROMPT + (f"\n\n{inp.prompt}" if inp.prompt else "")
     return await structured_call(
-        model, prompt, inp.images, task_schemas.INVOICE_SCHEMA, _max_tokens(inp), "invoice", label, inp.reasoning_effort
+        model,
+        prompt,
+        inp.images,
+        task_schemas.INVOICE_SCHEMA,
+        _max_tokens(inp),
+        "invoice",
+        label,
+        inp.reasoning_effort,
+        budget=inp.schema_budget,
     )
 
 
@@ -246,7 +258,9 @@ async def _table(inp: TaskInput, model: ChatBackend) -> TaskOutput:
 
     prompt = task_schemas.TABLE_PROMPT + (f"\n\n{inp.prompt}" if inp.prompt else "")
     schema, effort = task_schemas.TABLE_SCHEMA, inp.reasoning_effort
-    return await structured_call(model, prompt, inp.images, schema, _max_tokens(inp), "table", None, effort)
+    return await structured_call(
+        model, prompt, inp.images, schema, _max_tokens(inp), "table", None, effort, budget=inp.schema_budget
+    )
 
 
 async def _classify(inp: TaskInput, model: ChatBackend) -> TaskOutput:
@@ -259,7 +273,9 @@ async def _classify(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     schema = task_schemas.classify_schema(inp.labels)
     prompt = task_schemas.classify_prompt(inp.labels) + (f"\n\n{inp.prompt}" if inp.prompt else "")
     effort = inp.reasoning_effort
-    return await structured_call(model, prompt, inp.images, schema, _max_tokens(inp), "classification", None, effort)
+    return await structured_call(
+        model, prompt, inp.images, schema, _max_tokens(inp), "classification", None, effort, budget=inp.schema_budget
+    )
 
 
 async def _schema(inp: TaskInput, model: ChatBackend) -> TaskOutput:
@@ -270,7 +286,9 @@ async def _schema(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     label = "Page" if len(inp.images) > 1 else None
     prompt = task_schemas.SCHEMA_PROMPT + (f"\n\n{inp.prompt}" if inp.prompt else "")
     effort = inp.reasoning_effort
-    return await structured_call(model, prompt, inp.images, inp.schema, _max_tokens(inp), "result", label, effort)
+    return await structured_call(
+        model, prompt, inp.images, inp.schema, _max_tokens(inp), "result", label, effort, budget=inp.schema_budget
+    )
 
 
 async def _sequence(inp: TaskInput, model: ChatBackend) -> TaskOutput:

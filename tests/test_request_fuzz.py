@@ -22,7 +22,7 @@ SETTINGS = Settings(
     max_image_bytes=4096,
     max_multipart_parts=16,
     max_prompt_chars=200,
-    max_schema_bytes=2048,
+    schema_max_bytes=2048,
     max_json_depth=8,
 )
 FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
