@@ -66,26 +66,40 @@ class Guard:
         for proc in (stack.host, stack.model):
             self.saved[proc.pid] = _limit(proc.pid)
 
-    def healthy(self) -> bool:
-        """Answers its status page and is idle (a stuck regex burns CPU with nobody waiting)."""
+    @staticmethod
+    def _healthy(url: str, pid: int) -> bool:
+        """Answers `url` and is idle (a stuck regex or schema walk burns CPU with nobody waiting)."""
         import urllib.request
 
         try:
-            with urllib.request.urlopen(f"{self.stack.host_url}/admin/host/status", timeout=3):
+            with urllib.request.urlopen(url, timeout=3):
                 pass
         except OSError:
             return False
-        probe = h.ProcessProbe(self.stack.host.pid)
+        probe = h.ProcessProbe(pid)
         before = probe.cpu_s()
         time.sleep(0.5)
         return probe.cpu_s() - before < 0.3
 
+    def _restart_model(self) -> None:
+        """Stack has no restart for the model server; this is the same start with the same command."""
+        from local import procs
+
+        old = self.stack.model
+        old.stop()
+        self.stack.model = procs.start_process(
+            old.cmd, name="model-server", log_path=old.log_path, cwd=self.stack.config.root
+        )
+        procs.wait_for_http(f"{self.stack.model_url}/health", timeout_s=60, proc=self.stack.model)
+        self.saved[self.stack.model.pid] = _limit(self.stack.model.pid)
+
     def ready(self) -> None:
-        dead = self.stack.alive()
-        assert "model server" not in dead, "the model server died in an earlier case"
-        if dead or not self.healthy():
-            self.stack.restart_host()
-            self.saved[self.stack.host.pid] = _limit(self.stack.host.pid)
+        stack = self.stack
+        if not stack.model.alive() or not self._healthy(f"{stack.model_url}/health", stack.model.pid):
+            self._restart_model()
+        if not stack.host.alive() or not self._healthy(f"{stack.host_url}/admin/host/status", stack.host.pid):
+            stack.restart_host()
+            self.saved[stack.host.pid] = _limit(stack.host.pid)
 
     def restore(self) -> None:
         for pid, old in self.saved.items():
