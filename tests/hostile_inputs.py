@@ -276,6 +276,8 @@ def _deep_json(depth: int = 100_000) -> bytes:
 def http_cases() -> list[HttpCase]:
     png = normal_png
     cases = [
+        # control: refused correctly today; shows the measurements themselves pass
+        HttpCase("control-not-an-image", lambda _: HttpBody(b"plain text, not an image\n", b"text/plain")),
         *(schema_case(n) for n in ssrf_schemas("http://x")),
         schema_case("redos_pattern", model_call_allowed=True),
         schema_case("redos_pattern_properties", model_call_allowed=True, ok=frozenset({200})),
@@ -354,6 +356,13 @@ def blob_cases() -> list[BlobCase]:
     png = normal_png
     invalid_config = frozenset({"invalid_task_config"})
     return [
+        # control: refused correctly today; shows the measurements themselves pass
+        BlobCase(
+            "control-not-an-image",
+            lambda _: {"a.png": b"plain text\n"},
+            "a.png",
+            codes=frozenset({"unsupported_media_type"}),
+        ),
         BlobCase(
             "task-json-max-tokens-lots",
             lambda _: {"_task.json": _task({"task": "describe", "max_tokens": "lots"}), "a.png": png()},

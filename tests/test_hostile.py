@@ -62,6 +62,7 @@ class Guard:
 
     def __init__(self, stack: Any) -> None:
         self.stack = stack
+        self.dirty = False  # the last case failed: its work may still hold a worker or the blob poller
         self.saved: dict[int, tuple[int, int]] = {}
         for proc in (stack.host, stack.model):
             self.saved[proc.pid] = _limit(proc.pid)
@@ -97,9 +98,14 @@ class Guard:
         stack = self.stack
         if not stack.model.alive() or not self._healthy(f"{stack.model_url}/health", stack.model.pid):
             self._restart_model()
-        if not stack.host.alive() or not self._healthy(f"{stack.host_url}/admin/host/status", stack.host.pid):
+        if (
+            self.dirty
+            or not stack.host.alive()
+            or not self._healthy(f"{stack.host_url}/admin/host/status", stack.host.pid)
+        ):
             stack.restart_host()
             self.saved[stack.host.pid] = _limit(stack.host.pid)
+        self.dirty = False
 
     def restore(self) -> None:
         for pid, old in self.saved.items():
@@ -117,10 +123,14 @@ def guard(stack):
 
 
 @pytest.fixture
-def ready(guard, stack):
-    """A healthy host before each case, so one failed case does not cascade into the next."""
+def ready(guard, stack, request):
+    """A healthy host before each case, so one failed case does not cascade into the next. A failed
+    case's work may still hold a worker or the blob poller, so the host is restarted after it (the
+    session's failure count is how a fixture learns the outcome: the call's report is logged first)."""
     guard.ready()
-    return stack
+    failed = request.session.testsfailed
+    yield stack
+    guard.dirty = guard.dirty or request.session.testsfailed != failed
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +183,7 @@ def send_or_stall(stack, req: h.HttpBody) -> h.Answer:
 @pytest.mark.parametrize("case", h.http_cases(), ids=lambda c: c.id)
 def test_http_case_gets_a_4xx_json_error_within_budget(case: h.HttpCase, ready, model_admin, ref_listener):
     stack = ready
+    seen = len(ref_listener.connections)
     usual = usual_time(stack)
     req = case.build(ref_listener.url)
 
@@ -188,7 +199,7 @@ def test_http_case_gets_a_4xx_json_error_within_budget(case: h.HttpCase, ready, 
     within_budgets(cpu_s, rss_mb)
     if not case.model_call_allowed:
         assert model_admin.requests() == calls, "the model was called for a request refusable before it"
-    assert ref_listener.connections == [], "the host connected to a URL named in a schema"
+    assert ref_listener.connections[seen:] == [], "the host connected to a URL named in a schema"
 
     # the same case again, with ordinary requests alongside
     box: dict[str, Any] = {}
@@ -251,6 +262,7 @@ def folder(case_id: str) -> str:
 @pytest.mark.parametrize("case", h.blob_cases(), ids=lambda c: c.id)
 def test_blob_case_gets_an_error_record_on_the_first_attempt(case: h.BlobCase, ready, model_admin, ref_listener):
     stack = ready
+    seen = len(ref_listener.connections)
     prefix = folder(case.id)
     for name, data in case.schemas(ref_listener.url).items():
         upload(stack, "schemas", name, data)
@@ -276,7 +288,7 @@ def test_blob_case_gets_an_error_record_on_the_first_attempt(case: h.BlobCase, r
     within_budgets(cpu_s, rss_mb)
     if not case.model_call_allowed:
         assert model_admin.requests() == calls, "the model was called for a blob refusable before it"
-    assert ref_listener.connections == [], "the host connected to a URL named in a schema"
+    assert ref_listener.connections[seen:] == [], "the host connected to a URL named in a schema"
 
 
 def test_blobs_named_x_and_x_error_get_one_record_each(ready):
