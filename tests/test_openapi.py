@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import (
 
 ROOT = Path(__file__).resolve().parents[1]
 DESCRIPTION = ROOT / "shared" / "openapi.json"
-EXAMPLES = 25
+EXAMPLES = 50
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
