@@ -131,7 +131,10 @@ def pdf_tall_mediabox(height: int = 2147483647) -> bytes:
 
 
 def _object(extra: dict[str, Any] | None = None, **props: Any) -> dict[str, Any]:
-    return {"type": "object", "properties": props or {"text": {"type": "string"}}, **(extra or {})}
+    """An object schema whose properties are all required, so the strict conversion keeps them
+    non-null and the local model fills every one (a nullable value would be answered null and pruned)."""
+    props = props or {"text": {"type": "string"}}
+    return {"type": "object", "properties": props, "required": list(props), **(extra or {})}
 
 
 def ssrf_schemas(ref_url: str) -> dict[str, dict[str, Any]]:
@@ -140,7 +143,9 @@ def ssrf_schemas(ref_url: str) -> dict[str, dict[str, Any]]:
         "ssrf_not_http": _object({"not": {"$ref": ref_url}}),
         "ssrf_not_file": _object({"not": {"$ref": "file:///etc/passwd"}}),
         "ssrf_if_http": _object({"if": {"$ref": ref_url}, "then": {"required": ["text"]}}),
-        "ssrf_contains_http": _object(items={"type": "array", "contains": {"$ref": ref_url}}),
+        "ssrf_contains_http": _object(
+            items={"type": "array", "items": {"type": "string"}, "minItems": 1, "contains": {"$ref": ref_url}}
+        ),
         "ssrf_property_http": _object(text={"$ref": ref_url}),
     }
 
@@ -154,11 +159,13 @@ def redos_schemas() -> dict[str, dict[str, Any]]:
         "redos_pattern_properties": {
             "type": "object",
             "properties": {EVIL_KEY: {"type": "string"}},
+            "required": [EVIL_KEY],
             "patternProperties": {EVIL_REGEX: {"type": "integer"}},
         },
         "redos_property_names": {
             "type": "object",
             "properties": {EVIL_KEY: {"type": "string"}},
+            "required": [EVIL_KEY],
             "propertyNames": {"pattern": EVIL_REGEX},
         },
         "regex_format_overflow": _object(r={"type": "string", "format": "regex", "enum": ["a{4294967296}"]}),
