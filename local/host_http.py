@@ -66,7 +66,8 @@ def compile_route(prefix: str, route: str) -> re.Pattern[str]:
 
 
 def error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
+    """The app's error shape ({"error": {"code", "message", "details"}}) for the host's own refusals."""
+    return json.dumps({"error": {"code": code, "message": message, "details": {}}}).encode()
 
 
 def json_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
