@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import shlex
 import signal
 import sys
 import threading
@@ -260,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-port", type=int, default=10001)
     p.add_argument("--model-port", type=int, default=8089)
     p.add_argument("--model-mode", choices=["ocr", "facts"], default="ocr")
+    p.add_argument(
+        "--model-args",
+        default="",
+        help='more flags for the local model server, e.g. "--reasoning --model-name gpt-5.4-mini-2026-03-17" '
+        "(see python -m local.model_server --help)",
+    )
     p.add_argument("--data-dir", type=Path, default=ROOT / ".local", help="logs, Azurite data, the pid file")
     p.add_argument("--settings", type=Path, default=SETTINGS, help="created from the example when missing")
     args = p.parse_args(argv)
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         model_port=args.model_port,
         data_dir=args.data_dir,
         values={k: str(v) for k, v in doc.get("Values", {}).items()},
-        model_args=["--mode", args.model_mode],
+        model_args=["--mode", args.model_mode, *shlex.split(args.model_args)],
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
