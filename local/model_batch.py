@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from local.model_admin import bounded_number
 from local.model_faults import error_body, server_error_body
@@ -193,7 +193,7 @@ class BatchService:
             part = await reader.next()
             if part is None:
                 break
-            if isinstance(part, web.BodyPartReader) or hasattr(part, "read_chunk"):
+            if isinstance(part, BodyPartReader):
                 name = part.name
                 if name == "purpose":
                     purpose = (await part.read_chunk(64)).decode("utf-8", "replace")
