@@ -116,6 +116,8 @@ class Settings:
     batch_max_files: int = 500  # Azure: batch files per resource (files API); older ones must be deleted
     batch_enqueued_tokens: int = 0  # the deployment's enqueued-token quota (its capacity); 0: unknown, not pre-checked
     batch_max_resubmits: int = 3  # an expired/failed/cancelled job's unfinished requests are resubmitted this often
+    batch_submit_schedule: str = "0 */5 * * * *"  # NCRONTAB of the batch_submit timer (function.json reads it too)
+    batch_collect_schedule: str = "30 */5 * * * *"  # NCRONTAB of the batch_collect timer
     # --- request parsing limits (shared/options.py, shared/http_api.py) ---
     max_request_bytes: int = 100 * MIB  # the Functions host's own request-size limit
     max_multipart_parts: int = 64
@@ -217,6 +219,8 @@ class Settings:
             batch_max_files=r.integer("BATCH_MAX_FILES", 500, minimum=1),
             batch_enqueued_tokens=r.integer("BATCH_ENQUEUED_TOKENS", 0),
             batch_max_resubmits=r.integer("BATCH_MAX_RESUBMITS", 3),
+            batch_submit_schedule=r.optional("BATCH_SUBMIT_SCHEDULE") or "0 */5 * * * *",
+            batch_collect_schedule=r.optional("BATCH_COLLECT_SCHEDULE") or "30 */5 * * * *",
             # --- request parsing limits ---
             max_request_bytes=r.integer("MAX_REQUEST_BYTES", 100 * MIB, minimum=1),
             max_multipart_parts=r.integer("MAX_MULTIPART_PARTS", 64, minimum=1),
