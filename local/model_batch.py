@@ -17,6 +17,7 @@ total bytes kept, jobs kept.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import time
 import uuid
@@ -56,6 +57,9 @@ class BatchLimits:
     max_batches: int = 1000  # jobs kept; the oldest finished one is dropped first
     enqueued_tokens: int = 0  # per deployment; 0 = no quota
     turnaround_s: float = 0.0  # time a job spends in_progress before its lines are answered
+    # over the quota: True refuses the create (400 token_limit_exceeded, Azure's "fail fast" regions);
+    # False creates the job and fails it in validation (the older behaviour, still seen elsewhere)
+    fail_fast: bool = False
 
 
 class BatchApiError(Exception):
@@ -150,6 +154,15 @@ class BatchStats:
         return {"answered": self.answered, "failed": self.failed, "repeated_custom_ids": repeated}
 
 
+def token_limit_message(quota: int, deployment: Any) -> str:
+    """Azure's wording (docs/batch.md); the deployment name is cut short, it comes from the caller's file."""
+    name = deployment[:100] if isinstance(deployment, str) else ""
+    return (
+        f"The number of enqueued tokens has surpassed the configured limit of {quota} for the deployment '{name}'. "
+        "Please either increase the limit or try again once the current jobs have finished."
+    )
+
+
 def _now() -> int:
     return int(time.time())
 
@@ -234,27 +247,29 @@ class BatchService:
     def _check_jsonl(self, data: bytes) -> int:
         """Every non-empty line is a JSON object; line count and length bounded. Returns the line count."""
         lim = self.limits
+        if data.startswith(codecs.BOM_UTF8):  # Azure refuses UTF-8-BOM files (docs/batch.md)
+            raise BatchApiError(
+                400, "The file starts with a UTF-8 byte-order mark; send plain UTF-8.", "invalid_json_line", "file"
+            )
         count = 0
         for n, raw in enumerate(data.split(b"\n"), start=1):
             if not raw.strip():
                 continue
             count += 1
             if count > lim.max_lines:
-                raise BatchApiError(
-                    400, f"The file has more than {lim.max_lines} requests.", "too_many_requests", "file"
-                )
+                raise BatchApiError(400, f"The file has more than {lim.max_lines} requests.", "too_many_tasks", "file")
             if len(raw) > lim.max_line_bytes:
                 raise BatchApiError(
-                    400, f"Line {n} is longer than {lim.max_line_bytes} bytes.", "invalid_jsonl", "file"
+                    400, f"Line {n} is longer than {lim.max_line_bytes} bytes.", "invalid_json_line", "file"
                 )
             try:
                 obj = json.loads(raw)
             except (ValueError, RecursionError):
-                raise BatchApiError(400, f"Line {n} is not valid JSON.", "invalid_jsonl", "file") from None
+                raise BatchApiError(400, f"Line {n} is not valid JSON.", "invalid_json_line", "file") from None
             if not isinstance(obj, dict):
-                raise BatchApiError(400, f"Line {n} is not a JSON object.", "invalid_jsonl", "file")
+                raise BatchApiError(400, f"Line {n} is not a JSON object.", "invalid_json_line", "file")
         if count == 0:
-            raise BatchApiError(400, "The file has no requests.", "empty_file", "file")
+            raise BatchApiError(400, "The file has no requests.", "empty_batch", "file")
         return count
 
     def _file(self, request: web.Request) -> StoredFile:
@@ -333,12 +348,24 @@ class BatchService:
             )
         ):
             raise BatchApiError(400, "Invalid 'metadata': at most 16 string pairs.", "invalid_value", "metadata")
+        self._fail_fast(fid)
         if len(self.jobs) >= self.limits.max_batches:
             done = [j for j in self.jobs.values() if j.status in TERMINAL]
             if not done:
                 raise BatchApiError(429, "Too many batches in progress.", "too_many_batches")
             del self.jobs[min(done, key=lambda j: j.created_at).id]
         return Job(f"batch_{uuid.uuid4()}", fid, str(endpoint), meta, _now())
+
+    def _fail_fast(self, fid: str) -> None:
+        """Regions with "fail fast" refuse a create whose token estimate does not fit the quota left (400)."""
+        quota = self.limits.enqueued_tokens
+        if not quota or not self.limits.fail_fast:
+            return
+        bodies = [b for b in (json.loads(r).get("body") for r in self.files[fid].data.split(b"\n") if r.strip())]
+        bodies = [b for b in bodies if isinstance(b, dict)]
+        deployment = bodies[0].get("model") if bodies else None
+        if self.enqueued(deployment) + sum(self._estimate(b) for b in bodies) > quota:
+            raise BatchApiError(400, token_limit_message(quota, deployment), "token_limit_exceeded")
 
     def _job(self, request: web.Request) -> Job:
         job = self.jobs.get(request.match_info["batch_id"])
@@ -418,19 +445,19 @@ class BatchService:
             problem = None
             if not isinstance(cid, str) or not cid or len(cid) > MAX_CUSTOM_ID:
                 problem = (
-                    "invalid_custom_id",
+                    "invalid_request",
                     f"custom_id must be a non-empty string of at most {MAX_CUSTOM_ID} characters.",
                 )
             elif cid in seen:
                 problem = ("duplicate_custom_id", "The custom_id for this request is a duplicate of another request.")
             elif method != "POST":
-                problem = ("invalid_method", "The method must be POST.")
+                problem = ("invalid_request", "The method must be POST.")
             elif url not in ENDPOINTS or url.removeprefix("/v1") != job.endpoint.removeprefix("/v1"):
-                problem = ("invalid_url", "The url must match the batch's endpoint.")
+                problem = ("url_mismatch", "The url does not match the batch's endpoint.")
             elif not isinstance(body, dict) or not isinstance(body.get("model"), str):
-                problem = ("invalid_body", "The body must be an object naming the deployment as 'model'.")
+                problem = ("invalid_request", "The body must be an object naming the deployment as 'model'.")
             elif job.deployment is not None and body["model"] != job.deployment:
-                problem = ("mismatched_model", "Every request in a file must name the same deployment.")
+                problem = ("model_mismatch", "Every request in a file must name the same deployment.")
             if problem:
                 if len(job.errors) < MAX_ERRORS:
                     job.errors.append({"code": problem[0], "message": problem[1], "param": None, "line": n})
@@ -484,9 +511,7 @@ class BatchService:
             job.errors.append(
                 {
                     "code": "token_limit_exceeded",
-                    "message": f"The number of enqueued tokens has surpassed the configured limit of {quota} for the "
-                    f"deployment '{job.deployment}'. Please either increase the limit or try again once the current "
-                    "jobs have finished.",
+                    "message": token_limit_message(quota, job.deployment),
                     "param": None,
                     "line": None,
                 }
@@ -529,8 +554,9 @@ class BatchService:
         if job.forced is None:
             job.status = "finalizing"
             job.stamps["finalizing_at"] = _now()
-        job.output_file_id = self._store(f"{job.id}_output.jsonl", out) if out else None
-        job.error_file_id = self._store(f"{job.id}_error.jsonl", err) if err else None
+        # Azure writes both files for every job that ran, the error file empty (0 bytes) when nothing failed
+        job.output_file_id = self._store(f"{job.id}_output.jsonl", out)
+        job.error_file_id = self._store(f"{job.id}_error.jsonl", err)
         job.enqueued = 0
         if job.forced == "fail":
             job.errors.append(
@@ -567,6 +593,7 @@ class BatchService:
         return {
             "turnaround_s": lim.turnaround_s,
             "enqueued_tokens": lim.enqueued_tokens,
+            "fail_fast": lim.fail_fast,
             "fail_custom_ids": sorted(self.fail_ids)[:100],
             "files": len(self.files),
             "batches": len(self.jobs),
@@ -580,6 +607,9 @@ class BatchService:
                 quota = bounded_number(
                     body, "enqueued_tokens", self.limits.enqueued_tokens, lo=0, hi=10**12, integer=True
                 )
+                fail_fast = body.get("fail_fast", self.limits.fail_fast)
+                if not isinstance(fail_fast, bool):
+                    raise ValueError("fail_fast must be a boolean")
                 ids = body.get("fail_custom_ids", sorted(self.fail_ids))
                 if (
                     not isinstance(ids, list)
@@ -590,6 +620,7 @@ class BatchService:
             except ValueError as exc:
                 return web.json_response(error_body(str(exc), "invalid_request_error"), status=400)
             self.limits.turnaround_s, self.limits.enqueued_tokens, self.fail_ids = turnaround, quota, set(ids)
+            self.limits.fail_fast = fail_fast
         return web.json_response({"batch": self.state()})
 
     async def admin_job(self, request: web.Request, body: dict[str, Any]) -> web.Response:

@@ -123,6 +123,7 @@ class ModelServerConfig:
     max_images: int = 50
     batch_turnaround_s: float = 0.0  # Batch API (local/model_batch.py): time a job waits in_progress
     batch_enqueued_tokens: int = 0  # enqueued-token quota per deployment; 0 = none
+    batch_fail_fast: bool = False  # over the quota: refuse the create (400) instead of failing the job
     clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
     admin_token: str = field(default_factory=new_admin_token, repr=False, compare=False)  # fresh per start
     admin_token_file: str | None = None  # where main() writes it for the stack, tests and people
@@ -504,7 +505,12 @@ class ModelServer:
         )
         self.stats = Stats()
         self.batches = BatchService(
-            self, BatchLimits(turnaround_s=config.batch_turnaround_s, enqueued_tokens=config.batch_enqueued_tokens)
+            self,
+            BatchLimits(
+                turnaround_s=config.batch_turnaround_s,
+                enqueued_tokens=config.batch_enqueued_tokens,
+                fail_fast=config.batch_fail_fast,
+            ),
         )
         self.rng = random.Random(config.seed)
         self.release = asyncio.Event()  # set on shutdown/reset: held (`timeout`) requests give up
@@ -1018,6 +1024,11 @@ def parse_args(argv: list[str] | None = None) -> ModelServerConfig:
     )
     p.add_argument("--batch-turnaround-s", type=float, default=0.0, help="Batch API: seconds a job stays in_progress")
     p.add_argument("--batch-enqueued-tokens", type=int, default=0, help="Batch API: enqueued-token quota (0 = none)")
+    p.add_argument(
+        "--batch-fail-fast",
+        action="store_true",
+        help="Batch API: refuse a create over the quota (400) like newer regions",
+    )
     p.add_argument("--deployments", default="", help="known deployment names (others: 404 DeploymentNotFound)")
     p.add_argument(
         "--admin-token-file",
@@ -1061,6 +1072,7 @@ def parse_args(argv: list[str] | None = None) -> ModelServerConfig:
         admin_token_file=a.admin_token_file,
         batch_turnaround_s=a.batch_turnaround_s,
         batch_enqueued_tokens=a.batch_enqueued_tokens,
+        batch_fail_fast=a.batch_fail_fast,
     )
     try:
         behaviour_from(config)

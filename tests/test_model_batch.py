@@ -112,7 +112,8 @@ async def test_lifecycle_answers_each_line_once_like_the_chat_route(client: open
     batch = await submit(client, [line(cid, b) for cid, b in bodies.items()])
     assert batch.status == "validating" and batch.completion_window == "24h" and batch.endpoint == "/chat/completions"
     done = await wait_for(client, batch.id)
-    assert done.status == "completed" and done.error_file_id is None
+    assert done.status == "completed"
+    assert (await client.files.content(done.error_file_id)).content == b""  # Azure: an empty error file
     assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (3, 3, 0)
     assert done.in_progress_at and done.finalizing_at and done.completed_at
     out = await content(client, done.output_file_id)
@@ -169,6 +170,22 @@ async def test_enqueued_token_quota_fails_a_job_that_would_exceed_it(client: ope
     assert (await wait_for(client, first.id)).status == "cancelled"
 
 
+async def test_fail_fast_quota_refuses_the_create(client: openai.AsyncOpenAI, admin: Any) -> None:
+    """Azure's "fail fast" regions answer the create itself with 400 token_limit_exceeded."""
+    await admin("/admin/batch", {"enqueued_tokens": 10, "fail_fast": True})
+    fid = await upload(client, [line("a", chat_body("Invoice?"))])
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.batches.create(input_file_id=fid, endpoint="/chat/completions", completion_window="24h")
+    assert exc.value.code == "token_limit_exceeded"
+    assert (await client.batches.list()).data == []  # no job was created
+    await admin("/admin/batch", {"enqueued_tokens": 100_000})
+    done = await wait_for(
+        client,
+        (await client.batches.create(input_file_id=fid, endpoint="/chat/completions", completion_window="24h")).id,
+    )
+    assert done.status == "completed"
+
+
 # -------------------------------------------------------------------------- failure switches
 
 
@@ -208,7 +225,8 @@ async def test_cancel_and_forced_failure(client: openai.AsyncOpenAI, admin: Any)
     cancelling = await client.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled")
     done = await wait_for(client, batch.id)
-    assert done.status == "cancelled" and done.cancelled_at and done.output_file_id is None
+    assert done.status == "cancelled" and done.cancelled_at
+    assert await content(client, done.output_file_id) == {}  # cancelled before any line was answered
     with pytest.raises(openai.ConflictError):
         await client.batches.cancel(batch.id)
 
@@ -226,10 +244,11 @@ async def test_cancel_and_forced_failure(client: openai.AsyncOpenAI, admin: Any)
 @pytest.mark.parametrize(
     ("data", "code"),
     [
-        (b'{"custom_id": "a"}\nnot json\n', "invalid_jsonl"),
-        (b"[1, 2]\n", "invalid_jsonl"),
-        (b"\n\n", "empty_file"),
-        (b"[" * 100_000 + b"\n", "invalid_jsonl"),  # nesting too deep for json: refused, not a 500
+        (b'{"custom_id": "a"}\nnot json\n', "invalid_json_line"),
+        (b"[1, 2]\n", "invalid_json_line"),
+        (b"\n\n", "empty_batch"),
+        (b"\xef\xbb\xbf{}\n", "invalid_json_line"),  # UTF-8 BOM: Azure refuses it
+        (b"[" * 100_000 + b"\n", "invalid_json_line"),  # nesting too deep for json: refused, not a 500
     ],
 )
 async def test_upload_refuses_files_that_are_not_jsonl_objects(
@@ -246,7 +265,7 @@ async def test_upload_bounds_size_lines_and_files(client: openai.AsyncOpenAI, se
     three = jsonl([line(str(i), {"model": "m"}) for i in range(3)])
     with pytest.raises(openai.BadRequestError) as exc:
         await client.files.create(file=("in.jsonl", three), purpose="batch")
-    assert exc.value.code == "too_many_requests"
+    assert exc.value.code == "too_many_tasks"
     with pytest.raises(openai.BadRequestError) as exc:
         await client.files.create(file=("in.jsonl", b"{}\n" * 2000), purpose="batch")
     assert exc.value.code == "file_too_large"
@@ -271,9 +290,9 @@ async def test_invalid_lines_fail_validation_with_their_line_numbers(client: ope
     assert failed.status == "failed"
     assert [(e.code, e.line) for e in failed.errors.data] == [
         ("duplicate_custom_id", 2),
-        ("invalid_url", 3),
-        ("mismatched_model", 4),
-        ("invalid_method", 5),
+        ("url_mismatch", 3),
+        ("model_mismatch", 4),
+        ("invalid_request", 5),
     ]
 
 
