@@ -554,6 +554,7 @@ class BatchService:
         if job.forced is None:
             job.status = "finalizing"
             job.stamps["finalizing_at"] = _now()
+        self.server.rng.shuffle(out)  # Azure: "responses won't be returned in identical order" (docs/batch.md)
         # Azure writes both files for every job that ran, the error file empty (0 bytes) when nothing failed
         job.output_file_id = self._store(f"{job.id}_output.jsonl", out)
         job.error_file_id = self._store(f"{job.id}_error.jsonl", err)
