@@ -348,23 +348,26 @@ class BatchService:
             )
         ):
             raise BatchApiError(400, "Invalid 'metadata': at most 16 string pairs.", "invalid_value", "metadata")
-        self._fail_fast(fid)
+        deployment, estimate = self._file_estimate(fid)
+        self._fail_fast(deployment, estimate)
         if len(self.jobs) >= self.limits.max_batches:
             done = [j for j in self.jobs.values() if j.status in TERMINAL]
             if not done:
                 raise BatchApiError(429, "Too many batches in progress.", "too_many_batches")
             del self.jobs[min(done, key=lambda j: j.created_at).id]
-        return Job(f"batch_{uuid.uuid4()}", fid, str(endpoint), meta, _now())
+        return Job(f"batch_{uuid.uuid4()}", fid, str(endpoint), meta, _now(), deployment=deployment, enqueued=estimate)
 
-    def _fail_fast(self, fid: str) -> None:
+    def _file_estimate(self, fid: str) -> tuple[str | None, int]:
+        """The deployment a file names first and its prompt tokens: Azure estimates these at create."""
+        lines = (json.loads(r).get("body") for r in self.files[fid].data.split(b"\n") if r.strip())
+        bodies = [b for b in lines if isinstance(b, dict)]
+        model = bodies[0].get("model") if bodies else None
+        return (model if isinstance(model, str) else None), sum(self._estimate(b) for b in bodies)
+
+    def _fail_fast(self, deployment: str | None, estimate: int) -> None:
         """Regions with "fail fast" refuse a create whose token estimate does not fit the quota left (400)."""
         quota = self.limits.enqueued_tokens
-        if not quota or not self.limits.fail_fast:
-            return
-        bodies = [b for b in (json.loads(r).get("body") for r in self.files[fid].data.split(b"\n") if r.strip())]
-        bodies = [b for b in bodies if isinstance(b, dict)]
-        deployment = bodies[0].get("model") if bodies else None
-        if self.enqueued(deployment) + sum(self._estimate(b) for b in bodies) > quota:
+        if quota and self.limits.fail_fast and self.enqueued(deployment) + estimate > quota:
             raise BatchApiError(400, token_limit_message(quota, deployment), "token_limit_exceeded")
 
     def _job(self, request: web.Request) -> Job:
@@ -380,7 +383,7 @@ class BatchService:
             job = self._job(request)
         except BatchApiError as e:
             return e.response()
-        return web.json_response(job.as_json(), headers=self._quota_headers(job))
+        return web.json_response(job.as_json())
 
     async def list(self, request: web.Request) -> web.Response:
         try:
@@ -426,7 +429,7 @@ class BatchService:
         return sum(j.enqueued for j in self.jobs.values() if j.deployment == deployment and j.status in ACTIVE)
 
     def _quota_headers(self, job: Job) -> dict[str, str]:
-        """Azure reports the job's token estimate and the deployment's quota as response headers."""
+        """Azure answers a create with the job's token estimate and the deployment's quota (docs/batch.md)."""
         h = {"deployment-enqueued-tokens": str(job.enqueued)}
         if self.limits.enqueued_tokens:
             h["deployment-maximum-enqueued-tokens"] = str(self.limits.enqueued_tokens)

@@ -315,3 +315,25 @@ async def test_admin_knobs_are_bounded(admin: Any) -> None:
     await admin("/admin/batch", {"enqueued_tokens": -1}, status=400)
     await admin("/admin/batch", {"fail_custom_ids": "x"}, status=400)
     await admin("/admin/batches/batch_nope", {"action": "fail"}, status=404)
+
+
+async def test_create_reports_the_token_estimate_and_quota_in_headers(client: openai.AsyncOpenAI, admin: Any) -> None:
+    await admin("/admin/batch", {"enqueued_tokens": 100_000, "turnaround_s": 60})
+    fid = await upload(client, [line("h", chat_body("Count my tokens."))])
+    raw = await client.batches.with_raw_response.create(
+        input_file_id=fid, endpoint="/chat/completions", completion_window="24h"
+    )
+    assert raw.headers["deployment-maximum-enqueued-tokens"] == "100000"
+    batch = raw.parse()
+    running = await wait_for(client, batch.id, {"in_progress"})
+    assert running.status == "in_progress"
+    estimate = int(
+        (
+            await client.batches.with_raw_response.create(
+                input_file_id=fid, endpoint="/chat/completions", completion_window="24h"
+            )
+        ).headers["deployment-enqueued-tokens"]
+    )
+    assert estimate > 0  # the second job's own estimate, known at create
+    for b in (await client.batches.list()).data:
+        await client.batches.cancel(b.id)
