@@ -43,6 +43,7 @@ MAX_LIST_LIMIT = 100
 MAX_FAIL_IDS = 10_000
 MAX_CUSTOM_ID = 512
 MAX_ERRORS = 100  # validation errors reported per job
+MAX_TRACKED_IDS = 1_000_000  # custom_ids /stats remembers to spot a request answered twice
 
 
 @dataclass
@@ -147,7 +148,11 @@ class Job:
 class BatchStats:
     answered: int = 0  # lines answered 200
     failed: int = 0  # lines in error files
-    by_custom_id: Counter[str] = field(default_factory=Counter)  # bounded by max_lines x max_batches
+    by_custom_id: Counter[str] = field(default_factory=Counter)  # at most MAX_TRACKED_IDS keys
+
+    def count(self, custom_id: str) -> None:
+        if custom_id in self.by_custom_id or len(self.by_custom_id) < MAX_TRACKED_IDS:
+            self.by_custom_id[custom_id] += 1
 
     def as_json(self) -> dict[str, Any]:
         repeated = sum(1 for n in self.by_custom_id.values() if n > 1)
@@ -354,7 +359,9 @@ class BatchService:
             done = [j for j in self.jobs.values() if j.status in TERMINAL]
             if not done:
                 raise BatchApiError(429, "Too many batches in progress.", "too_many_batches")
-            del self.jobs[min(done, key=lambda j: j.created_at).id]
+            oldest = self.jobs.pop(min(done, key=lambda j: j.created_at).id)
+            for result in (oldest.output_file_id, oldest.error_file_id):  # its results go with it
+                self.files.pop(result or "", None)
         return Job(f"batch_{uuid.uuid4()}", fid, str(endpoint), meta, _now(), deployment=deployment, enqueued=estimate)
 
     def _file_estimate(self, fid: str) -> tuple[str | None, int]:
@@ -573,7 +580,7 @@ class BatchService:
         """One output/error file line, answered by the chat route's own code."""
         srv = self.server
         srv.stats.requests += 1
-        self.stats.by_custom_id[cid] += 1
+        self.stats.count(cid)
         status, answer = 200, None
         if cid in self.fail_ids:
             status, answer = 500, server_error_body(500)

@@ -14,12 +14,16 @@ model client, limiter, structured outputs and resilience run against a real HTTP
   `--reasoning` takes reasoning-model parameters and reports reasoning tokens (local/model_params.py);
   `--deployments a,b` makes other deployment names 404 DeploymentNotFound. Settable at run time
   through /admin/model.
+- The Batch API (local/model_batch.py, docs/batch.md): `/v1/files` and `/v1/batches` (also under
+  `/openai/v1`), answering each line through the same code as the chat route, with a turnaround,
+  an enqueued-token quota and admin switches to fail, expire or cancel jobs or fail lines.
 - RPM/TPM quota per deployment like Azure (local/model_quota.py), latency, and injected faults
   (local/model_faults.py), all settable at start and at run time through /admin endpoints.
 
 Run: `python -m local.model_server --host 127.0.0.1 --port 8089 [--mode ocr|facts] [--rpm N]
 [--tpm N] [--window-s 60] [--latency-ms N] [--faults SPEC] [--no-json-schema] [--seed N]
-[--model-name NAME] [--reasoning] [--image-tokens SPEC] [--deployments a,b]`.
+[--model-name NAME] [--reasoning] [--image-tokens SPEC] [--deployments a,b] [--batch-turnaround-s S]
+[--batch-enqueued-tokens N] [--batch-fail-fast]`.
 """
 
 from __future__ import annotations

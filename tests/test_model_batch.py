@@ -337,3 +337,19 @@ async def test_create_reports_the_token_estimate_and_quota_in_headers(client: op
     assert estimate > 0  # the second job's own estimate, known at create
     for b in (await client.batches.list()).data:
         await client.batches.cancel(b.id)
+
+
+async def test_jobs_kept_are_bounded(client: openai.AsyncOpenAI, admin: Any, server: TestServer) -> None:
+    server.app[SERVER_KEY].batches.limits.max_batches = 1  # the admin reset restores it
+    first = await wait_for(client, (await submit(client, [line("a", chat_body("a"))])).id)
+    assert first.status == "completed"
+    await admin("/admin/batch", {"turnaround_s": 60})
+    second = await submit(client, [line("b", chat_body("b"))])  # the finished job makes room, its files go too
+    with pytest.raises(openai.NotFoundError):
+        await client.batches.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.files.retrieve(first.output_file_id)
+    assert (await wait_for(client, second.id, {"in_progress"})).status == "in_progress"
+    with pytest.raises(openai.RateLimitError):  # the one job kept is still running: no room
+        await submit(client, [line("c", chat_body("c"))])
+    await client.batches.cancel(second.id)
