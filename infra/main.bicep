@@ -119,6 +119,27 @@ param fallbackDeploymentSkuName string = 'GlobalStandard'
 @minValue(1)
 param fallbackDeploymentCapacity int = 30
 
+// Global Batch (issue 13, docs/batch.md): a GlobalBatch deployment of the same model takes folders
+// in `"mode": "batch"` at 50% of the Global Standard price, answered within a 24-hour target, with
+// its own enqueued-token quota that leaves the online deployment's TPM alone.
+// https://learn.microsoft.com/azure/ai-foundry/openai/how-to/batch
+@description('Create a GlobalBatch deployment of the primary model (VLM_BATCH_DEPLOYMENT) for folders in batch mode. Created on a new account; with an existing endpoint it must already exist there.')
+param deployBatch bool = false
+param batchDeploymentName string = 'gpt-5.4-mini-batch'
+@description('Deployment SKU of the batch deployment: GlobalBatch (or DataZoneBatch for data-zone residency).')
+@allowed([
+  'GlobalBatch'
+  'DataZoneBatch'
+])
+param batchDeploymentSkuName string = 'GlobalBatch'
+@minValue(1)
+@description('Batch deployment capacity: its enqueued-token quota (the tokens of all jobs queued or running at once); see docs/batch.md for the unit. Also sets BATCH_ENQUEUED_TOKENS.')
+param batchDeploymentCapacity int = 50
+@description('NCRONTAB schedule of the batch_submit timer function (seals pending requests into batch jobs).')
+param batchSubmitSchedule string = '0 */5 * * * *'
+@description('NCRONTAB schedule of the batch_collect timer function (polls jobs, writes their records).')
+param batchCollectSchedule string = '30 */5 * * * *'
+
 var abbrs = loadJsonContent('./abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = {
@@ -136,6 +157,7 @@ var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(r
 var eventGridSystemTopicName = '${abbrs.eventGridSystemTopics}${resourceToken}'
 
 var createOpenAi = empty(existingOpenAiEndpoint)
+var vlmBatchDeployment = deployBatch ? batchDeploymentName : ''
 var userPrincipalId = grantPrincipalDataAccess ? principalId : ''
 // `deployment=model` (CONTRACTS C3): the app prices and parameterises the fallback by its model.
 var vlmFallbackDeployments = deployFallback ? (empty(fallbackModelName) ? fallbackDeploymentName : '${fallbackDeploymentName}=${fallbackModelName}') : ''
@@ -238,6 +260,10 @@ module openAi 'modules/openai.bicep' = if (createOpenAi) {
     fallbackModelVersion: fallbackModelVersion
     fallbackSkuName: fallbackDeploymentSkuName
     fallbackCapacity: fallbackDeploymentCapacity
+    deployBatch: deployBatch
+    batchDeploymentName: batchDeploymentName
+    batchSkuName: batchDeploymentSkuName
+    batchCapacity: batchDeploymentCapacity
   }
 }
 
@@ -286,6 +312,10 @@ module functionApp 'modules/functionapp.bicep' = {
     vlmDeployment: openAiDeploymentName
     vlmModel: openAiModelName
     vlmFallbackDeployments: vlmFallbackDeployments
+    vlmBatchDeployment: vlmBatchDeployment
+    batchEnqueuedTokens: batchDeploymentCapacity * 1000
+    batchSubmitSchedule: batchSubmitSchedule
+    batchCollectSchedule: batchCollectSchedule
     vlmRpm: vlmRpm
     vlmTpm: vlmTpm
     imagesContainerName: imagesContainerName
@@ -334,3 +364,4 @@ output VLM_ENDPOINT string = vlmEndpoint
 output VLM_DEPLOYMENT string = openAiDeploymentName
 output VLM_MODEL string = openAiModelName
 output VLM_FALLBACK_DEPLOYMENTS string = vlmFallbackDeployments
+output VLM_BATCH_DEPLOYMENT string = vlmBatchDeployment

@@ -145,6 +145,18 @@ class ModelAdmin:
     def config(self, **body: Any) -> None:
         self.call("/admin/config", body)
 
+    def batch(self, **body: Any) -> dict[str, Any]:
+        """Batch API knobs (local/model_batch.py): turnaround_s, enqueued_tokens, fail_fast, fail_custom_ids."""
+        return self.call("/admin/batch", body)["batch"]
+
+    def batch_job(self, batch_id: str, action: str, after: int = 0) -> dict[str, Any]:
+        """End a job: action fail | expire | cancel, after `after` more lines are answered."""
+        return self.call(f"/admin/batches/{batch_id}", {"action": action, "after": after})
+
+    def batch_stats(self) -> dict[str, Any]:
+        """Batch lines answered and failed, and custom_ids answered more than once (should stay 0)."""
+        return dict(self.stats()["batch"])
+
     def model(self, **body: Any) -> dict[str, Any]:
         """Change the model the server plays (model_name, reasoning, image_tokens, deployments, ...)."""
         return self.call("/admin/model", body)["model"]

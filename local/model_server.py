@@ -14,12 +14,16 @@ model client, limiter, structured outputs and resilience run against a real HTTP
   `--reasoning` takes reasoning-model parameters and reports reasoning tokens (local/model_params.py);
   `--deployments a,b` makes other deployment names 404 DeploymentNotFound. Settable at run time
   through /admin/model.
+- The Batch API (local/model_batch.py, docs/batch.md): `/v1/files` and `/v1/batches` (also under
+  `/openai/v1`), answering each line through the same code as the chat route, with a turnaround,
+  an enqueued-token quota and admin switches to fail, expire or cancel jobs or fail lines.
 - RPM/TPM quota per deployment like Azure (local/model_quota.py), latency, and injected faults
   (local/model_faults.py), all settable at start and at run time through /admin endpoints.
 
 Run: `python -m local.model_server --host 127.0.0.1 --port 8089 [--mode ocr|facts] [--rpm N]
 [--tpm N] [--window-s 60] [--latency-ms N] [--faults SPEC] [--no-json-schema] [--seed N]
-[--model-name NAME] [--reasoning] [--image-tokens SPEC] [--deployments a,b]`.
+[--model-name NAME] [--reasoning] [--image-tokens SPEC] [--deployments a,b] [--batch-turnaround-s S]
+[--batch-enqueued-tokens N] [--batch-fail-fast]`.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from typing import Any
 from aiohttp import web
 
 from local.model_admin import ADMIN_TOKEN_FILE, admin_guard, bounded_number, new_admin_token, write_token
+from local.model_batch import BatchLimits, BatchService, add_routes
 from local.model_behaviour import DEPLOYMENT_NOT_FOUND, ModelBehaviour, parse_deployments
 from local.model_faults import (
     EARLY_FAULTS,
@@ -120,9 +125,16 @@ class ModelServerConfig:
     deployments: tuple[str, ...] = ()  # empty: any deployment name exists
     max_image_bytes: int = 20 * 1024 * 1024
     max_images: int = 50
+    batch_turnaround_s: float = 0.0  # Batch API (local/model_batch.py): time a job waits in_progress
+    batch_enqueued_tokens: int = 0  # enqueued-token quota per deployment; 0 = none
+    batch_fail_fast: bool = False  # over the quota: refuse the create (400) instead of failing the job
     clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
     admin_token: str = field(default_factory=new_admin_token, repr=False, compare=False)  # fresh per start
     admin_token_file: str | None = None  # where main() writes it for the stack, tests and people
+
+
+class UnknownDeployment(Exception):
+    """A deployment name this server does not have: 404 DeploymentNotFound, before the body is read."""
 
 
 class RequestError(Exception):
@@ -496,6 +508,14 @@ class ModelServer:
             )
         )
         self.stats = Stats()
+        self.batches = BatchService(
+            self,
+            BatchLimits(
+                turnaround_s=config.batch_turnaround_s,
+                enqueued_tokens=config.batch_enqueued_tokens,
+                fail_fast=config.batch_fail_fast,
+            ),
+        )
         self.rng = random.Random(config.seed)
         self.release = asyncio.Event()  # set on shutdown/reset: held (`timeout`) requests give up
 
@@ -609,6 +629,13 @@ class ModelServer:
         return text_answer(a), None
 
     # -- the endpoint
+    def parse(self, body: Any, deployment: str | None, api_version: str | None) -> ChatRequest:
+        """A chat body as this server reads it (the chat route and the batch runner share this)."""
+        named = deployment if deployment is not None else body.get("model") if isinstance(body, dict) else None
+        if isinstance(named, str) and not self.behaviour.knows(named):
+            raise UnknownDeployment(named)
+        return parse_chat_request(body, self.config, deployment, api_version, self.behaviour)
+
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
         c = self.config
@@ -622,11 +649,9 @@ class ModelServer:
                     None,
                     None,
                 ) from exc
-            deployment = request.match_info.get("deployment")
-            named = deployment if deployment is not None else body.get("model") if isinstance(body, dict) else None
-            if isinstance(named, str) and not self.behaviour.knows(named):
-                return self._json(404, DEPLOYMENT_NOT_FOUND)  # Azure routes by deployment before reading the body
-            req = parse_chat_request(body, c, deployment, request.query.get("api-version"), self.behaviour)
+            req = self.parse(body, request.match_info.get("deployment"), request.query.get("api-version"))
+        except UnknownDeployment:
+            return self._json(404, DEPLOYMENT_NOT_FOUND)  # Azure routes by deployment before reading the body
         except RequestError as e:
             return self._request_error(e)
         self.stats.by_model[req.model] += 1
@@ -642,12 +667,41 @@ class ModelServer:
         if fault in EARLY_FAULTS:
             return await self._early_fault(fault, request, req)
         try:
-            analysis = await self._analyse(req)
-            content, value = self._answer(req, analysis)
+            body = await self.complete(req, fault)
         except RequestError as e:
             return self._request_error(e)
+        headers = self.quota.peek(req.model).headers()
+        if fault == "invalid_json":
+            text = json.dumps(body, ensure_ascii=False)
+            self.stats.by_status["200"] += 1
+            return web.Response(
+                status=200, text=text[: max(1, len(text) * 3 // 5)], content_type="application/json", headers=headers
+            )
+        return self._json(200, body, headers)
+
+    async def answer_body(self, body: Any) -> tuple[int, dict[str, Any]]:
+        """Status and body for one request body, as the chat route would answer it (no quota, no faults)."""
+        try:
+            req = self.parse(body, None, None)
+            self.stats.by_model[req.model] += 1
+            return 200, await self.complete(req)
+        except UnknownDeployment:
+            return 404, DEPLOYMENT_NOT_FOUND
+        except RequestError as e:
+            return e.status, error_body(e.message, "invalid_request_error", e.param, e.code)
+
+    async def complete(self, req: ChatRequest, fault: str | None = None) -> dict[str, Any]:
+        """The chat.completion body for a parsed request (counted in /stats); RequestError if it cannot be answered.
+
+        The chat route and the batch runner (local/model_batch.py) both answer through here, so a batch
+        line gets exactly the answer the same request would get online.
+        """
+        c = self.config
+        try:
+            analysis = await self._analyse(req)
+            content, value = self._answer(req, analysis)
         except SchemaError as e:
-            return self._request_error(RequestError(f"Invalid schema for response_format: {e}", "response_format"))
+            raise RequestError(f"Invalid schema for response_format: {e}", "response_format") from None
         limit = req.max_tokens or c.max_output_tokens
         thought = self.behaviour.reasoning_tokens.get(req.reasoning_effort, 0) if req.reasoning_effort else 0
         spent = spend(content, text_tokens(content), thought, limit, CHARS_PER_TOKEN)
@@ -665,6 +719,7 @@ class ModelServer:
         elif fault == "bad_output":
             message["content"] = self._bad_output(req, value)
         out_text = message["content"] or message["refusal"] or ""
+        p_tokens = req.prompt_tokens()
         usage = usage_body(p_tokens, spent.reasoning_tokens + text_tokens(out_text), spent.reasoning_tokens)
         body = {
             "id": f"chatcmpl-local-{uuid.uuid4().hex[:24]}",
@@ -688,14 +743,7 @@ class ModelServer:
         self.stats.prompt_tokens += usage["prompt_tokens"]
         self.stats.completion_tokens += usage["completion_tokens"]
         self.stats.reasoning_tokens += spent.reasoning_tokens
-        headers = self.quota.peek(req.model).headers()
-        if fault == "invalid_json":
-            text = json.dumps(body, ensure_ascii=False)
-            self.stats.by_status["200"] += 1
-            return web.Response(
-                status=200, text=text[: max(1, len(text) * 3 // 5)], content_type="application/json", headers=headers
-            )
-        return self._json(200, body, headers)
+        return body
 
     def _bad_output(self, req: ChatRequest, value: Any) -> str:
         """An answer the client must reject: schema-invalid JSON, prose around JSON, or nothing."""
@@ -753,7 +801,7 @@ class ModelServer:
         )
 
     async def stats_view(self, request: web.Request) -> web.Response:
-        return web.json_response(self.stats.as_json(self.faults.injected))
+        return web.json_response({**self.stats.as_json(self.faults.injected), "batch": self.batches.stats.as_json()})
 
     def quota_state(self) -> dict[str, Any]:
         q = self.quota.limits
@@ -848,6 +896,21 @@ class ModelServer:
             self.config.model_name = self.behaviour.model_name
         return web.json_response({"model": self.behaviour.state()})
 
+    async def admin_batch(self, request: web.Request) -> web.Response:
+        """GET or set the Batch API's turnaround, enqueued-token quota and failing lines (local/model_batch.py)."""
+        try:
+            body = await self._admin_body(request) if request.method == "POST" else {}
+        except RequestError as exc:
+            return web.json_response(error_body(str(exc), "invalid_request_error"), status=400)
+        return await self.batches.admin(request, body)
+
+    async def admin_batch_job(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._admin_body(request)
+        except RequestError as exc:
+            return web.json_response(error_body(str(exc), "invalid_request_error"), status=400)
+        return await self.batches.admin_job(request, body)
+
     async def admin_reset(self, request: web.Request) -> web.Response:
         self.behaviour = self.start_behaviour
         self.config.model_name = self.behaviour.model_name
@@ -855,6 +918,7 @@ class ModelServer:
         self.faults.injected.clear()
         self.faults.configure(self._fault_settings({}))
         self.quota.reset()
+        await self.batches.reset()
         self.release.set()  # let held requests go
         self.release = asyncio.Event()
         return web.json_response({"status": "reset"})
@@ -891,6 +955,10 @@ def build_app(config: ModelServerConfig | None = None, *, ocr: OcrEngine | None 
         app.router.add_post(f"{prefix}/chat/completions", server.chat_completions)
         app.router.add_get(f"{prefix}/models", server.models)
     app.router.add_post("/openai/deployments/{deployment}/chat/completions", server.chat_completions)
+    add_routes(app, server.batches)
+    app.router.add_get("/admin/batch", server.admin_batch)
+    app.router.add_post("/admin/batch", server.admin_batch)
+    app.router.add_post("/admin/batches/{batch_id}", server.admin_batch_job)
     app.router.add_get("/health", server.health)
     app.router.add_get("/stats", server.stats_view)
     for path, handler in (
@@ -958,6 +1026,13 @@ def parse_args(argv: list[str] | None = None) -> ModelServerConfig:
     p.add_argument(
         "--image-tokens", default=DEFAULT_SPEC, help="image token formula: tile:BASE:PER_TILE[:PX] or patch:MULT[:CAP]"
     )
+    p.add_argument("--batch-turnaround-s", type=float, default=0.0, help="Batch API: seconds a job stays in_progress")
+    p.add_argument("--batch-enqueued-tokens", type=int, default=0, help="Batch API: enqueued-token quota (0 = none)")
+    p.add_argument(
+        "--batch-fail-fast",
+        action="store_true",
+        help="Batch API: refuse a create over the quota (400) like newer regions",
+    )
     p.add_argument("--deployments", default="", help="known deployment names (others: 404 DeploymentNotFound)")
     p.add_argument(
         "--admin-token-file",
@@ -999,6 +1074,9 @@ def parse_args(argv: list[str] | None = None) -> ModelServerConfig:
         image_tokens=a.image_tokens,
         deployments=parse_deployments(a.deployments),
         admin_token_file=a.admin_token_file,
+        batch_turnaround_s=a.batch_turnaround_s,
+        batch_enqueued_tokens=a.batch_enqueued_tokens,
+        batch_fail_fast=a.batch_fail_fast,
     )
     try:
         behaviour_from(config)

@@ -109,6 +109,15 @@ class Settings:
     vlm_reasoning_effort_tasks: tuple[tuple[str, str], ...] = ()  # per-task overrides, e.g. (("compare", "medium"),)
     vlm_reasoning_allowance: int = 4096  # completion tokens added to max_tokens for reasoning models
     vlm_calibration_window: int = 20  # recent answers the per-deployment image-token correction is the median of
+    # --- Global Batch route (issue 13; limits from docs/batch.md, Azure's published values) ---
+    vlm_batch_deployment: str | None = None  # a GlobalBatch deployment of the same model; None: batch mode is off
+    batch_max_requests_per_file: int = 100_000  # Azure: requests per batch input file
+    batch_max_file_bytes: int = 200 * 1000 * 1000  # Azure: 200 MB per input file (files API upload)
+    batch_max_files: int = 500  # Azure: batch files per resource (files API); older ones must be deleted
+    batch_enqueued_tokens: int = 0  # the deployment's enqueued-token quota (its capacity); 0: unknown, not pre-checked
+    batch_max_resubmits: int = 3  # an expired/failed/cancelled job's unfinished requests are resubmitted this often
+    batch_submit_schedule: str = "0 */5 * * * *"  # NCRONTAB of the batch_submit timer (function.json reads it too)
+    batch_collect_schedule: str = "30 */5 * * * *"  # NCRONTAB of the batch_collect timer
     # --- request parsing limits (shared/options.py, shared/http_api.py) ---
     max_request_bytes: int = 100 * MIB  # the Functions host's own request-size limit
     max_multipart_parts: int = 64
@@ -204,6 +213,14 @@ class Settings:
             **_reasoning_efforts(r.optional("VLM_REASONING_EFFORT")),
             vlm_reasoning_allowance=r.integer("VLM_REASONING_ALLOWANCE", 4096),
             vlm_calibration_window=r.integer("VLM_CALIBRATION_WINDOW", 20, minimum=1),
+            vlm_batch_deployment=r.optional("VLM_BATCH_DEPLOYMENT"),
+            batch_max_requests_per_file=r.integer("BATCH_MAX_REQUESTS_PER_FILE", 100_000, minimum=1),
+            batch_max_file_bytes=r.integer("BATCH_MAX_FILE_BYTES", 200 * 1000 * 1000, minimum=1024),
+            batch_max_files=r.integer("BATCH_MAX_FILES", 500, minimum=1),
+            batch_enqueued_tokens=r.integer("BATCH_ENQUEUED_TOKENS", 0),
+            batch_max_resubmits=r.integer("BATCH_MAX_RESUBMITS", 3),
+            batch_submit_schedule=r.optional("BATCH_SUBMIT_SCHEDULE") or "0 */5 * * * *",
+            batch_collect_schedule=r.optional("BATCH_COLLECT_SCHEDULE") or "30 */5 * * * *",
             # --- request parsing limits ---
             max_request_bytes=r.integer("MAX_REQUEST_BYTES", 100 * MIB, minimum=1),
             max_multipart_parts=r.integer("MAX_MULTIPART_PARTS", 64, minimum=1),

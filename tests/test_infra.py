@@ -598,10 +598,11 @@ def test_azure_openai_is_keyless_with_primary_and_optional_fallback_deployment()
             "Microsoft.CognitiveServices/accounts/deployments@"
         )
     ]
-    assert len(deployments) == 2
+    assert len(deployments) == 3  # primary, fallback, batch
     conditional = [d for d in deployments if first_child(d, "if_statement") is not None]
-    assert len(conditional) == 1, "the fallback deployment must be conditional"
-    assert "deployFallback" in text(first_child(conditional[0], "if_statement").children[1])
+    assert len(conditional) == 2, "the fallback and batch deployments must be conditional"
+    conditions = sorted(text(first_child(d, "if_statement").children[1]) for d in conditional)
+    assert conditions == ["(deployBatch)", "(deployFallback)"]
     # the account is skipped when an existing endpoint is given
     openai_module = next(
         node
@@ -720,6 +721,51 @@ def test_fallback_setting_only_when_a_fallback_exists():
     settings = app_settings()
     assert settings["VLM_FALLBACK_DEPLOYMENTS"].conditional
     assert {"VLM_ENDPOINT", "VLM_DEPLOYMENT", "VLM_RPM", "VLM_TPM"} <= set(settings)
+
+
+def test_batch_deployment_is_a_global_batch_of_the_primary_model():
+    """Issue 13: a GlobalBatch deployment of the same model, created only when asked for, after the others."""
+    openai_bicep = INFRA / "modules" / "openai.bicep"
+    (batch,) = [r for r in resources(openai_bicep) if r.symbol == "batch"]
+    assert batch.type.startswith("Microsoft.CognitiveServices/accounts/deployments@")
+    (node,) = [
+        n
+        for n in walk(parse_file(openai_bicep).root_node)
+        if n.type == "resource_declaration" and name_of(n) == "batch"
+    ]
+    assert text(first_child(node, "if_statement").children[1]) == "(deployBatch)"
+    assert text(get(batch.body, "sku.name")) == "batchSkuName"
+    assert text(get(batch.body, "sku.capacity")) == "batchCapacity"
+    # the same model and version as the primary deployment: the batch route answers like the online one
+    assert text(get(batch.body, "properties.model.name")) == "modelName"
+    assert text(get(batch.body, "properties.model.version")) == "modelVersion"
+    depends = text(get(batch.body, "dependsOn"))
+    assert "primary" in depends and "fallback" in depends  # deployments on one account go one at a time
+    declared = parse_file(MAIN).root_node.children
+    sku = next(n for n in declared if n.type == "parameter_declaration" and name_of(n) == "batchDeploymentSkuName")
+    assert "'GlobalBatch'" in text(sku)
+    for name in ("deployBatch", "batchDeploymentName", "batchDeploymentCapacity", "batchSubmitSchedule"):
+        assert name in params(MAIN)
+    assert "VLM_BATCH_DEPLOYMENT" in outputs(MAIN)
+
+
+def test_batch_settings_only_with_a_batch_deployment_and_schedules_always():
+    settings = app_settings()
+    assert settings["VLM_BATCH_DEPLOYMENT"].conditional
+    assert settings["BATCH_ENQUEUED_TOKENS"].conditional
+    for name in ("BATCH_SUBMIT_SCHEDULE", "BATCH_COLLECT_SCHEDULE"):
+        assert not settings[name].conditional, f"{name}: a timer's %schedule% must always resolve"
+    reads = settings_reads()
+    for name in ("VLM_BATCH_DEPLOYMENT", "BATCH_ENQUEUED_TOKENS", "BATCH_SUBMIT_SCHEDULE", "BATCH_COLLECT_SCHEDULE"):
+        assert name in reads, f"{name} is deployed but shared/settings.py does not read it"
+    defaults = settings_defaults()
+    main_defaults = {
+        name_of(n): text(n.children[-1])
+        for n in parse_file(MAIN).root_node.children
+        if n.type == "parameter_declaration"
+    }
+    assert main_defaults["batchSubmitSchedule"] == repr(defaults["batch_submit_schedule"])
+    assert main_defaults["batchCollectSchedule"] == repr(defaults["batch_collect_schedule"])
 
 
 def test_every_binding_connection_and_setting_reference_is_an_app_setting():

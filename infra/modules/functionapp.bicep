@@ -36,6 +36,13 @@ param vlmDeployment string
 param vlmModel string = ''
 @description('Comma list of fallback deployments; empty for none.')
 param vlmFallbackDeployments string = ''
+@description('GlobalBatch deployment for folders in batch mode (VLM_BATCH_DEPLOYMENT); empty: batch mode is off.')
+param vlmBatchDeployment string = ''
+@description('The batch deployment\'s enqueued-token quota in tokens (BATCH_ENQUEUED_TOKENS); 0: unknown.')
+param batchEnqueuedTokens int = 0
+@description('NCRONTAB schedules of the batch_submit and batch_collect timer functions.')
+param batchSubmitSchedule string = '0 */5 * * * *'
+param batchCollectSchedule string = '30 */5 * * * *'
 param vlmRpm int = 0
 param vlmTpm int = 0
 
@@ -83,6 +90,10 @@ var baseAppSettings = {
   VLM_MODEL: vlmModel
   VLM_RPM: string(vlmRpm)
   VLM_TPM: string(vlmTpm)
+  // The timer functions' schedules (%BATCH_SUBMIT_SCHEDULE% in their function.json): always set,
+  // so the host indexes them; with no VLM_BATCH_DEPLOYMENT they find nothing to do.
+  BATCH_SUBMIT_SCHEDULE: batchSubmitSchedule
+  BATCH_COLLECT_SCHEDULE: batchCollectSchedule
   AZURE_CLIENT_ID: identityClientId
   // Telemetry with Entra ID ingestion (the component has local auth disabled).
   APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
@@ -90,6 +101,11 @@ var baseAppSettings = {
 }
 
 var fallbackAppSettings = empty(vlmFallbackDeployments) ? {} : { VLM_FALLBACK_DEPLOYMENTS: vlmFallbackDeployments }
+
+var batchAppSettings = empty(vlmBatchDeployment) ? {} : {
+  VLM_BATCH_DEPLOYMENT: vlmBatchDeployment
+  BATCH_ENQUEUED_TOKENS: string(batchEnqueuedTokens)
+}
 
 resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
   name: name
@@ -132,7 +148,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
 
   resource appSettings 'config' = {
     name: 'appsettings'
-    properties: union(baseAppSettings, fallbackAppSettings)
+    properties: union(baseAppSettings, fallbackAppSettings, batchAppSettings)
   }
 }
 

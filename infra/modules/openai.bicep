@@ -18,6 +18,13 @@ param fallbackModelVersion string = ''
 param fallbackSkuName string = ''
 param fallbackCapacity int = 0
 
+// Global Batch (docs/batch.md): the same model as the primary, sku GlobalBatch; capacity is the
+// deployment's enqueued-token quota, not a per-minute rate.
+param deployBatch bool = false
+param batchDeploymentName string = ''
+param batchSkuName string = 'GlobalBatch'
+param batchCapacity int = 0
+
 resource account 'Microsoft.CognitiveServices/accounts@2024-10-01' = {
   name: name
   location: location
@@ -68,6 +75,27 @@ resource fallback 'Microsoft.CognitiveServices/accounts/deployments@2024-10-01' 
   }
   dependsOn: [
     primary
+  ]
+}
+
+resource batch 'Microsoft.CognitiveServices/accounts/deployments@2024-10-01' = if (deployBatch) {
+  parent: account
+  name: batchDeploymentName
+  sku: {
+    name: batchSkuName
+    capacity: batchCapacity
+  }
+  properties: {
+    model: {
+      format: 'OpenAI'
+      name: modelName
+      version: modelVersion
+    }
+    versionUpgradeOption: 'OnceCurrentVersionExpired'
+  }
+  dependsOn: [
+    primary
+    fallback
   ]
 }
 
