@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRequest, ModelOutputInvalid
 from .image_policy import PAGED_FORMATS, ImagePolicy
-from .model import ChatBackend, ChatRequest, ChatResult, ResponseFormatRejected
+from .model import ChatBackend, ChatRequest, ChatResult
 from .tokens import prompt_tokens
 
 if TYPE_CHECKING:
@@ -275,40 +275,41 @@ async def structured_call(
     label: str | None = None,
     reasoning_effort: str | None = None,
     budget: SchemaBudget | None = None,
+    fallback_format: str | None = JSON_OBJECT,
 ) -> TaskOutput:
-    """Strict json_schema call, validated against the original schema; one re-ask; json_object fallback.
+    """Strict json_schema call, validated against the original schema; one re-ask.
 
-    This is the one place that switches to the fallback format: the model router only reports a
-    rejection (`ResponseFormatRejected`, immediately while it remembers that the deployment rejected
-    json_schema), and this function decides what to send instead.
+    Every request carries its json_object fallback (the same schema in the prompt); the model router
+    sends it to a deployment that rejects json_schema, and remembers that deployment. The answer is
+    parsed tolerantly either way, so nothing here needs to know which of the two was sent.
     """
     from . import schemas, task_schemas
 
     budget = budget or schemas.DEFAULT_BUDGET
     schema = strict.original
-    json_object_prompt = prompt + "\n\n" + task_schemas.json_object_instructions(strict.schema)
+    fallback_prompt = prompt + "\n\n" + task_schemas.json_object_instructions(strict.schema)
     calls: list[ChatResult] = []
     extra: list[dict[str, Any]] = []
-    use_json_object = False
     errors: list[str] = []
 
     async def ask() -> ChatResult:
-        if use_json_object:
-            fmt, text = {"type": JSON_OBJECT}, json_object_prompt
-        else:
-            fmt, text = strict.response_format(), prompt
-        return await model.complete(
-            chat_request(text, images, max_tokens, fmt, label, extra, reasoning_effort=reasoning_effort)
+        request = chat_request(
+            prompt, images, max_tokens, strict.response_format(), label, extra, reasoning_effort=reasoning_effort
         )
+        if fallback_format is not None:
+            request.fallback = chat_request(
+                fallback_prompt,
+                images,
+                max_tokens,
+                {"type": fallback_format},
+                label,
+                extra,
+                reasoning_effort=reasoning_effort,
+            )
+        return await model.complete(request)
 
     for attempt in (1, 2):
-        try:
-            result = await ask()
-        except ResponseFormatRejected:
-            if use_json_object:
-                raise
-            use_json_object = True  # the endpoint has no strict mode: same schema, in the prompt
-            result = await ask()
+        result = await ask()
         calls.append(result)
         answer: Any = None
         try:
@@ -350,7 +351,15 @@ async def _invoice(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     strict = _builtin(task_schemas.INVOICE_SCHEMA, "invoice")
     prompt = _with_guidance(task_schemas.INVOICE_PROMPT, inp)
     return await structured_call(
-        model, prompt, inp.images, strict, _max_tokens(inp), _label(inp), inp.reasoning_effort, inp.schema_budget
+        model,
+        prompt,
+        inp.images,
+        strict,
+        _max_tokens(inp),
+        _label(inp),
+        inp.reasoning_effort,
+        inp.schema_budget,
+        TASKS[inp.task].fallback_format,
     )
 
 
@@ -360,7 +369,15 @@ async def _table(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     strict = _builtin(task_schemas.TABLE_SCHEMA, "table")
     prompt = _with_guidance(task_schemas.TABLE_PROMPT, inp)
     return await structured_call(
-        model, prompt, inp.images, strict, _max_tokens(inp), _label(inp), inp.reasoning_effort, inp.schema_budget
+        model,
+        prompt,
+        inp.images,
+        strict,
+        _max_tokens(inp),
+        _label(inp),
+        inp.reasoning_effort,
+        inp.schema_budget,
+        TASKS[inp.task].fallback_format,
     )
 
 
@@ -372,7 +389,15 @@ async def _classify(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     strict = _builtin(task_schemas.classify_schema(inp.labels), "classification")
     prompt = _with_guidance(task_schemas.classify_prompt(inp.labels), inp)
     return await structured_call(
-        model, prompt, inp.images, strict, _max_tokens(inp), _label(inp), inp.reasoning_effort, inp.schema_budget
+        model,
+        prompt,
+        inp.images,
+        strict,
+        _max_tokens(inp),
+        _label(inp),
+        inp.reasoning_effort,
+        inp.schema_budget,
+        TASKS[inp.task].fallback_format,
     )
 
 
@@ -383,7 +408,15 @@ async def _schema(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     assert inp.schema is not None
     prompt = _with_guidance(task_schemas.SCHEMA_PROMPT, inp)
     return await structured_call(
-        model, prompt, inp.images, inp.schema, _max_tokens(inp), _label(inp), inp.reasoning_effort, inp.schema_budget
+        model,
+        prompt,
+        inp.images,
+        inp.schema,
+        _max_tokens(inp),
+        _label(inp),
+        inp.reasoning_effort,
+        inp.schema_budget,
+        TASKS[inp.task].fallback_format,
     )
 
 
@@ -411,6 +444,7 @@ async def _sequence(inp: TaskInput, model: ChatBackend) -> TaskOutput:
         _builtin(SYNTHESIS_SCHEMA, "synthesis"),
         _max_tokens(inp),
         reasoning_effort=inp.reasoning_effort,
+        fallback_format=spec.fallback_format,
     )
     return TaskOutput(result={"items": items, "synthesis": synthesis.result}, calls=[*item_results, *synthesis.calls])
 
