@@ -17,8 +17,9 @@ Decisions callers can rely on:
   module never looks at a task's name. "auto" detail is the policy's: high, low, or by size (low
   when both sides are under 768 px, else high; `choose_detail`).
 - Multi-page inputs (PDF, multi-page TIFF, animated GIF/WebP) give one image per page/frame when
-  the policy expands that format, else the first (selected) page. `pages="1-3,5"` selects (1-based). More pages than `limits.max_pages`
-  without a selection that fits is a 400 naming the limit (nothing is dropped silently).
+  the policy expands that format, else the first (selected) page. `pages="1-3,5"` selects
+  (1-based). More pages than `limits.max_pages` without a selection that fits is a 400 naming
+  the limit (nothing is dropped silently).
 - An encrypted PDF (one that needs a password) is a 400 "PDF is encrypted"; a broken one a
   400 "could not read PDF: ...". Undecodable images are a 400 "could not decode image: ...".
   Messages are ours: decoder and PDFium texts never reach the caller (they may echo input).
