@@ -1,10 +1,16 @@
-"""The tasks: what each sends to the model, and how its answer is checked.
+"""The tasks: one `TaskSpec` each, holding every policy that differs between tasks, and their runners.
 
-Text tasks (describe, ocr, compare) return text. Structured tasks (invoice, table,
-classify, schema) use strict structured outputs, validate the answer against the
-caller's original schema, re-ask once with the validation errors, and fall back to
-`json_object` with a tolerant parse when an endpoint rejects json_schema. Sequence
-analyses each image concurrently (bounded), then asks for one synthesis.
+A TaskSpec says how images are prepared (`ImagePolicy`: detail "auto", which pages and frames
+expand, resampling), how many files a request takes, which fields it needs (checked before any
+image is decoded), the default prompt and max_tokens, the response format and its fallback, and
+whether a blob file waits for a `_manifest.json`. No other module branches on a task's name
+(tests/test_tasks.py checks that, and checks the README's task table against TASKS).
+
+Text tasks (describe, ocr, compare) return text. Structured tasks (invoice, table, classify,
+schema) use strict structured outputs, validate the answer against the caller's original schema
+and re-ask once with the validation errors; every request carries its `json_object` fallback,
+which the model router sends to a deployment that rejects json_schema. Sequence analyses each
+image concurrently (bounded), then asks for one structured synthesis.
 """
 
 from __future__ import annotations
