@@ -21,6 +21,7 @@ from shared.errors import ImageTooLarge, InvalidRequest, TooManyPixels, Unsuppor
 from shared.images import (
     ImageFacts,
     ImageLimits,
+    ImagePolicy,
     PreparedImage,
     choose_detail,
     estimate_strips,
@@ -545,6 +546,33 @@ def test_multi_frame_images(fmt: str) -> None:
     assert third.facts.page == 3 and abs(grey_level(decoded(third)) - levels[2]) < 5
     with pytest.raises(InvalidRequest, match="at most 3"):
         prepare(data, policy=TASKS["ocr"].images, limits=ImageLimits(max_pages=3))
+
+
+def test_expansion_is_per_format_as_the_policy_says() -> None:
+    tiff, pdf = _frames("TIFF", 3), make_pdf([(612, 792, 0.2), (612, 792, 0.5)])
+    tiff_only = ImagePolicy(expand=frozenset({"tiff"}))
+    assert [p.facts.page for p in prepare(tiff, policy=tiff_only)] == [1, 2, 3]
+    assert [p.facts.page for p in prepare(pdf, policy=tiff_only)] == [1]
+    pdf_only = ImagePolicy(expand=frozenset({"pdf"}))
+    assert len(prepare(tiff, policy=pdf_only)) == 1
+    assert [p.facts.page for p in prepare(pdf, policy=pdf_only)] == [1, 2]
+    with pytest.raises(ValueError):
+        ImagePolicy(expand=frozenset({"jpeg"}))  # a JPEG has no pages to expand
+
+
+def test_resampling_follows_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encode(noise((1800, 1400)), "PNG")
+    used = []
+    real = Image.Image.resize
+
+    def spy(self, size, resample=None, *args, **kwargs):
+        used.append(resample)
+        return real(self, size, resample, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    prepare(data, policy=ImagePolicy(resample="document"))
+    prepare(data, policy=ImagePolicy(resample="photo"))
+    assert used == [images.DOCUMENT_RESAMPLE, images.PHOTO_RESAMPLE]
 
 
 # --- strips --------------------------------------------------------------------------------
