@@ -45,6 +45,7 @@ from pillow_heif import register_heif_opener
 
 from bench import seed_baseline
 from shared.images import plan_strips, prepare
+from shared.tasks import TASKS
 from shared.tokens import model_view_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +78,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, Tim
     return {name: (min(ts), statistics.median(ts), results[name]) for name, ts in times.items()}
 
 
-def ours(data: bytes, **kw: Any) -> list[Any]:
-    prepared = prepare(data, **kw)
+def ours(data: bytes, task: str = "describe", **kw: Any) -> list[Any]:
+    prepared = prepare(data, policy=TASKS[task].images, **kw)
     for p in prepared:
         p.data_url()  # the request carries base64, as the baseline's does
     return prepared
@@ -176,7 +177,7 @@ def decode_floor(data: bytes, target: tuple[int, int]) -> Image.Image:
 
 def stored_target(data: bytes, task: str = "describe") -> tuple[int, int]:
     """Our target size in the file's stored orientation (what the draft is asked for)."""
-    facts = prepare(data, task=task)[0].facts
+    facts = prepare(data, policy=TASKS[task].images)[0].facts
     with Image.open(io.BytesIO(data)) as im:
         orientation = im.getexif().get(0x0112, 1)
     w, h = facts.sent_width, facts.sent_height
@@ -291,7 +292,7 @@ def status(key):  # /proc/self/status: VmHWM (peak) is per process image, unlike
 data = Path({path!r}).read_bytes()
 if {impl!r} == "ours":
     from shared.images import plan_strips, prepare
-    run = lambda: prepare(data, task="describe")[0].data_url()
+    run = lambda: prepare(data)[0].data_url()  # the default policy is describe's (PHOTO_IMAGES)
 else:
     from bench import seed_baseline
     run = lambda: seed_baseline.optimize(data, "image/jpeg", task="describe")

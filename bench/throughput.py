@@ -136,7 +136,7 @@ async def run_ours(
     from shared.errors import VlmError
     from shared.pipeline import AnalysisRequest, Dependencies, analyze
     from shared.settings import Settings
-    from shared.tasks import DEFAULT_MAX_TOKENS
+    from shared.tasks import TASKS
 
     settings = Settings.from_env(
         {
@@ -151,7 +151,7 @@ async def run_ours(
     )
     deps = Dependencies(settings, cache=ResultCache(MemoryLRU(0)))
     run = Run(OURS, f"RateLimiter {rpm} RPM / {tpm} TPM, {window_s:g} s burst (the server's quota)", len(images))
-    run.max_tokens = DEFAULT_MAX_TOKENS["describe"]
+    run.max_tokens = TASKS["describe"].max_tokens
     gate = asyncio.Semaphore(concurrency)
 
     async def one(data: bytes) -> None:

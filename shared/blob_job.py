@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 TASK_FILE = "_task.json"
 MANIFEST_FILE = "_manifest.json"
 CONTROL_FILES = (TASK_FILE, MANIFEST_FILE)
-MULTI_IMAGE_TASKS = ("compare", "sequence")
 TASK_KEYS = set(OPTION_KEYS)
 
 
@@ -61,6 +60,13 @@ class BlobOutcome:
     status: str  # "succeeded", "failed", "skipped"
     record: dict[str, Any] | None = None
     reason: str = ""
+
+
+def _waits_for_manifest(task: str) -> bool:
+    """Whether a file of this task waits for its folder's `_manifest.json` (multi-image tasks: the TaskSpec says)."""
+    from .tasks import TASKS
+
+    return TASKS[task].waits_for_manifest
 
 
 def job_fingerprint(fields: dict[str, Any], images: list[bytes]) -> str:
@@ -273,7 +279,7 @@ class BlobProcessor:
                 config, images = await self._manifest(name, data)
             else:
                 config, images = await self.resolver.resolve(name, metadata), [data]
-                if config.task in MULTI_IMAGE_TASKS:
+                if _waits_for_manifest(config.task):
                     log.info("skip %s: part of a %s job, run by its %s", name, config.task, MANIFEST_FILE)
                     return BlobOutcome("skipped", reason=f"waiting for {MANIFEST_FILE}")
             task = config.task

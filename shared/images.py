@@ -13,12 +13,13 @@ transpose is cheap. Decompression bombs are refused from the header before any p
 decoded. Figures: docs/performance.md.
 
 Decisions callers can rely on:
-- "auto" detail: ocr/invoice/table/schema high; classify/sequence low; anything else
-  (describe, compare) low when both sides are under 768 px, else high (`choose_detail`).
-- Multi-page inputs: PDFs give one image per page for document tasks and describe; multi-page
-  TIFF and animated GIF/WebP give every frame for document tasks; other tasks get the first
-  (selected) page. `pages="1-3,5"` selects (1-based). More pages than `limits.max_pages`
-  without a selection that fits is a 400 naming the limit (nothing is dropped silently).
+- What to do is given as values (`ImagePolicy`, from the task's `shared.tasks.TaskSpec`); this
+  module never looks at a task's name. "auto" detail is the policy's: high, low, or by size (low
+  when both sides are under 768 px, else high; `choose_detail`).
+- Multi-page inputs (PDF, multi-page TIFF, animated GIF/WebP) give one image per page/frame when
+  the policy expands that format, else the first (selected) page. `pages="1-3,5"` selects
+  (1-based). More pages than `limits.max_pages` without a selection that fits is a 400 naming
+  the limit (nothing is dropped silently).
 - An encrypted PDF (one that needs a password) is a 400 "PDF is encrypted"; a broken one a
   400 "could not read PDF: ...". Undecodable images are a 400 "could not decode image: ...".
   Messages are ours: decoder and PDFium texts never reach the caller (they may echo input).
@@ -56,6 +57,7 @@ from . import tokens
 from .errors import ImageTooLarge, InvalidRequest, TooManyPixels, VlmError
 from .frame_count import gif_frames, tiff_frames
 from .image_formats import PIL_FORMATS, SUPPORTED_FORMATS, sniff
+from .image_policy import DEFAULT_POLICY, AutoDetail, ImagePolicy
 from .settings import DETAILS
 
 if TYPE_CHECKING:
@@ -63,11 +65,11 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 __all__ = [
-    "DOCUMENT_TASKS",
     "SUPPORTED_FORMATS",
     "Budget",
     "ImageFacts",
     "ImageLimits",
+    "ImagePolicy",
     "PreparedImage",
     "StripPlan",
     "choose_detail",
@@ -81,11 +83,7 @@ __all__ = [
 JPEG_QUALITY = 85
 MIME = "image/jpeg"
 
-# Tasks whose multi-page inputs expand to one image per page, at high detail when "auto".
-DOCUMENT_TASKS = frozenset({"ocr", "invoice", "table", "schema"})
-# Tasks that look at many images at a glance: low detail when "auto".
-LOW_DETAIL_TASKS = frozenset({"classify", "sequence"})
-# "auto" for describe/compare: an image under this on both sides goes low (the seed design's
+# "auto" by size: an image under this on both sides goes low (the seed design's
 # rule; it also covers every image that already fits the 512 px low view, where low sees all).
 SMALL_IMAGE_SIDE = 768
 
@@ -94,6 +92,7 @@ SMALL_IMAGE_SIDE = 768
 # more detail, because on 8-12 MP photos the resize otherwise costs more than the decode.
 DOCUMENT_RESAMPLE = Image.Resampling.LANCZOS
 PHOTO_RESAMPLE = Image.Resampling.HAMMING
+_RESAMPLE = {"document": DOCUMENT_RESAMPLE, "photo": PHOTO_RESAMPLE}
 # Non-JPEG inputs cannot be decoded smaller: Pillow's reducing_gap first shrinks them by an
 # integer factor (box filter) so that the filtered step still scales by at least 1.5x. Against
 # plain Lanczos that is 48-50 dB PSNR and the same OCR word recall, in under half the time.
@@ -256,23 +255,18 @@ class StripPlan:
 # --- detail ------------------------------------------------------------------------
 
 
-def choose_detail(
-    task: str, width: int, height: int, requested: str = "auto", model: ImageTokens | str | None = None
-) -> str:
+def choose_detail(auto: AutoDetail, width: int, height: int, requested: str = "auto") -> str:
     """Resolve the detail level for one image of this (upright) size: "low" or "high".
 
-    An explicit low/high is honoured. "auto": document tasks need every glyph (high); tasks
-    that skim many images get low; anything else by size: an image under 768 px on both
-    sides goes low (what low shows is close to all there is), a larger one high. The rule is
-    the same for every model family (`model` is accepted for callers that pass it through).
+    An explicit low/high is honoured. "auto" is the task's policy: "high" (documents need every
+    glyph), "low" (skimming many images), or "by_size": an image under 768 px on both sides goes
+    low (what low shows is close to all there is), a larger one high. The same for every model.
     """
     _check_detail(requested)
     if requested != "auto":
         return requested
-    if task in DOCUMENT_TASKS:
-        return "high"
-    if task in LOW_DETAIL_TASKS:
-        return "low"
+    if auto != "by_size":
+        return auto
     if width < SMALL_IMAGE_SIDE and height < SMALL_IMAGE_SIDE:
         return "low"
     return "high"
@@ -431,7 +425,7 @@ def _select(count: int, pages: str | None, expand: bool, limits: ImageLimits, wh
 @dataclass(frozen=True)
 class _Job:
     fmt: str
-    task: str
+    policy: ImagePolicy
     detail: str
     model: ImageTokens | str | None
     strips: bool
@@ -450,7 +444,7 @@ class _Plan:
 def prepare(
     data: bytes,
     *,
-    task: str = "describe",
+    policy: ImagePolicy = DEFAULT_POLICY,
     detail: str = "auto",
     limits: ImageLimits = ImageLimits(),
     model: ImageTokens | str | None = None,
@@ -461,8 +455,8 @@ def prepare(
     """Turn one upload into the images to send: one per page/frame (or per strip with strips=True).
 
     Multi-page inputs (PDF; multi-page TIFF, animated GIF/WebP) give every page, or the pages
-    selected with `pages` ("1-3,5"), for document tasks (PDFs also for describe); other tasks
-    get the first (selected) page. Raises a VlmError (4xx) for anything it cannot send.
+    selected with `pages` ("1-3,5"), when `policy` expands that format; otherwise the first
+    (selected) page. Raises a VlmError (4xx) for anything it cannot send.
     `budget` carries what earlier inputs of the same request spent (a fresh one when None).
     """
     _check_detail(detail)
@@ -480,7 +474,7 @@ def prepare(
             details={"bytes": len(data), "max_bytes": limits.max_bytes},
         )
     fmt = sniff(data)
-    job = _Job(fmt, task, detail, model, strips, len(data), limits, budget or Budget(limits))
+    job = _Job(fmt, policy, detail, model, strips, len(data), limits, budget or Budget(limits))
     if fmt == "pdf":
         return _prepare_pdf(data, job, limits, pages)
     return _prepare_raster(data, job, limits, pages)
@@ -493,7 +487,7 @@ def _plan(job: _Job, width: int, height: int) -> _Plan:
         plan = _Plan("high", (sp.width, sp.height), sp.bands)
         smallest = min(sp.width, min(bottom - top for top, bottom in sp.bands))
     else:
-        det = choose_detail(job.task, width, height, job.detail, job.model)
+        det = choose_detail(job.policy.auto_detail, width, height, job.detail)
         plan = _Plan(det, tokens.model_view_size(width, height, det, job.model), None)
         smallest = min(plan.size)
     if smallest < job.limits.min_side:
@@ -576,7 +570,7 @@ def _prepare_pdf(data: bytes, job: _Job, limits: ImageLimits, pages: str | None)
         count = len(doc)
         if count < 1:
             raise InvalidRequest("PDF has no pages", details={"format": "pdf"})
-        expand = job.task in DOCUMENT_TASKS or job.task == "describe"
+        expand = job.policy.expands("pdf")
         for index in _select(count, pages, expand, limits, "PDF"):
             with pdf.load_page(doc, index) as page:
                 size = pdf.page_pixels(page)
@@ -738,7 +732,7 @@ def _prepare_raster(data: bytes, job: _Job, limits: ImageLimits, pages: str | No
         # Only TIFF/GIF/WebP pages are pages: a JPEG's MPF extras (gain maps, depth) and a
         # HEIC's other images are not, so those always send the primary image.
         multi = fmt in _MULTI_FRAME_FORMATS
-        expand = multi and job.task in DOCUMENT_TASKS
+        expand = multi and job.policy.expands(fmt)
         count = 1
         if multi and (expand or pages):  # counting frames costs a walk through the file: only when needed
             count = _frame_count(im, data, job)
@@ -773,7 +767,7 @@ def _raster_frame(im: Image.Image, data: bytes, job: _Job, page: int | None, dra
     frame = _load_draft(im, data, job, target) if draft else im
     frame = _working_mode(frame)
     if frame.size != target:
-        resample = DOCUMENT_RESAMPLE if job.task in DOCUMENT_TASKS else PHOTO_RESAMPLE
+        resample = _RESAMPLE[job.policy.resample]
         frame = frame.resize(target, resample, reducing_gap=REDUCING_GAP)
     frame = _flatten(frame)
     if orientation in _TRANSPOSE:

@@ -69,7 +69,7 @@ RETIRED_MARKERS = ("does not work with the specified model", "has been deprecate
 
 
 class ResponseFormatRejected(VlmError):
-    """The endpoint does not support `response_format` json_schema; the caller falls back to json_object."""
+    """The endpoint does not support `response_format` json_schema; the router sends the request's fallback."""
 
     status = 502
     code = "upstream_error"
@@ -83,6 +83,9 @@ class ChatRequest:
     estimated_tokens: int = 0  # prompt estimate (text + images by formula) + max_tokens
     image_tokens: int = 0  # the images' share of that estimate, by formula (calibrated per deployment)
     reasoning_effort: str | None = None  # sent only to deployments whose style takes it
+    # Sent instead when the deployment rejects `response_format` (json_schema); the task builds it (its
+    # TaskSpec names the fallback format), the router decides when, and remembers per deployment.
+    fallback: ChatRequest | None = None
 
     @property
     def text_tokens(self) -> int:
@@ -369,6 +372,16 @@ class ModelRouter:
         )
 
     async def _call(self, target: ModelTarget, request: ChatRequest) -> ChatResult:
+        """One request to one deployment; its `fallback` instead when the deployment rejects the response format
+        (at once, without a call, while the rejection is remembered: JSON_SCHEMA_REPROBE_S)."""
+        try:
+            return await self._probed_call(target, request)
+        except ResponseFormatRejected:
+            if request.fallback is None:
+                raise
+            return await self._probed_call(target, request.fallback)
+
+    async def _probed_call(self, target: ModelTarget, request: ChatRequest) -> ChatResult:
         if target.label not in self._confirmed:
             async with self._probes.setdefault(target.label, asyncio.Lock()):
                 if target.label not in self._confirmed:

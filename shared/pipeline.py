@@ -165,26 +165,29 @@ def get_dependencies() -> Dependencies:
     return deps
 
 
-def validate_request(req: AnalysisRequest, settings: Settings) -> None:
-    from .tasks import task_spec
+def validate_request(req: AnalysisRequest, settings: Settings) -> Any:
+    """Everything checkable before any image is decoded (the task's image count and required fields,
+    the schema); -> the caller's schema in strict form (`schemas.StrictSchema`), or None."""
+    from .tasks import check_required, check_strips, strict_schema, task_spec
 
     spec = task_spec(req.task)  # fields were checked by shared.options.parse_options; images are checked here
     if not req.images:
         raise InvalidRequest("no image in the request", details={"field": "images"})
-    limit = spec.max_images or settings.max_images_per_request
-    if spec.name != "sequence":
-        limit = min(limit, settings.max_images_per_request)
+    limit = spec.image_limit(settings.max_images_per_request)
     if len(req.images) < spec.min_images or len(req.images) > limit:
         raise InvalidRequest(
             f"task {req.task} takes {spec.min_images}-{limit} images, got {len(req.images)}",
             details={"field": "images", "min": spec.min_images, "max": limit, "got": len(req.images)},
         )
-    if req.schema is not None:
-        from .schemas import SchemaBudget, to_strict
+    check_required(spec, {"labels": req.labels, "schema": req.schema})
+    check_strips(spec, req.strips)
+    if req.schema is None:
+        return None
+    from .schemas import SchemaBudget
 
-        # to_strict runs check_caller_schema first (budget, references, regexes, meta-schema);
-        # strict limits (depth, property count) fail here too, before any image work.
-        to_strict(req.schema, budget=SchemaBudget.from_settings(settings))
+    # to_strict runs check_caller_schema first (budget, references, regexes, meta-schema);
+    # strict limits (depth, property count) fail here too, before any image work.
+    return strict_schema(req.schema, SchemaBudget.from_settings(settings))
 
 
 def _prepare_all(req: AnalysisRequest, settings: Settings, image_spec: Any = None) -> list[Any]:
@@ -194,7 +197,7 @@ def _prepare_all(req: AnalysisRequest, settings: Settings, image_spec: Any = Non
     from .images import Budget, ImageLimits, prepare
     from .tasks import task_spec
 
-    spec = task_spec(req.task)
+    policy = task_spec(req.task).images  # what the task wants: detail "auto", page expansion, resampling
     limits = ImageLimits.from_settings(settings)
     budget = Budget(limits)
     prepared = []
@@ -202,7 +205,7 @@ def _prepare_all(req: AnalysisRequest, settings: Settings, image_spec: Any = Non
         try:
             pages = prepare(
                 data,
-                task=req.task,
+                policy=policy,
                 detail=req.detail,
                 limits=limits,
                 model=image_spec,
@@ -214,7 +217,7 @@ def _prepare_all(req: AnalysisRequest, settings: Settings, image_spec: Any = Non
             if len(req.images) > 1:
                 err.details.setdefault("image", n)
             raise
-        prepared.extend(pages if spec.expands_pages else pages[:1])
+        prepared.extend(pages)
     return prepared
 
 
@@ -261,7 +264,7 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
 
     settings = deps.settings
     t0 = time.perf_counter()
-    validate_request(req, settings)
+    strict = validate_request(req, settings)
     book = deps.book
     identity = book.identity(settings.primary)
     effort = req.reasoning_effort or settings.reasoning_effort_for(req.task)
@@ -313,7 +316,7 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
         task=req.task,
         images=images,
         prompt=req.prompt,
-        schema=req.schema,
+        schema=strict,
         labels=req.labels,
         max_tokens=req.max_tokens,
         concurrency=settings.sequence_concurrency,

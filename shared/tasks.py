@@ -1,10 +1,16 @@
-"""The tasks: what each sends to the model, and how its answer is checked.
+"""The tasks: one `TaskSpec` each, holding every policy that differs between tasks, and their runners.
 
-Text tasks (describe, ocr, compare) return text. Structured tasks (invoice, table,
-classify, schema) use strict structured outputs, validate the answer against the
-caller's original schema, re-ask once with the validation errors, and fall back to
-`json_object` with a tolerant parse when an endpoint rejects json_schema. Sequence
-analyses each image concurrently (bounded), then asks for one synthesis.
+A TaskSpec says how images are prepared (`ImagePolicy`: detail "auto", which pages and frames
+expand, resampling), how many files a request takes, which fields it needs (checked before any
+image is decoded), the default prompt and max_tokens, the response format and its fallback, and
+whether a blob file waits for a `_manifest.json`. No other module branches on a task's name
+(tests/test_tasks.py checks that, and checks the README's task table against TASKS).
+
+Text tasks (describe, ocr, compare) return text. Structured tasks (invoice, table, classify,
+schema) use strict structured outputs, validate the answer against the caller's original schema
+and re-ask once with the validation errors; every request carries its `json_object` fallback,
+which the model router sends to a deployment that rejects json_schema. Sequence analyses each
+image concurrently (bounded), then asks for one structured synthesis.
 """
 
 from __future__ import annotations
@@ -16,37 +22,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRequest, ModelOutputInvalid
-from .model import ChatBackend, ChatRequest, ChatResult, ResponseFormatRejected
+from .image_policy import PAGED_FORMATS, ImagePolicy
+from .model import ChatBackend, ChatRequest, ChatResult
 from .tokens import prompt_tokens
 
 if TYPE_CHECKING:
     from .images import PreparedImage
     from .schema_guard import SchemaBudget
+    from .schemas import StrictSchema
 
 SYSTEM_PROMPT = (
     "You are a careful vision assistant. Answer only from what is visible in the images. "
     "If something is unreadable or absent, say so instead of guessing."
 )
-DEFAULT_PROMPTS = {
-    "describe": "Describe this image.",
-    "ocr": "Transcribe all text in the image(s) in reading order. Keep line breaks. Output only the text.",
-    "compare": "Compare these images: what they have in common, how they differ, and anything notable in each. "
-    "Refer to each image by its label, e.g. [Image 1].",
-    "sequence_item": "Describe this image briefly: subject, setting, notable details and any visible text.",
-    "sequence": "These are analyses of a sequence of images, in order. Give the common themes, the progression "
-    "or changes across the sequence, key insights and recommendations.",
-}
-DEFAULT_MAX_TOKENS = {
-    "describe": 1000,
-    "ocr": 4000,
-    "compare": 2000,
-    "invoice": 4000,
-    "table": 4000,
-    "schema": 4000,
-    "classify": 200,
-    "sequence_item": 500,
-    "sequence": 1500,
-}
 SYNTHESIS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -59,28 +47,109 @@ SYNTHESIS_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
+# Image policies (values handed to images.prepare). Documents need every glyph and every page;
+# photos are looked at as a whole, the first page/frame unless `pages` picks another.
+DOCUMENT_IMAGES = ImagePolicy(auto_detail="high", expand=PAGED_FORMATS, resample="document")
+PHOTO_IMAGES = ImagePolicy(auto_detail="by_size")
+GLANCE_IMAGES = ImagePolicy(auto_detail="low")  # classifying, or skimming many images
+
+# The structured tasks' response format, and what an endpoint that rejects it gets instead:
+# the same schema in the prompt, answered as free JSON and parsed tolerantly.
+JSON_SCHEMA = "json_schema"
+JSON_OBJECT = "json_object"
+
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """Everything that differs between tasks; no other module branches on a task's name.
+
+    The README's task table is checked against these (tests/test_tasks.py).
+    """
+
     name: str
+    images: ImagePolicy  # detail "auto", which pages/frames expand, resampling
+    max_tokens: int  # default completion budget (the caller's max_tokens overrides it)
+    prompt: str | None = None  # default prompt (text tasks); structured tasks' prompts are in task_schemas
     min_images: int = 1
     max_images: int | None = None  # None: MAX_IMAGES_PER_REQUEST
-    structured: bool = False
-    expands_pages: bool = True  # multi-page inputs become several images
+    capped_by_setting: bool = True  # MAX_IMAGES_PER_REQUEST also caps max_images
+    requires: tuple[str, ...] = ()  # request fields without which the task cannot run (checked before decoding)
+    response_format: str | None = None  # None: text; JSON_SCHEMA: strict structured output
+    fallback_format: str | None = None  # what to send when the endpoint rejects response_format
+    image_label: str | None = "Page"  # "[Page N]" before each image when there are several; None: no labels
+    strips: bool = True  # strips=True may be asked (tasks that label or judge whole images say no)
+    waits_for_manifest: bool = False  # blob path: files are not analysed one by one, a _manifest.json runs the job
+    item_prompt: str | None = None  # sequence: the per-image prompt ...
+    item_max_tokens: int | None = None  # ... and its completion budget
+
+    @property
+    def structured(self) -> bool:
+        return self.response_format is not None
+
+    def image_limit(self, max_images_per_request: int) -> int:
+        """The most images (inputs) one request of this task may carry."""
+        limit = self.max_images or max_images_per_request
+        return min(limit, max_images_per_request) if self.capped_by_setting else limit
+
+
+def _structured(name: str, **kw: Any) -> TaskSpec:
+    return TaskSpec(name, response_format=JSON_SCHEMA, fallback_format=JSON_OBJECT, **kw)
 
 
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        TaskSpec("describe", max_images=1),
-        TaskSpec("classify", max_images=1, structured=True, expands_pages=False),
-        TaskSpec("ocr"),
-        TaskSpec("invoice", structured=True),
-        TaskSpec("table", max_images=1, structured=True),
-        TaskSpec("schema", structured=True),
-        TaskSpec("compare", min_images=2, max_images=10, expands_pages=False),
-        TaskSpec("sequence", min_images=2, max_images=50, expands_pages=False),
+        TaskSpec("describe", PHOTO_IMAGES, 1000, prompt="Describe this image.", max_images=1),
+        _structured(
+            "classify",
+            images=GLANCE_IMAGES,
+            max_tokens=200,
+            max_images=1,
+            requires=("labels",),
+            image_label=None,
+            strips=False,
+        ),
+        TaskSpec(
+            "ocr",
+            DOCUMENT_IMAGES,
+            4000,
+            prompt="Transcribe all text in the image(s) in reading order. Keep line breaks. Output only the text.",
+        ),
+        _structured("invoice", images=DOCUMENT_IMAGES, max_tokens=4000),
+        _structured("table", images=DOCUMENT_IMAGES, max_tokens=4000, max_images=1, image_label=None),
+        _structured("schema", images=DOCUMENT_IMAGES, max_tokens=4000, requires=("schema",)),
+        TaskSpec(
+            "compare",
+            PHOTO_IMAGES,
+            2000,
+            prompt="Compare these images: what they have in common, how they differ, and anything notable in each. "
+            "Refer to each image by its label, e.g. [Image 1].",
+            min_images=2,
+            max_images=10,
+            image_label="Image",
+            strips=False,
+            waits_for_manifest=True,
+        ),
+        # The synthesis is structured (SYNTHESIS_SCHEMA); the per-image analyses are text.
+        _structured(
+            "sequence",
+            images=GLANCE_IMAGES,
+            max_tokens=1500,
+            prompt="These are analyses of a sequence of images, in order. Give the common themes, the progression "
+            "or changes across the sequence, key insights and recommendations.",
+            min_images=2,
+            max_images=50,
+            capped_by_setting=False,
+            strips=False,
+            waits_for_manifest=True,
+            item_prompt="Describe this image briefly: subject, setting, notable details and any visible text.",
+            item_max_tokens=500,
+        ),
     )
+}
+REQUIRED_FIELD_HELP = {
+    "labels": "a list or comma-separated string",
+    "schema": "a JSON Schema object",
 }
 
 
@@ -89,7 +158,7 @@ class TaskInput:
     task: str
     images: list[PreparedImage]
     prompt: str | None = None
-    schema: dict[str, Any] | None = None
+    schema: StrictSchema | None = None  # the caller's schema, converted once (`strict_schema`) per request
     labels: list[str] | None = None
     max_tokens: int | None = None
     concurrency: int = 4
@@ -110,6 +179,31 @@ def task_spec(name: str) -> TaskSpec:
             f"unknown task {name!r}; use one of: {', '.join(TASKS)}", details={"field": "task", "tasks": list(TASKS)}
         )
     return spec
+
+
+def check_required(spec: TaskSpec, given: dict[str, Any]) -> None:
+    """A 400 naming the first field the task needs and did not get; run before any image is decoded."""
+    for name in spec.requires:
+        if not given.get(name):
+            help_ = REQUIRED_FIELD_HELP.get(name, "")
+            raise InvalidRequest(
+                f"task {spec.name} needs `{name}`" + (f" ({help_})" if help_ else ""), details={"field": name}
+            )
+
+
+def check_strips(spec: TaskSpec, strips: bool) -> None:
+    """Strips cut one image into several: a task that looks at whole images refuses them (400) up front."""
+    if strips and not spec.strips:
+        raise InvalidRequest(
+            f"task {spec.name} looks at whole images and does not take strips", details={"field": "strips"}
+        )
+
+
+def strict_schema(schema: dict[str, Any], budget: SchemaBudget | None = None) -> StrictSchema:
+    """The caller's schema in strict form (done once per request; refusals are 4xx before any image work)."""
+    from . import schemas
+
+    return schemas.to_strict(schema, name="result", budget=budget or schemas.DEFAULT_BUDGET)
 
 
 def image_parts(images: list[PreparedImage], label: str | None = None) -> list[dict[str, Any]]:
@@ -160,14 +254,20 @@ async def run_task(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     return await runner(inp, model)
 
 
-def _max_tokens(inp: TaskInput, key: str | None = None) -> int:
-    return inp.max_tokens or DEFAULT_MAX_TOKENS[key or inp.task]
+def _max_tokens(inp: TaskInput) -> int:
+    return inp.max_tokens or TASKS[inp.task].max_tokens
+
+
+def _label(inp: TaskInput) -> str | None:
+    """The task's image label when there are several images; one image goes unlabelled."""
+    return TASKS[inp.task].image_label if len(inp.images) > 1 else None
 
 
 async def _text(inp: TaskInput, model: ChatBackend) -> TaskOutput:
-    prompt = inp.prompt or DEFAULT_PROMPTS[inp.task]
-    label = "Image" if inp.task == "compare" else ("Page" if len(inp.images) > 1 else None)
-    request = chat_request(prompt, inp.images, _max_tokens(inp), label=label, reasoning_effort=inp.reasoning_effort)
+    prompt = inp.prompt or TASKS[inp.task].prompt or ""
+    request = chat_request(
+        prompt, inp.images, _max_tokens(inp), label=_label(inp), reasoning_effort=inp.reasoning_effort
+    )
     result = await model.complete(request)
     return TaskOutput(result=result.content or "", calls=[result])
 
@@ -176,41 +276,46 @@ async def structured_call(
     model: ChatBackend,
     prompt: str,
     images: list[PreparedImage],
-    schema: dict[str, Any],
+    strict: StrictSchema,
     max_tokens: int,
-    name: str = "result",
     label: str | None = None,
     reasoning_effort: str | None = None,
     budget: SchemaBudget | None = None,
+    fallback_format: str | None = JSON_OBJECT,
 ) -> TaskOutput:
-    """Strict json_schema call, validated against the original schema; one re-ask; json_object fallback."""
+    """Strict json_schema call, validated against the original schema; one re-ask.
+
+    Every request carries its json_object fallback (the same schema in the prompt); the model router
+    sends it to a deployment that rejects json_schema, and remembers that deployment. The answer is
+    parsed tolerantly either way, so nothing here needs to know which of the two was sent.
+    """
     from . import schemas, task_schemas
 
     budget = budget or schemas.DEFAULT_BUDGET
-    strict = schemas.to_strict(schema, name=name, budget=budget)
-    json_object_prompt = prompt + "\n\n" + task_schemas.json_object_instructions(strict.schema)
+    schema = strict.original
+    fallback_prompt = prompt + "\n\n" + task_schemas.json_object_instructions(strict.schema)
     calls: list[ChatResult] = []
     extra: list[dict[str, Any]] = []
-    use_json_object = False
     errors: list[str] = []
 
     async def ask() -> ChatResult:
-        if use_json_object:
-            fmt, text = {"type": "json_object"}, json_object_prompt
-        else:
-            fmt, text = strict.response_format(), prompt
-        return await model.complete(
-            chat_request(text, images, max_tokens, fmt, label, extra, reasoning_effort=reasoning_effort)
+        request = chat_request(
+            prompt, images, max_tokens, strict.response_format(), label, extra, reasoning_effort=reasoning_effort
         )
+        if fallback_format is not None:
+            request.fallback = chat_request(
+                fallback_prompt,
+                images,
+                max_tokens,
+                {"type": fallback_format},
+                label,
+                extra,
+                reasoning_effort=reasoning_effort,
+            )
+        return await model.complete(request)
 
     for attempt in (1, 2):
-        try:
-            result = await ask()
-        except ResponseFormatRejected:
-            if use_json_object:
-                raise
-            use_json_object = True  # the endpoint has no strict mode: same schema, in the prompt
-            result = await ask()
+        result = await ask()
         calls.append(result)
         answer: Any = None
         try:
@@ -235,86 +340,117 @@ async def structured_call(
     )
 
 
+def _builtin(schema: dict[str, Any], name: str) -> StrictSchema:
+    """A built-in schema in strict form (small and fixed: converted per call, not worth a cache)."""
+    from . import schemas
+
+    return schemas.to_strict(schema, name=name)
+
+
+def _with_guidance(prompt: str, inp: TaskInput) -> str:
+    return prompt + (f"\n\n{inp.prompt}" if inp.prompt else "")
+
+
 async def _invoice(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     from . import task_schemas
 
-    label = "Page" if len(inp.images) > 1 else None
-    prompt = task_schemas.INVOICE_PROMPT + (f"\n\n{inp.prompt}" if inp.prompt else "")
+    strict = _builtin(task_schemas.INVOICE_SCHEMA, "invoice")
+    prompt = _with_guidance(task_schemas.INVOICE_PROMPT, inp)
     return await structured_call(
         model,
         prompt,
         inp.images,
-        task_schemas.INVOICE_SCHEMA,
+        strict,
         _max_tokens(inp),
-        "invoice",
-        label,
+        _label(inp),
         inp.reasoning_effort,
-        budget=inp.schema_budget,
+        inp.schema_budget,
+        TASKS[inp.task].fallback_format,
     )
 
 
 async def _table(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     from . import task_schemas
 
-    prompt = task_schemas.TABLE_PROMPT + (f"\n\n{inp.prompt}" if inp.prompt else "")
-    schema, effort = task_schemas.TABLE_SCHEMA, inp.reasoning_effort
+    strict = _builtin(task_schemas.TABLE_SCHEMA, "table")
+    prompt = _with_guidance(task_schemas.TABLE_PROMPT, inp)
     return await structured_call(
-        model, prompt, inp.images, schema, _max_tokens(inp), "table", None, effort, budget=inp.schema_budget
+        model,
+        prompt,
+        inp.images,
+        strict,
+        _max_tokens(inp),
+        _label(inp),
+        inp.reasoning_effort,
+        inp.schema_budget,
+        TASKS[inp.task].fallback_format,
     )
 
 
 async def _classify(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     from . import task_schemas
 
-    if not inp.labels:
-        raise InvalidRequest(
-            "task classify needs `labels` (a list or comma-separated string)", details={"field": "labels"}
-        )
-    schema = task_schemas.classify_schema(inp.labels)
-    prompt = task_schemas.classify_prompt(inp.labels) + (f"\n\n{inp.prompt}" if inp.prompt else "")
-    effort = inp.reasoning_effort
+    check_required(TASKS[inp.task], {"labels": inp.labels})
+    assert inp.labels is not None
+    strict = _builtin(task_schemas.classify_schema(inp.labels), "classification")
+    prompt = _with_guidance(task_schemas.classify_prompt(inp.labels), inp)
     return await structured_call(
-        model, prompt, inp.images, schema, _max_tokens(inp), "classification", None, effort, budget=inp.schema_budget
+        model,
+        prompt,
+        inp.images,
+        strict,
+        _max_tokens(inp),
+        _label(inp),
+        inp.reasoning_effort,
+        inp.schema_budget,
+        TASKS[inp.task].fallback_format,
     )
 
 
 async def _schema(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     from . import task_schemas
 
-    if not inp.schema:
-        raise InvalidRequest("task schema needs `schema` (a JSON Schema object)", details={"field": "schema"})
-    label = "Page" if len(inp.images) > 1 else None
-    prompt = task_schemas.SCHEMA_PROMPT + (f"\n\n{inp.prompt}" if inp.prompt else "")
-    effort = inp.reasoning_effort
+    check_required(TASKS[inp.task], {"schema": inp.schema})
+    assert inp.schema is not None
+    prompt = _with_guidance(task_schemas.SCHEMA_PROMPT, inp)
     return await structured_call(
-        model, prompt, inp.images, inp.schema, _max_tokens(inp), "result", label, effort, budget=inp.schema_budget
+        model,
+        prompt,
+        inp.images,
+        inp.schema,
+        _max_tokens(inp),
+        _label(inp),
+        inp.reasoning_effort,
+        inp.schema_budget,
+        TASKS[inp.task].fallback_format,
     )
 
 
 async def _sequence(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     """Per-image analyses run concurrently under a bound; then one synthesis over all of them."""
+    spec = TASKS[inp.task]
     gate = asyncio.Semaphore(max(1, inp.concurrency))
-    item_prompt = inp.prompt or DEFAULT_PROMPTS["sequence_item"]
+    item_prompt = inp.prompt or spec.item_prompt or ""
+    item_budget = spec.item_max_tokens or spec.max_tokens
 
     async def one(image: PreparedImage) -> ChatResult:
         async with gate:
-            budget = DEFAULT_MAX_TOKENS["sequence_item"]
             return await model.complete(
-                chat_request(item_prompt, [image], budget, reasoning_effort=inp.reasoning_effort)
+                chat_request(item_prompt, [image], item_budget, reasoning_effort=inp.reasoning_effort)
             )
 
     item_results = await asyncio.gather(*(one(image) for image in inp.images))
     items = [{"image": n, "analysis": r.content or ""} for n, r in enumerate(item_results, 1)]
     listing = "\n\n".join(f"[Image {i['image']}]\n{i['analysis']}" for i in items)
-    synthesis_prompt = f"{DEFAULT_PROMPTS['sequence']}\n\n{listing}"
+    synthesis_prompt = f"{spec.prompt}\n\n{listing}"
     synthesis = await structured_call(
         model,
         synthesis_prompt,
         [],
-        SYNTHESIS_SCHEMA,
-        _max_tokens(inp, "sequence"),
-        "synthesis",
+        _builtin(SYNTHESIS_SCHEMA, "synthesis"),
+        _max_tokens(inp),
         reasoning_effort=inp.reasoning_effort,
+        fallback_format=spec.fallback_format,
     )
     return TaskOutput(result={"items": items, "synthesis": synthesis.result}, calls=[*item_results, *synthesis.calls])
 

@@ -19,9 +19,9 @@ from PIL import Image, ImageChops, ImageStat
 from shared import images
 from shared.errors import ImageTooLarge, InvalidRequest, TooManyPixels, UnsupportedMediaType, VlmError
 from shared.images import (
-    DOCUMENT_TASKS,
     ImageFacts,
     ImageLimits,
+    ImagePolicy,
     PreparedImage,
     choose_detail,
     estimate_strips,
@@ -31,6 +31,7 @@ from shared.images import (
     sniff,
 )
 from shared.settings import Settings
+from shared.tasks import DOCUMENT_IMAGES, GLANCE_IMAGES, PHOTO_IMAGES, TASKS
 from shared.tokens import image_tokens
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
@@ -277,7 +278,7 @@ def test_corrupted_inputs_give_an_image_or_a_4xx_never_a_crash(fmt: str) -> None
             for _ in range(rng.randrange(1, 8)):
                 data[rng.randrange(12, len(data))] = rng.randrange(256)
         try:
-            for p in prepare(bytes(data), task="ocr"):
+            for p in prepare(bytes(data), policy=TASKS["ocr"].images):
                 assert_within_view(p.facts)
         except VlmError as e:
             assert 400 <= e.status < 500, e
@@ -421,18 +422,16 @@ def test_never_upscales() -> None:
 
 
 def test_choose_detail_rule() -> None:
-    for task in DOCUMENT_TASKS:
-        assert choose_detail(task, 300, 300) == "high"
-    assert choose_detail("classify", 4000, 3000) == "low"
-    assert choose_detail("sequence", 4000, 3000) == "low"
-    assert choose_detail("describe", 640, 480) == "low"
-    assert choose_detail("describe", 767, 767) == "low"
-    assert choose_detail("describe", 1024, 300) == "high"
-    assert choose_detail("compare", 4000, 3000) == "high"
-    assert choose_detail("ocr", 4000, 3000, "low") == "low"
-    assert choose_detail("classify", 100, 100, "high") == "high"
+    assert choose_detail(DOCUMENT_IMAGES.auto_detail, 300, 300) == "high"
+    assert choose_detail(GLANCE_IMAGES.auto_detail, 4000, 3000) == "low"
+    assert choose_detail(PHOTO_IMAGES.auto_detail, 640, 480) == "low"
+    assert choose_detail(PHOTO_IMAGES.auto_detail, 767, 767) == "low"
+    assert choose_detail(PHOTO_IMAGES.auto_detail, 1024, 300) == "high"
+    assert choose_detail(PHOTO_IMAGES.auto_detail, 4000, 3000) == "high"
+    assert choose_detail(DOCUMENT_IMAGES.auto_detail, 4000, 3000, "low") == "low"
+    assert choose_detail(GLANCE_IMAGES.auto_detail, 100, 100, "high") == "high"
     with pytest.raises(InvalidRequest):
-        choose_detail("describe", 10, 10, "medium")
+        choose_detail(PHOTO_IMAGES.auto_detail, 10, 10, "medium")
     with pytest.raises(InvalidRequest):
         prepare(corpus("photos", "gps_tagged_640x480.jpg"), detail="ultra")
 
@@ -446,7 +445,7 @@ def test_every_corpus_file_prepares_within_the_view(path: Path) -> None:
     data = path.read_bytes()
     for task in ("describe", "ocr"):
         try:
-            prepared = prepare(data, task=task)
+            prepared = prepare(data, policy=TASKS[task].images)
         except VlmError as e:  # a clear client error is acceptable; a crash is not
             assert 400 <= e.status < 500
             continue
@@ -465,20 +464,24 @@ def test_every_corpus_file_prepares_within_the_view(path: Path) -> None:
 # --- pages ---------------------------------------------------------------------------------
 
 
-def test_pdf_pages_expand_for_documents_and_describe() -> None:
+def test_pdf_pages_expand_for_documents_only() -> None:
     pdf = make_pdf([(612, 792, 0.2), (612, 792, 0.5), (612, 792, 0.8)])
-    out = prepare(pdf, task="ocr")
+    out = prepare(pdf, policy=TASKS["ocr"].images)
     assert [p.facts.page for p in out] == [1, 2, 3]
     assert [round(grey_level(decoded(p)) / 255, 1) for p in out] == [0.2, 0.5, 0.8]
     f = out[0].facts
     assert (f.width, f.height) == (2550, 3300)  # letter at 300 dpi
     assert (f.sent_width, f.sent_height, f.detail) == (768, 994, "high")
-    assert len(prepare(pdf, task="describe")) == 3
-    [only] = prepare(pdf, task="classify")
+    # describe sends the first (selected) page, as the README says (it sent every PDF page before)
+    [first] = prepare(pdf, policy=TASKS["describe"].images)
+    assert first.facts.page == 1
+    [second] = prepare(pdf, policy=TASKS["describe"].images, pages="2")
+    assert second.facts.page == 2
+    [only] = prepare(pdf, policy=TASKS["classify"].images)
     assert only.facts.page == 1 and only.facts.detail == "low"
-    picked = prepare(pdf, task="invoice", pages="2-3")
+    picked = prepare(pdf, policy=TASKS["invoice"].images, pages="2-3")
     assert [p.facts.page for p in picked] == [2, 3]
-    [second] = prepare(pdf, task="compare", pages="2")
+    [second] = prepare(pdf, policy=TASKS["compare"].images, pages="2")
     assert second.facts.page == 2 and round(grey_level(decoded(second)) / 255, 1) == 0.5
 
 
@@ -486,12 +489,12 @@ def test_pdf_page_limit_is_a_400_unless_pages_selects_within_it() -> None:
     pdf = make_pdf([(300, 400, 0.5)] * 3)
     limits = ImageLimits(max_pages=2)
     with pytest.raises(InvalidRequest, match="at most 2") as err:
-        prepare(pdf, task="ocr", limits=limits)
+        prepare(pdf, policy=TASKS["ocr"].images, limits=limits)
     assert err.value.details["page_count"] == 3
-    assert len(prepare(pdf, task="ocr", limits=limits, pages="1-2")) == 2
+    assert len(prepare(pdf, policy=TASKS["ocr"].images, limits=limits, pages="1-2")) == 2
     with pytest.raises(InvalidRequest, match="selects 3 pages"):
-        prepare(pdf, task="ocr", limits=limits, pages="1-3")
-    assert len(prepare(pdf, task="classify", limits=limits)) == 1  # one page only: no limit to hit
+        prepare(pdf, policy=TASKS["ocr"].images, limits=limits, pages="1-3")
+    assert len(prepare(pdf, policy=TASKS["classify"].images, limits=limits)) == 1  # one page only: no limit to hit
 
 
 def test_pages_syntax_and_range() -> None:
@@ -500,29 +503,29 @@ def test_pages_syntax_and_range() -> None:
     pdf = make_pdf([(300, 400, 0.5)] * 2)
     for bad in ("abc", "0", "3-1", "1,,2", "-2", "1-"):
         with pytest.raises(InvalidRequest, match="pages"):
-            prepare(pdf, task="ocr", pages=bad)
+            prepare(pdf, policy=TASKS["ocr"].images, pages=bad)
     with pytest.raises(InvalidRequest, match="page 5"):
-        prepare(pdf, task="ocr", pages="5")
+        prepare(pdf, policy=TASKS["ocr"].images, pages="5")
     with pytest.raises(InvalidRequest, match="page 2"):
         prepare(corpus("photos", "gps_tagged_640x480.jpg"), pages="2")
     assert len(prepare(corpus("photos", "gps_tagged_640x480.jpg"), pages="1")) == 1
 
 
 def test_rotated_pdf_page_is_shown_as_a_viewer_shows_it() -> None:
-    [p] = prepare(make_pdf([(612, 792, 0.5)], rotate=90), task="ocr")
+    [p] = prepare(make_pdf([(612, 792, 0.5)], rotate=90), policy=TASKS["ocr"].images)
     assert (p.facts.width, p.facts.height) == (3300, 2550)
     assert (p.facts.sent_width, p.facts.sent_height) == (994, 768)
 
 
 def test_encrypted_pdf_is_a_400() -> None:
     with pytest.raises(InvalidRequest, match="PDF is encrypted") as err:
-        prepare(make_pdf([(612, 792, 0.5)], encrypt=True), task="ocr")
+        prepare(make_pdf([(612, 792, 0.5)], encrypt=True), policy=TASKS["ocr"].images)
     assert err.value.status == 400 and err.value.code == "invalid_request"
 
 
 def test_broken_pdf_is_a_400() -> None:
     with pytest.raises(InvalidRequest, match="could not read PDF"):
-        prepare(b"%PDF-1.4\nthis is not really a pdf\n", task="ocr")
+        prepare(b"%PDF-1.4\nthis is not really a pdf\n", policy=TASKS["ocr"].images)
 
 
 def _frames(fmt: str, n: int) -> bytes:
@@ -533,16 +536,43 @@ def _frames(fmt: str, n: int) -> bytes:
 @pytest.mark.parametrize("fmt", ["TIFF", "GIF", "WEBP"])
 def test_multi_frame_images(fmt: str) -> None:
     data = _frames(fmt, 4)
-    out = prepare(data, task="ocr")
+    out = prepare(data, policy=TASKS["ocr"].images)
     assert [p.facts.page for p in out] == [1, 2, 3, 4]
     levels = [grey_level(decoded(p)) for p in out]
     assert levels == sorted(levels) and levels[-1] - levels[0] > 100
-    [first] = prepare(data, task="describe")
+    [first] = prepare(data, policy=TASKS["describe"].images)
     assert abs(grey_level(decoded(first)) - levels[0]) < 5
-    [third] = prepare(data, task="table", pages="3")
+    [third] = prepare(data, policy=TASKS["table"].images, pages="3")
     assert third.facts.page == 3 and abs(grey_level(decoded(third)) - levels[2]) < 5
     with pytest.raises(InvalidRequest, match="at most 3"):
-        prepare(data, task="ocr", limits=ImageLimits(max_pages=3))
+        prepare(data, policy=TASKS["ocr"].images, limits=ImageLimits(max_pages=3))
+
+
+def test_expansion_is_per_format_as_the_policy_says() -> None:
+    tiff, pdf = _frames("TIFF", 3), make_pdf([(612, 792, 0.2), (612, 792, 0.5)])
+    tiff_only = ImagePolicy(expand=frozenset({"tiff"}))
+    assert [p.facts.page for p in prepare(tiff, policy=tiff_only)] == [1, 2, 3]
+    assert [p.facts.page for p in prepare(pdf, policy=tiff_only)] == [1]
+    pdf_only = ImagePolicy(expand=frozenset({"pdf"}))
+    assert len(prepare(tiff, policy=pdf_only)) == 1
+    assert [p.facts.page for p in prepare(pdf, policy=pdf_only)] == [1, 2]
+    with pytest.raises(ValueError):
+        ImagePolicy(expand=frozenset({"jpeg"}))  # a JPEG has no pages to expand
+
+
+def test_resampling_follows_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encode(noise((1800, 1400)), "PNG")
+    used = []
+    real = Image.Image.resize
+
+    def spy(self, size, resample=None, *args, **kwargs):
+        used.append(resample)
+        return real(self, size, resample, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    prepare(data, policy=ImagePolicy(resample="document"))
+    prepare(data, policy=ImagePolicy(resample="photo"))
+    assert used == [images.DOCUMENT_RESAMPLE, images.PHOTO_RESAMPLE]
 
 
 # --- strips --------------------------------------------------------------------------------
@@ -565,8 +595,8 @@ def test_strips_plan_is_within_the_view_and_overlaps() -> None:
 
 def test_strips_for_a_pdf_page() -> None:
     pdf = corpus("documents", "coolblue1.pdf")
-    [single] = prepare(pdf, task="ocr")
-    strips = prepare(pdf, task="ocr", strips=True)
+    [single] = prepare(pdf, policy=TASKS["ocr"].images)
+    strips = prepare(pdf, policy=TASKS["ocr"].images, strips=True)
     count, tokens = estimate_strips(single.facts.width, single.facts.height)
     assert len(strips) == count > 1
     assert sum(p.facts.estimated_tokens for p in strips) == tokens
@@ -582,7 +612,7 @@ def test_strips_for_a_pdf_page() -> None:
 def test_strips_for_a_tall_image_keep_the_top_on_top() -> None:
     im = Image.new("L", (900, 4000), 255)
     im.paste(0, (0, 0, 900, 300))  # a black band at the top only
-    strips = prepare(encode(im, "PNG"), task="ocr", strips=True)
+    strips = prepare(encode(im, "PNG"), policy=TASKS["ocr"].images, strips=True)
     assert len(strips) > 2
     assert grey_level(decoded(strips[0]).crop((0, 0, 900, 40))) < 30
     assert grey_level(decoded(strips[-1])) > 240

@@ -25,6 +25,7 @@ from shared.frame_count import MAX_IFD_ENTRIES, gif_frames, tiff_frames
 from shared.images import Budget, ImageLimits, plan_strips, prepare
 from shared.pipeline import AnalysisRequest, PrepareSlots, _prepare_all
 from shared.settings import Settings
+from shared.tasks import TASKS
 
 # ------------------------------------------------------------------------------- builders
 
@@ -135,7 +136,7 @@ def test_frame_counters_agree_with_pillow_on_real_multi_frame_files() -> None:
             assert count(data.getvalue(), 100) == Image.open(data).n_frames == n
     assert gif_frames(gif_canvas(10, 10, 50), 20) == 21  # stops just past the cap
     assert tiff_frames(tiff_chain(50), 20) == 21
-    assert len(prepare(tiff_chain(3), task="ocr", limits=ImageLimits(min_side=1))) == 3
+    assert len(prepare(tiff_chain(3), policy=TASKS["ocr"].images, limits=ImageLimits(min_side=1))) == 3
 
 
 def test_seeking_far_into_a_huge_canvas_gif_is_refused_before_compositing(monkeypatch) -> None:
@@ -145,23 +146,23 @@ def test_seeking_far_into_a_huge_canvas_gif_is_refused_before_compositing(monkey
     monkeypatch.setattr(GifImagePlugin.GifImageFile, "seek", no_seek)
     data = gif_canvas(5000, 5000, 900)  # 19 KB; 900 frames of a 100 MB canvas to composite
     with pytest.raises(TooManyPixels, match="MAX_REQUEST_DECODED_BYTES") as err:
-        prepare(data, task="describe", pages="900")
+        prepare(data, policy=TASKS["describe"].images, pages="900")
     assert err.value.details["limit"] == "MAX_REQUEST_DECODED_BYTES"
     assert err.value.status == 400
     data = gif_canvas(5000, 5000, 3000)
     with pytest.raises(InvalidRequest, match="MAX_FRAMES"):
-        prepare(data, task="describe", pages="3000")
+        prepare(data, policy=TASKS["describe"].images, pages="3000")
 
 
 def test_a_small_animated_gif_still_gives_the_selected_frame() -> None:
     frames = [Image.new("RGB", (64, 48), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
-    [third] = prepare(buf.getvalue(), task="describe", pages="3")
+    [third] = prepare(buf.getvalue(), policy=TASKS["describe"].images, pages="3")
     assert third.facts.page == 3
-    assert len(prepare(buf.getvalue(), task="ocr")) == 3
+    assert len(prepare(buf.getvalue(), policy=TASKS["ocr"].images)) == 3
     with pytest.raises(InvalidRequest, match="page 4"):
-        prepare(buf.getvalue(), task="describe", pages="4")
+        prepare(buf.getvalue(), policy=TASKS["describe"].images, pages="4")
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
@@ -186,10 +187,10 @@ def test_a_tiff_with_200k_chained_ifds_is_refused_without_walking_them(monkeypat
 
     monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "n_frames", property(no_walk))
     with pytest.raises(InvalidRequest, match="more than 1000 frames") as err:
-        prepare(data, task="ocr")
+        prepare(data, policy=TASKS["ocr"].images)
     assert err.value.details == {"format": "tiff", "limit": "MAX_FRAMES", "max_frames": 1000}
     with pytest.raises(InvalidRequest, match="MAX_FRAMES"):
-        prepare(data, task="describe", pages="2")
+        prepare(data, policy=TASKS["describe"].images, pages="2")
 
 
 def test_a_tiff_chain_of_giant_ifds_ends_where_a_reader_would_stall() -> None:
@@ -209,7 +210,7 @@ def test_a_pdf_page_2_31_points_tall_is_refused_before_planning(monkeypatch, str
     monkeypatch.setattr(images, "plan_strips", lambda *a, **k: pytest.fail("a hopeless page was planned"))
     monkeypatch.setattr("shared.pdf.render", lambda *a, **k: pytest.fail("a hopeless page was rendered"))
     with pytest.raises(InvalidRequest, match="200 inches") as err:
-        prepare(data, task="ocr", strips=strips)
+        prepare(data, policy=TASKS["ocr"].images, strips=strips)
     assert "PDFium" not in err.value.message
 
 
@@ -228,9 +229,9 @@ def test_images_sent_per_request_are_capped_across_inputs() -> None:
     pdf = make_pdf([(612, 792, 0.5)] * 3)
     limits = ImageLimits(max_sent_images=4)
     budget = Budget(limits)
-    assert len(prepare(pdf, task="ocr", limits=limits, budget=budget)) == 3
+    assert len(prepare(pdf, policy=TASKS["ocr"].images, limits=limits, budget=budget)) == 3
     with pytest.raises(InvalidRequest, match="MAX_SENT_IMAGES") as err:
-        prepare(pdf, task="ocr", limits=limits, budget=budget)
+        prepare(pdf, policy=TASKS["ocr"].images, limits=limits, budget=budget)
     assert err.value.details["limit"] == "MAX_SENT_IMAGES"
 
 
@@ -325,7 +326,7 @@ def test_decoder_and_pdfium_text_never_reaches_the_caller() -> None:
     ]
     for data in cases:
         with pytest.raises(VlmError) as err:
-            prepare(data, task="ocr")
+            prepare(data, policy=TASKS["ocr"].images)
         text = err.value.message
         for leak in ("PDFium", "Errno", "BytesIO", "broken data stream", "cannot identify", "Truncated"):
             assert leak not in text, (data[:8], text)

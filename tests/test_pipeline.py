@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from shared.cache import MemoryLRU, ResultCache
-from shared.errors import UpstreamTimeout
+from shared.errors import InvalidRequest, UpstreamTimeout
 from shared.http_api import HttpInput, handle_analyze
 from shared.model import ChatRequest, ChatResult, ModelRouter
 from shared.pipeline import AnalysisRequest, Dependencies, analyze
@@ -276,3 +276,29 @@ async def test_a_model_without_a_catalog_price_has_no_made_up_cost():
     deps = stack(ScriptedModel(default=lambda b: Reply(body=completion(model="acme-unknown"))), VLM_MODEL="")
     result = await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
     assert result.cost_usd is None and result.usage.prompt_tokens == 100
+
+
+async def test_the_callers_schema_is_converted_to_strict_once_per_request(monkeypatch):
+    from shared import schemas
+
+    caller = {"type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]}
+    converted = []
+    real = schemas.to_strict
+
+    def counting(schema, *args, **kwargs):
+        converted.append(schema)
+        return real(schema, *args, **kwargs)
+
+    monkeypatch.setattr(schemas, "to_strict", counting)
+    scripted = ScriptedModel(script={"gpt-4o": [Reply(body=completion({"total": 12.5}))]})
+    deps = deps_with(router(scripted))
+    result = await analyze(AnalysisRequest(images=[jpeg()], task="schema", schema=caller), deps)
+    assert result.result == {"total": 12.5}
+    assert converted == [caller]
+
+
+async def test_classify_without_labels_is_refused_before_the_image_is_decoded():
+    deps = deps_with(router(ScriptedModel()))
+    with pytest.raises(InvalidRequest) as info:
+        await analyze(AnalysisRequest(images=[b"not an image at all"], task="classify"), deps)
+    assert info.value.details["field"] == "labels"
