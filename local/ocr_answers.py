@@ -17,6 +17,7 @@ from typing import Any
 
 from local.ocr_engine import DecodedImage, Fragment, ImageFacts, OcrLine
 from local.ocr_parse import currencies, is_numeric_fragment, numbers, parse_date, parse_number
+from shared import safe_regex
 from shared.schemas import json_type
 
 MODEL_BANNER = "Local OCR model (not GPT-4o)."
@@ -713,33 +714,70 @@ class SchemaFiller:
     """
 
     MAX_DEPTH = 8
+    # Work units (schema nodes normalised, values built) one answer may spend. A schema whose
+    # expansion needs more (refs fanning out, wide recursive objects) is refused as a 400, so any
+    # schema the service can send is answered or refused in bounded time.
+    MAX_STEPS = 20_000
+    MAX_STRING = 100_000  # characters of filler a minLength may ask for
 
     def __init__(self, root: dict[str, Any], analysis: Analysis) -> None:
         self.root = root
         self.a = analysis
         self.doc = Doc(analysis.lines)
         self.confidence = 0.5
+        self.steps = 0
         self._synthesis: Synthesis | None = None
+        # id(node) -> (node, result): the node is kept so its id cannot be reused by another dict.
+        self._normalized: dict[int, tuple[Any, tuple[dict[str, Any], bool]]] = {}
+        self._active: set[int] = set()
+
+    def _tick(self) -> None:
+        self.steps += 1
+        if self.steps > self.MAX_STEPS:
+            raise SchemaError(f"the schema expands past {self.MAX_STEPS} steps")
 
     # -- schema helpers
     def normalize(self, schema: Any) -> tuple[dict[str, Any], bool]:
-        """Resolve $ref, anyOf/oneOf (first non-null branch), allOf and type lists; report nullability."""
+        """The node with $ref, anyOf/oneOf, allOf and type lists resolved, and whether null is allowed.
+
+        Memoised per node, so a `$defs` chain of oneOf-of-two-refs costs one step per definition,
+        not 2^depth; a node met again while it is being resolved (a cycle) counts as unconstrained.
+        """
         if not isinstance(schema, dict):
             return {}, True
-        seen = 0
-        while "$ref" in schema and seen < 32:
-            target = resolve_ref(self.root, schema["$ref"])
-            schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
-            seen += 1
+        key = id(schema)
+        hit = self._normalized.get(key)
+        if hit is not None:
+            return hit[1]
+        if key in self._active:
+            return {}, True
+        self._tick()
+        self._active.add(key)
+        try:
+            result = self._normalize(schema)
+        finally:
+            self._active.discard(key)
+        self._normalized[key] = (schema, result)
+        return result
+
+    def _normalize(self, schema: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         nullable = False
+        if "$ref" in schema:
+            target, nullable = self.normalize(resolve_ref(self.root, schema["$ref"]))
+            siblings = {k: v for k, v in schema.items() if k != "$ref"}
+            if not siblings:
+                return target, nullable
+            schema = {**target, **siblings}
         for key in ("anyOf", "oneOf"):
-            if key in schema:
+            if key in schema and isinstance(schema[key], list):
+                # The first branch that is not null is the one answered; the others only say
+                # whether null is allowed (each is normalised once, memoised).
                 branches = [self.normalize(b) for b in schema[key]]
                 nullable = nullable or any(_is_null(b) or n for b, n in branches)
                 real = [b for b, _ in branches if not _is_null(b)]
                 merged = {k: v for k, v in schema.items() if k != key}
                 schema = {**merged, **(real[0] if real else {"type": "null"})}
-        if "allOf" in schema:
+        if "allOf" in schema and isinstance(schema["allOf"], list):
             merged = {k: v for k, v in schema.items() if k != "allOf"}
             for sub in schema["allOf"]:
                 s, n = self.normalize(sub)
@@ -776,6 +814,7 @@ class SchemaFiller:
         return self.value(self.root, (), 0)
 
     def value(self, schema: Any, path: tuple[str, ...], depth: int) -> Any:
+        self._tick()
         s, nullable = self.normalize(schema)
         if "const" in s:
             return s["const"]
@@ -795,24 +834,29 @@ class SchemaFiller:
             return None if nullable else self.default(s)
         return found
 
-    def default(self, s: dict[str, Any]) -> Any:
+    def default(self, s: dict[str, Any], depth: int = 0) -> Any:
+        """A type-correct filler honouring const/enum/minimum/minItems/minLength (depth-capped for recursion)."""
+        self._tick()
         t = s.get("type")
         if "const" in s:
             return s["const"]
         if s.get("enum"):
             return next((v for v in s["enum"] if v is not None), s["enum"][0])
         if t == "string":
-            return "x" * int(s.get("minLength", 0))
+            return "x" * self._min_length(s)
         if t in ("number", "integer"):
             lo = s.get("minimum", s.get("exclusiveMinimum"))
             v = 0 if lo is None else (lo + 1 if "exclusiveMinimum" in s and "minimum" not in s else lo)
             return int(v) if t == "integer" else v
         if t == "boolean":
             return False
+        if depth > self.MAX_DEPTH:
+            return None
         if t == "array":
-            return [self.default(self.normalize(s.get("items", {}))[0]) for _ in range(int(s.get("minItems", 0)))]
+            item = self.normalize(s.get("items", {}))[0]
+            return [self.default(item, depth + 1) for _ in range(int(s.get("minItems", 0)))]
         if t == "object":
-            return {k: self.default(self.normalize(v)[0]) for k, v in s.get("properties", {}).items()}
+            return {k: self.default(self.normalize(v)[0], depth + 1) for k, v in s.get("properties", {}).items()}
         return None
 
     # -- objects and arrays
@@ -1159,15 +1203,21 @@ class SchemaFiller:
             return round(n)
         return float(n)
 
+    def _min_length(self, s: dict[str, Any]) -> int:
+        n = int(s.get("minLength", 0))
+        if n > self.MAX_STRING:
+            raise SchemaError(f"minLength over {self.MAX_STRING} characters")
+        return n
+
     def _fit_string(self, s: dict[str, Any], v: str, strict: bool = False) -> Any:
         if s.get("enum"):
             return v if v in s["enum"] else s["enum"][0]
         if "maxLength" in s:
             v = v[: int(s["maxLength"])]
-        if len(v) < int(s.get("minLength", 0)):
-            v = v + " " * (int(s["minLength"]) - len(v))
+        if len(v) < self._min_length(s):
+            v = v + " " * (self._min_length(s) - len(v))
         pattern = s.get("pattern")
-        if pattern and not re.search(pattern, v):
+        if isinstance(pattern, str) and not _matches(pattern, v):
             return None if strict else self.default(s)
         fmt = s.get("format")
         if fmt == "date" and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
@@ -1178,6 +1228,14 @@ class SchemaFiller:
         if self._synthesis is None:
             self._synthesis = synthesize(self.a)
         return self._synthesis
+
+
+def _matches(pattern: str, text: str) -> bool:
+    """A caller's pattern, run by RE2 (linear time) like the service does; one RE2 refuses never matches."""
+    try:
+        return safe_regex.search(pattern, text)
+    except safe_regex.RegexRefused:
+        return False
 
 
 def _is_null(s: dict[str, Any]) -> bool:

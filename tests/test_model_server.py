@@ -30,12 +30,14 @@ from PIL import Image
 from local.model_admin import ModelAdmin, bounded_number, read_token
 from local.model_faults import FaultSpecError, parse_rates, parse_script
 from local.model_quota import Quota, QuotaLimits
-from local.model_server import SERVER_KEY, ModelServerConfig, build_app
+from local.model_server import SERVER_KEY, ModelServerConfig, build_app, check_schema
 from local.model_tokens import DEFAULT_SPEC, parse_image_tokens
+from local.ocr_answers import Analysis, SchemaError, SchemaFiller
 from local.ocr_engine import Fragment, OcrEngine, decode, reading_order, resolve_detail
 from local.ocr_parse import parse_date, parse_number
 from shared.catalog import load_catalog
 from shared.tokens import prompt_tokens, text_tokens
+from tests.hostile_inputs import exponential_schema
 
 STAND_IN_RULE = parse_image_tokens(DEFAULT_SPEC)  # how the stand-in counts unless told otherwise
 
@@ -433,6 +435,55 @@ async def test_defs_refs_nullable_and_recursive_schema_validates(
     value = json.loads(r.choices[0].message.content or "")
     jsonschema.validate(value, schema)
     assert value["orientation"] == "landscape"  # from the image facts (64x48)
+
+
+def _wide_recursive_schema(width: int = 12) -> dict[str, Any]:
+    """Every node has `width` required children of its own kind: 12^8 values to the depth cap."""
+    node = {"type": "object", "properties": {f"c{i}": {"$ref": "#/$defs/n"} for i in range(width)}}
+    node["required"] = list(node["properties"])
+    return {"type": "object", "properties": {"root": {"$ref": "#/$defs/n"}}, "required": ["root"], "$defs": {"n": node}}
+
+
+def test_schema_filling_is_bounded_on_exponential_and_cyclic_schemas() -> None:
+    a = Analysis("Fill it.", [], ocr=False)
+    filler = SchemaFiller(exponential_schema(), a)
+    assert filler.fill() == {"v": ""}
+    assert filler.steps < 200  # one step per definition, not 2^40 branches
+    cyclic = {"type": "object", "properties": {"v": {"$ref": "#/$defs/a"}}, "required": ["v"]}
+    cyclic["$defs"] = {"a": {"oneOf": [{"$ref": "#/$defs/a"}, {"type": "string"}]}}
+    assert SchemaFiller(cyclic, a).fill() == {"v": None}  # the cycle allows anything, so null
+    wide = SchemaFiller(_wide_recursive_schema(), a)
+    with pytest.raises(SchemaError, match="steps"):
+        wide.fill()
+    assert wide.steps == SchemaFiller.MAX_STEPS + 1
+    long = {"type": "object", "properties": {"s": {"type": "string", "minLength": 10**12}}, "required": ["s"]}
+    with pytest.raises(SchemaError, match="minLength"):
+        SchemaFiller(long, a).fill()
+    huge = {"type": "object", "properties": {f"p{i}": {} for i in range(200_000)}}
+    assert "nodes" in (check_schema(huge, strict=False) or "")
+
+
+@pytest.mark.timeout(120)  # a regression would otherwise hang the module for the default 600 s
+@pytest.mark.parametrize("case", ["exponential", "wide", "json_object"])
+async def test_hostile_schemas_are_answered_or_refused(base: str, admin: Any, tiny: bytes, case: str) -> None:
+    await admin("/admin/config", {"mode": "facts"})
+    schema = exponential_schema() if case != "wide" else _wide_recursive_schema()
+    body: dict[str, Any] = {"model": "gpt-4o", "messages": user("Fill it.", (tiny, "low"))}
+    if case == "json_object":
+        body["messages"] = user("Answer in JSON matching this JSON Schema: " + json.dumps(schema), (tiny, "low"))
+        body["response_format"] = {"type": "json_object"}
+    else:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "h", "schema": schema, "strict": False},
+        }
+    status, answer = await _raw(base, body)
+    if case == "wide":
+        assert status == 400, answer
+        assert answer["error"]["param"] == "response_format"
+    else:
+        assert status == 200, answer
+        assert json.loads(answer["choices"][0]["message"]["content"]) == {"v": ""}
 
 
 async def test_json_object_mode(client: openai.AsyncOpenAI, admin: Any, tiny: bytes) -> None:
