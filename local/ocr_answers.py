@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from local import invoice_vocab as vocab
 from local.ocr_engine import DecodedImage, Fragment, ImageFacts, OcrLine
 from local.ocr_parse import currencies, is_numeric_fragment, numbers, parse_date, parse_number
 from shared import safe_regex
@@ -309,142 +310,15 @@ def text_answer(a: Analysis) -> str:
 
 # ------------------------------------------------------------------------------ schema filling
 
-_LABEL_WORDS = {
-    "address", "name", "date", "mode", "id", "no", "number", "details", "total", "amount", "qty", "price",
-    "rate", "description", "from", "to", "phone", "email", "bill", "ship", "shipping", "billing", "invoice",
-    "payment", "order", "customer", "seller", "vendor", "tax", "rooms", "check", "in", "out", "code", "account",
-}  # fmt: skip
-TITLE_WORDS = {
-    "invoice",
-    "receipt",
-    "bill",
-    "tax invoice",
-    "payment receipt",
-    "retail invoice",
-    "facture",
-    "rechnung",
-    "factuur",
-}
 COMPANY_RE = re.compile(
     r"(?<![a-z])(pvt\.?\s*ltd|ltd|limited|gmbh|inc|llc|l\.l\.c|s\.?a\.?s?|sarl|b\.v|bv|ag|corp|corporation|co\.|plc|oy|ab|srl|spa)(?![a-z])",
     re.I,
 )
 EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
-VENDOR_PARENTS = {
-    "vendor",
-    "seller",
-    "supplier",
-    "issuer",
-    "merchant",
-    "company",
-    "from",
-    "biller",
-    "store",
-    "shop",
-    "sender",
-}
-CUSTOMER_PARENTS = {
-    "customer",
-    "buyer",
-    "client",
-    "bill_to",
-    "billed_to",
-    "recipient",
-    "guest",
-    "to",
-    "ship_to",
-    "purchaser",
-    "billing",
-}
-VENDOR_LABELS = ["sold by", "seller", "vendor", "supplier", "issued by", "from", "company name", "merchant"]
-CUSTOMER_LABELS = [
-    "bill to",
-    "billed to",
-    "billing address",
-    "sold to",
-    "customer name",
-    "customer",
-    "client",
-    "guest name",
-    "buyer",
-    "ship to",
-    "name",
-]
-TOTAL_LABELS = [
-    "grand total", "total amount", "amount due", "total due", "balance due", "total payable", "amount payable",
-    "invoice total", "total to pay", "total ttc", "montant total", "gesamtbetrag", "totaal", "total",
-]  # fmt: skip
-TOTAL_EXCLUDE = re.compile(r"sub\s*-?\s*total|total\s*(tax|vat|excl|ht|before)|tax\s*total|total\s*\(?%", re.I)
-SUBTOTAL_LABELS = [
-    "subtotal",
-    "sub total",
-    "sub-total",
-    "net total",
-    "net amount",
-    "total excl",
-    "total ht",
-    "taxable amount",
-    "zwischensumme",
-    "nettobetrag",
-]
-TAX_LABELS = [
-    "total tax",
-    "tax amount",
-    "tax total",
-    "vat amount",
-    "total vat",
-    "sales tax",
-    "igst",
-    "cgst",
-    "mwst",
-    "tva",
-    "btw",
-    "vat",
-    "gst",
-    "tax",
-]
-TAX_EXCLUDE = re.compile(r"tin\b|/tin|tax\s*id|vat\s*(no|id|number|reg)|gstin|invoice|%", re.I)
-INVOICE_NO_LABELS = [
-    "invoice no", "invoice number", "invoice #", "invoice num", "invoice nr", "inv no", "bill no", "receipt no",
-    "receipt number", "facture n", "rechnungsnummer", "factuurnummer", "booking id", "invoice",
-]  # fmt: skip
-TAX_ID_LABELS = [
-    "gstin",
-    "vat id",
-    "vat no",
-    "vat number",
-    "vat reg",
-    "tax id",
-    "vat/tin",
-    "tin",
-    "ein",
-    "siret",
-    "ust-idnr",
-    "btw",
-]
-ID_WORDS = {"number", "no", "num", "id", "code", "reference", "ref", "nr"}
-AMOUNT_WORDS = {
-    "total", "amount", "subtotal", "tax", "vat", "gst", "price", "cost", "fee", "balance", "discount", "shipping",
-    "paid", "due", "sum", "net", "gross", "charge", "charges", "rate",
-}  # fmt: skip
+TOTAL_EXCLUDE = re.compile(vocab.TOTAL_EXCLUDE, re.I)
+TAX_EXCLUDE = re.compile(vocab.TAX_EXCLUDE, re.I)
 CLASS_NAMES = {"label", "category", "class", "type", "kind", "classification", "document_type", "doc_type"}
-ITEM_HEADERS: dict[str, list[str]] = {
-    "description": [
-        "description",
-        "item",
-        "product",
-        "title",
-        "details",
-        "particulars",
-        "service",
-        "article",
-        "designation",
-    ],
-    "quantity": ["qty", "quantity", "units", "nights", "menge", "aantal", "qté"],
-    "unit_price": ["unit price", "price", "rate", "unit cost", "prix", "preis", "prijs"],
-    "tax": ["tax", "vat", "gst"],
-    "total": ["amount", "total", "line total", "value", "montant", "betrag", "bedrag"],
-}
+
 THEME_KEYS = {
     "common_themes": "common_themes", "themes": "common_themes", "theme": "common_themes",
     "progression": "progression", "changes": "progression", "progression_changes": "progression",
@@ -474,9 +348,9 @@ def _label_like(text: str) -> bool:
     if any(ch.isdigit() for ch in t):
         return False
     if re.fullmatch(r"[A-Z][A-Z .]{1,20}", t):
-        return True  # a short all-caps heading such as IFSC CODE or GSTIN
+        return True  # a short all-caps heading such as BANK CODE or VAT ID
     words = re.findall(r"[a-z]+", t.lower())
-    return 0 < len(words) <= 3 and any(w in _LABEL_WORDS for w in words)
+    return 0 < len(words) <= 3 and any(w in vocab.LABEL_WORDS for w in words)
 
 
 @dataclass
@@ -578,7 +452,7 @@ class Doc:
             f
             for ln in top
             for f in ln.fragments
-            if re.search(r"[a-z]{2}", f.text, re.I) and f.text.strip().lower() not in TITLE_WORDS
+            if re.search(r"[a-z]{2}", f.text, re.I) and f.text.strip().lower() not in vocab.TITLE_WORDS
         ]
         return max(frags, key=lambda f: f.h).text if frags else None
 
@@ -594,8 +468,9 @@ def convert(text: str, kind: str) -> Any:
     if kind == "id":
         if _label_like(text) or not any(ch.isdigit() for ch in text):
             return None
-        token = text.split()[0].strip(" :#.,")
-        return token if any(ch.isdigit() for ch in token) else text
+        # The identifier is the first token with a digit ("n° 2022-17" -> "2022-17").
+        token = next((t for t in (w.strip(" :#.,") for w in text.split()) if any(ch.isdigit() for ch in t)), None)
+        return token or None
     if kind in ("text", "address"):
         return None if _label_like(text) or not re.search(r"[a-z0-9]", text, re.I) else text.strip(" :,")
     return text
@@ -617,70 +492,63 @@ def field_spec(path: tuple[str, ...]) -> FieldSpec:
     parent = set(name_words(path[-2])) if len(path) > 1 else set()
     joined = " ".join(words)
     not_party = {"address", "id", "email", "phone"}
-    is_vendor = bool(parent & VENDOR_PARENTS) or bool(wset & VENDOR_PARENTS and not wset & not_party)
-    is_customer = bool(parent & CUSTOMER_PARENTS) or bool(wset & CUSTOMER_PARENTS and not wset & not_party)
+    is_vendor = bool(parent & vocab.VENDOR_PARENTS) or bool(wset & vocab.VENDOR_PARENTS and not wset & not_party)
+    is_customer = bool(parent & vocab.CUSTOMER_PARENTS) or bool(wset & vocab.CUSTOMER_PARENTS and not wset & not_party)
     if "currency" in wset:
         return FieldSpec("currency", [])
     if "email" in wset or "mail" in wset:
         return FieldSpec("email", [])
     if "date" in wset or name.endswith("_at"):
         if "due" in wset:
-            return FieldSpec("date", ["due date", "payment due", "due on", "due by", "pay by", "échéance", "fällig"])
+            return FieldSpec("date", vocab.DUE_DATE_LABELS)
         rest = [w for w in words if w != "date"]
         if not rest or wset & {"invoice", "issue", "issued", "bill", "document", "receipt", "billing"}:
-            return FieldSpec(
-                "date",
-                [
-                    "invoice date",
-                    "date of issue",
-                    "issue date",
-                    "issued on",
-                    "bill date",
-                    "receipt date",
-                    "dated",
-                    "date",
-                ],
-                fallback="first_date",
-            )
+            return FieldSpec("date", vocab.ISSUE_DATE_LABELS, fallback="first_date")
         return FieldSpec("date", [" ".join([*rest, "date"]), " ".join(rest)])
-    if wset & {"tax", "vat", "gstin", "tin", "ein", "siret"} and wset & (ID_WORDS | {"gstin", "tin", "ein", "siret"}):
+    if wset & {"tax", "vat", "gstin", "tin", "ein", "siret"} and wset & (
+        vocab.ID_WORDS | {"gstin", "tin", "ein", "siret"}
+    ):
         if is_customer:  # an unlabelled number belongs to the issuer, not the customer
             return FieldSpec(
                 "id", [f"{p} {t}" for p in ("customer", "buyer", "client") for t in ("vat", "gstin", "tax id")]
             )
-        return FieldSpec("id", TAX_ID_LABELS)
-    if wset & ID_WORDS and not wset & AMOUNT_WORDS - {"due"}:
-        base = [w for w in words if w not in ID_WORDS]
+        return FieldSpec("id", vocab.TAX_ID_LABELS)
+    if wset & vocab.ID_WORDS and not wset & vocab.AMOUNT_WORDS - {"due"}:
+        base = [w for w in words if w not in vocab.ID_WORDS]
         b = " ".join(base)
         if not base or "invoice" in base or "receipt" in base or "bill" in base:
-            labels = INVOICE_NO_LABELS if (not base or "invoice" in base) else [f"{b} no", f"{b} number", f"{b} #"]
+            labels = (
+                vocab.invoice_number_labels()
+                if (not base or "invoice" in base)
+                else [f"{b} no", f"{b} number", f"{b} #"]
+            )
             return FieldSpec("id", [*labels, "number", "no"])
         if "phone" in base or "tel" in base or "mobile" in base:
-            return FieldSpec("id", ["phone", "tel", "telephone", "mobile", "ph"])
+            return FieldSpec("id", vocab.PHONE_LABELS)
         return FieldSpec("id", [f"{b} {s}" for s in ("no", "number", "#", "num", "id", "nr", "ref", "code")])
     if wset & {"phone", "telephone", "mobile", "tel"}:
-        return FieldSpec("id", ["phone", "tel", "telephone", "mobile", "ph"])
+        return FieldSpec("id", vocab.PHONE_LABELS)
     if "subtotal" in wset or {"sub", "total"} <= wset or ("net" in wset and wset & {"total", "amount"}):
-        return FieldSpec("amount", SUBTOTAL_LABELS)
+        return FieldSpec("amount", vocab.SUBTOTAL_LABELS)
     if wset & {"tax", "vat", "gst"}:
-        return FieldSpec("amount", TAX_LABELS, TAX_EXCLUDE)
+        return FieldSpec("amount", vocab.TAX_LABELS, TAX_EXCLUDE)
     if wset & {"total", "due", "balance", "grand"} or joined in ("amount", "total amount", "amount due"):
-        return FieldSpec("amount", TOTAL_LABELS, TOTAL_EXCLUDE)
+        return FieldSpec("amount", vocab.TOTAL_LABELS, TOTAL_EXCLUDE)
     if wset & {"price", "rate", "cost"}:
         return FieldSpec("amount", ["unit price", "price", "rate", "cost"])
     if wset & {"quantity", "qty"}:
         return FieldSpec("amount", ["quantity", "qty"])
-    if wset & AMOUNT_WORDS:
+    if wset & vocab.AMOUNT_WORDS:
         return FieldSpec("amount", [joined, *words])
     if "address" in wset:
         if is_customer:
-            return FieldSpec("address", ["billing address", "bill to", "shipping address", "customer address"])
-        return FieldSpec("address", ["address", "registered office", "warehouse address"])
+            return FieldSpec("address", vocab.CUSTOMER_ADDRESS_LABELS)
+        return FieldSpec("address", vocab.ADDRESS_LABELS)
     if wset & {"name", "company", "legal", "title"} or is_vendor or is_customer:
         if is_customer:
-            return FieldSpec("text", CUSTOMER_LABELS)
+            return FieldSpec("text", vocab.CUSTOMER_LABELS)
         if is_vendor:
-            return FieldSpec("text", VENDOR_LABELS, fallback="company")
+            return FieldSpec("text", vocab.VENDOR_LABELS, fallback="company")
     return FieldSpec("text", [joined] if joined else [])
 
 
@@ -989,7 +857,7 @@ class SchemaFiller:
             header = lines[i]
             roles: list[tuple[str, Fragment]] = []
             for f in header.fragments:
-                for role, names in ITEM_HEADERS.items():
+                for role, names in vocab.ITEM_HEADERS.items():
                     if any(label_pattern(n).search(f.text) for n in names):
                         roles.append((role, f))
                         break
@@ -1089,7 +957,7 @@ class SchemaFiller:
             return self.confidence
         if f is not None:
             for w in ("width", "height", "brightness", "sharpness", "contrast"):
-                if w in words and not words & AMOUNT_WORDS:
+                if w in words and not words & vocab.AMOUNT_WORDS:
                     return float(getattr(f, w))
         if (words & {"pages", "page"} and words & {"count", "number", "num", "total"}) or words == {"pages"}:
             return float(len(self.a.images))

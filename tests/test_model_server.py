@@ -391,7 +391,8 @@ async def test_receipt_schema_from_oyo(client: openai.AsyncOpenAI, admin: Any, o
     jsonschema.validate(value, INVOICE_SCHEMA)
     assert value["total"] == 1939.0
     assert value["invoice_date"] == "2017-12-31"
-    assert value["invoice_number"] == "IBZY2087"
+    # No invoice_number check: this receipt labels its number "Booking ID", which no general
+    # invoice vocabulary maps to BT-1 (the stand-in used to, tuned on this very document).
     assert value["due_date"] is None
 
 
@@ -435,6 +436,54 @@ async def test_defs_refs_nullable_and_recursive_schema_validates(
     value = json.loads(r.choices[0].message.content or "")
     jsonschema.validate(value, schema)
     assert value["orientation"] == "landscape"  # from the image facts (64x48)
+
+
+def _ocr_doc(*rows: list[str]) -> Analysis:
+    """Synthetic OCR: one line per row, its fragments 200 px apart, so no corpus document is involved."""
+    frags = [
+        Fragment(text, 0.99, 10 + 200 * j, 30 * i, 10 + 200 * j + 8 * len(text), 30 * i + 20)
+        for i, row in enumerate(rows)
+        for j, text in enumerate(row)
+    ]
+    image = decode(png_bytes((600, 800), (255, 255, 255)), 0, "high", STAND_IN_RULE)
+    image.lines = reading_order(frags)
+    return Analysis("Extract the invoice.", [image])
+
+
+@pytest.mark.parametrize(
+    ("rows", "number", "total", "date"),
+    [
+        (
+            [["Facture n° FA-2024-117"], ["Date : 03/02/2024"], ["Net à payer", "1234,50 €"]],
+            "FA-2024-117",
+            1234.5,
+            "2024-02-03",
+        ),
+        (
+            [["Rechnungsnummer:", "R-88412"], ["Rechnungsdatum", "5. März 2023"], ["Gesamtbetrag", "99,90 EUR"]],
+            "R-88412",
+            99.9,
+            "2023-03-05",
+        ),
+        (
+            [["Número de factura", "F-77"], ["Fecha de factura", "12/10/2022"], ["Total a pagar", "450.00"]],
+            "F-77",
+            450.0,
+            "2022-10-12",
+        ),
+        (
+            [["INVOICE #: 2024-0042"], ["Issue date", "2024-01-31"], ["Amount due for payment", "$1,050.00"]],
+            "2024-0042",
+            1050.0,
+            "2024-01-31",
+        ),
+    ],
+)
+def test_general_invoice_labels_in_several_languages(
+    rows: list[list[str]], number: str, total: float, date: str
+) -> None:
+    value = SchemaFiller(INVOICE_SCHEMA, _ocr_doc(*rows)).fill()
+    assert (value["invoice_number"], value["total"], value["invoice_date"]) == (number, total, date)
 
 
 def _wide_recursive_schema(width: int = 12) -> dict[str, Any]:
