@@ -69,8 +69,9 @@ from local.model_params import (
 )
 from local.model_quota import Quota, QuotaDecision, QuotaLimits
 from local.model_tokens import DEFAULT_SPEC, ImageTokenSpecError, parse_image_tokens
-from local.ocr_answers import Analysis, SchemaError, json_object_answer, resolve_ref, schema_answer, text_answer
+from local.ocr_answers import Analysis, text_answer
 from local.ocr_engine import DecodedImage, ImageDecodeError, ImageHeader, OcrEngine, decode, read_header, resolve_detail
+from local.schema_fill import SchemaError, json_object_answer, resolve_ref, schema_answer
 from shared.tokens import CHARS_PER_TOKEN, prompt_tokens, text_tokens
 
 log = logging.getLogger("local.model_server")

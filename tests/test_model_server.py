@@ -32,9 +32,10 @@ from local.model_faults import FaultSpecError, parse_rates, parse_script
 from local.model_quota import Quota, QuotaLimits
 from local.model_server import SERVER_KEY, ModelServerConfig, build_app, check_schema
 from local.model_tokens import DEFAULT_SPEC, parse_image_tokens
-from local.ocr_answers import Analysis, SchemaError, SchemaFiller
+from local.ocr_answers import Analysis
 from local.ocr_engine import Fragment, OcrEngine, decode, reading_order, resolve_detail
 from local.ocr_parse import parse_date, parse_number
+from local.schema_fill import SchemaError, SchemaFiller
 from shared.catalog import load_catalog
 from shared.tokens import prompt_tokens, text_tokens
 from tests.hostile_inputs import exponential_schema

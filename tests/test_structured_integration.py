@@ -69,7 +69,7 @@ def test_invoices_validate_and_report_standin_extraction(stack, capsys):
     """Every invoice answer validates; the field hits are a figure about local/, not about the product.
 
     The product sends the page and the schema; what comes back here is the local stand-in's OCR
-    and label matching (local/ocr_answers.py), so the figure measures that stand-in only. With
+    and label matching (local/schema_fill.py, local/ocr_doc.py), so the figure measures that stand-in only. With
     about 20 fields per group one field moves a group's rate by ~5 points, so the gap between the
     held-back and the developed-on invoices is printed, not asserted.
     """
