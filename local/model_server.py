@@ -74,8 +74,9 @@ from local.model_params import (
 )
 from local.model_quota import Quota, QuotaDecision, QuotaLimits
 from local.model_tokens import DEFAULT_SPEC, ImageTokenSpecError, parse_image_tokens
-from local.ocr_answers import Analysis, SchemaError, json_object_answer, resolve_ref, schema_answer, text_answer
+from local.ocr_answers import Analysis, text_answer
 from local.ocr_engine import DecodedImage, ImageDecodeError, ImageHeader, OcrEngine, decode, read_header, resolve_detail
+from local.schema_fill import SchemaError, json_object_answer, resolve_ref, schema_answer
 from shared.tokens import CHARS_PER_TOKEN, prompt_tokens, text_tokens
 
 log = logging.getLogger("local.model_server")
@@ -257,11 +258,18 @@ def _response_format(body: dict[str, Any], json_schema_enabled: bool, api_versio
     return ResponseFormat("json_schema", name, schema, strict)
 
 
+CHECK_SCHEMA_MAX_NODES = 100_000
+
+
 def check_schema(schema: dict[str, Any], strict: bool) -> str | None:
     """Every $ref must resolve; under strict, the rules OpenAI enforces on structured-output schemas."""
     problems: list[str] = []
+    budget = [CHECK_SCHEMA_MAX_NODES]
 
     def walk(node: Any, ctx: tuple[str, ...]) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:  # structural walk, refs are resolved but never followed: linear in size
+            return
         if isinstance(node, list):
             for i, item in enumerate(node):
                 walk(item, (*ctx, str(i)))
@@ -296,6 +304,8 @@ def check_schema(schema: dict[str, Any], strict: bool) -> str | None:
         got = schema.get("type")
         return f"In context=(), schema must be a JSON Schema of 'type: \"object\"', got 'type: \"{got}\"'."
     walk(schema, ())
+    if budget[0] < 0:
+        return f"schema has more than {CHECK_SCHEMA_MAX_NODES} nodes."
     return problems[0] if problems else None
 
 

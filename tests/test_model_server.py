@@ -30,12 +30,15 @@ from PIL import Image
 from local.model_admin import ModelAdmin, bounded_number, read_token
 from local.model_faults import FaultSpecError, parse_rates, parse_script
 from local.model_quota import Quota, QuotaLimits
-from local.model_server import SERVER_KEY, ModelServerConfig, build_app
+from local.model_server import SERVER_KEY, ModelServerConfig, build_app, check_schema
 from local.model_tokens import DEFAULT_SPEC, parse_image_tokens
+from local.ocr_answers import Analysis
 from local.ocr_engine import Fragment, OcrEngine, decode, reading_order, resolve_detail
 from local.ocr_parse import parse_date, parse_number
+from local.schema_fill import SchemaError, SchemaFiller
 from shared.catalog import load_catalog
 from shared.tokens import prompt_tokens, text_tokens
+from tests.hostile_inputs import exponential_schema
 
 STAND_IN_RULE = parse_image_tokens(DEFAULT_SPEC)  # how the stand-in counts unless told otherwise
 
@@ -389,7 +392,8 @@ async def test_receipt_schema_from_oyo(client: openai.AsyncOpenAI, admin: Any, o
     jsonschema.validate(value, INVOICE_SCHEMA)
     assert value["total"] == 1939.0
     assert value["invoice_date"] == "2017-12-31"
-    assert value["invoice_number"] == "IBZY2087"
+    # No invoice_number check: this receipt labels its number "Booking ID", which no general
+    # invoice vocabulary maps to BT-1 (the stand-in used to, tuned on this very document).
     assert value["due_date"] is None
 
 
@@ -433,6 +437,103 @@ async def test_defs_refs_nullable_and_recursive_schema_validates(
     value = json.loads(r.choices[0].message.content or "")
     jsonschema.validate(value, schema)
     assert value["orientation"] == "landscape"  # from the image facts (64x48)
+
+
+def _ocr_doc(*rows: list[str]) -> Analysis:
+    """Synthetic OCR: one line per row, its fragments 200 px apart, so no corpus document is involved."""
+    frags = [
+        Fragment(text, 0.99, 10 + 200 * j, 30 * i, 10 + 200 * j + 8 * len(text), 30 * i + 20)
+        for i, row in enumerate(rows)
+        for j, text in enumerate(row)
+    ]
+    image = decode(png_bytes((600, 800), (255, 255, 255)), 0, "high", STAND_IN_RULE)
+    image.lines = reading_order(frags)
+    return Analysis("Extract the invoice.", [image])
+
+
+@pytest.mark.parametrize(
+    ("rows", "number", "total", "date"),
+    [
+        (
+            [["Facture n° FA-2024-117"], ["Date : 03/02/2024"], ["Net à payer", "1234,50 €"]],
+            "FA-2024-117",
+            1234.5,
+            "2024-02-03",
+        ),
+        (
+            [["Rechnungsnummer:", "R-88412"], ["Rechnungsdatum", "5. März 2023"], ["Gesamtbetrag", "99,90 EUR"]],
+            "R-88412",
+            99.9,
+            "2023-03-05",
+        ),
+        (
+            [["Número de factura", "F-77"], ["Fecha de factura", "12/10/2022"], ["Total a pagar", "450.00"]],
+            "F-77",
+            450.0,
+            "2022-10-12",
+        ),
+        (
+            [["INVOICE #: 2024-0042"], ["Issue date", "2024-01-31"], ["Amount due for payment", "$1,050.00"]],
+            "2024-0042",
+            1050.0,
+            "2024-01-31",
+        ),
+    ],
+)
+def test_general_invoice_labels_in_several_languages(
+    rows: list[list[str]], number: str, total: float, date: str
+) -> None:
+    value = SchemaFiller(INVOICE_SCHEMA, _ocr_doc(*rows)).fill()
+    assert (value["invoice_number"], value["total"], value["invoice_date"]) == (number, total, date)
+
+
+def _wide_recursive_schema(width: int = 12) -> dict[str, Any]:
+    """Every node has `width` required children of its own kind: 12^8 values to the depth cap."""
+    node = {"type": "object", "properties": {f"c{i}": {"$ref": "#/$defs/n"} for i in range(width)}}
+    node["required"] = list(node["properties"])
+    return {"type": "object", "properties": {"root": {"$ref": "#/$defs/n"}}, "required": ["root"], "$defs": {"n": node}}
+
+
+def test_schema_filling_is_bounded_on_exponential_and_cyclic_schemas() -> None:
+    a = Analysis("Fill it.", [], ocr=False)
+    filler = SchemaFiller(exponential_schema(), a)
+    assert filler.fill() == {"v": ""}
+    assert filler.steps < 200  # one step per definition, not 2^40 branches
+    cyclic = {"type": "object", "properties": {"v": {"$ref": "#/$defs/a"}}, "required": ["v"]}
+    cyclic["$defs"] = {"a": {"oneOf": [{"$ref": "#/$defs/a"}, {"type": "string"}]}}
+    assert SchemaFiller(cyclic, a).fill() == {"v": None}  # the cycle allows anything, so null
+    wide = SchemaFiller(_wide_recursive_schema(), a)
+    with pytest.raises(SchemaError, match="steps"):
+        wide.fill()
+    assert wide.steps == SchemaFiller.MAX_STEPS + 1
+    long = {"type": "object", "properties": {"s": {"type": "string", "minLength": 10**12}}, "required": ["s"]}
+    with pytest.raises(SchemaError, match="minLength"):
+        SchemaFiller(long, a).fill()
+    huge = {"type": "object", "properties": {f"p{i}": {} for i in range(200_000)}}
+    assert "nodes" in (check_schema(huge, strict=False) or "")
+
+
+@pytest.mark.timeout(120)  # a regression would otherwise hang the module for the default 600 s
+@pytest.mark.parametrize("case", ["exponential", "wide", "json_object"])
+async def test_hostile_schemas_are_answered_or_refused(base: str, admin: Any, tiny: bytes, case: str) -> None:
+    await admin("/admin/config", {"mode": "facts"})
+    schema = exponential_schema() if case != "wide" else _wide_recursive_schema()
+    body: dict[str, Any] = {"model": "gpt-4o", "messages": user("Fill it.", (tiny, "low"))}
+    if case == "json_object":
+        body["messages"] = user("Answer in JSON matching this JSON Schema: " + json.dumps(schema), (tiny, "low"))
+        body["response_format"] = {"type": "json_object"}
+    else:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "h", "schema": schema, "strict": False},
+        }
+    status, answer = await _raw(base, body)
+    if case == "wide":
+        assert status == 400, answer
+        assert answer["error"]["param"] == "response_format"
+    else:
+        assert status == 200, answer
+        assert json.loads(answer["choices"][0]["message"]["content"]) == {"v": ""}
 
 
 async def test_json_object_mode(client: openai.AsyncOpenAI, admin: Any, tiny: bytes) -> None:

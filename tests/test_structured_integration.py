@@ -51,24 +51,53 @@ def field_hits(expected: dict, got: dict) -> dict[str, bool]:
     return hits
 
 
-def test_invoices_validate_and_report_field_accuracy(stack, capsys):
+# The invoices the stand-in's label rules were written against (issue 15): its first version
+# named their wording ("booking id", "guest name", "nights" from oyo; "warehouse address" from
+# FlipkartInvoice, which tests/test_model_server.py also reads; "facture n" from NetpresseInvoice
+# and free_fiber; "factuurnummer" from coolblue1). Every other corpus invoice is held back.
+DEVELOPED_ON = {"oyo", "FlipkartInvoice", "NetpresseInvoice", "free_fiber", "coolblue1"}
+
+
+def _invoice_files() -> list:
+    """Each corpus invoice once: its PNG render where there is one, else the PDF (every page)."""
+    docs = CORPUS / "documents"
+    stems = sorted((p.name.removesuffix(".expected.json") for p in docs.glob("*.expected.json")), key=str.lower)
+    return [docs / f"{stem}.png" if (docs / f"{stem}.png").exists() else docs / f"{stem}.pdf" for stem in stems]
+
+
+def test_invoices_validate_and_report_standin_extraction(stack, capsys):
+    """Every invoice answer validates; the field hits are a figure about local/, not about the product.
+
+    The product sends the page and the schema; what comes back here is the local stand-in's OCR
+    and label matching (local/schema_fill.py, local/ocr_doc.py), so the figure measures that stand-in only. With
+    about 20 fields per group one field moves a group's rate by ~5 points, so the gap between the
+    held-back and the developed-on invoices is printed, not asserted.
+    """
     validator = Draft202012Validator(INVOICE_SCHEMA)
-    total_hits = total_fields = 0
+    groups: dict[str, list[int]] = {"developed-on": [0, 0], "held-back": [0, 0]}
     lines = []
-    for png in sorted((CORPUS / "documents").glob("*.png")):
-        expected = json.loads(png.with_suffix(".expected.json").read_text())[0]
-        status, body, _ = call(stack, fields={"file": (png.name, png.read_bytes(), "image/png"), "task": "invoice"})
+    for path in _invoice_files():
+        stem = path.name.rsplit(".", 1)[0]
+        expected = json.loads((path.parent / f"{stem}.expected.json").read_text())[0]
+        mime = "image/png" if path.suffix == ".png" else "application/pdf"
+        status, body, _ = call(stack, fields={"file": (path.name, path.read_bytes(), mime), "task": "invoice"})
         assert status == 200, body
         assert list(validator.iter_errors(body["result"])) == []
         hits = field_hits(expected, body["result"])
-        total_hits += sum(hits.values())
-        total_fields += len(hits)
-        lines.append(f"  {png.stem:24} {sum(hits.values())}/{len(hits)}  {hits}")
+        group = "developed-on" if stem in DEVELOPED_ON else "held-back"
+        groups[group][0] += sum(hits.values())
+        groups[group][1] += len(hits)
+        lines.append(f"  {stem:24} {group:13} {sum(hits.values())}/{len(hits)}  {hits}")
+    rate = {g: 100 * h / n for g, (h, n) in groups.items() if n}
     with capsys.disabled():
-        print("\nlocal model invoice fields right (figure, not a pass/fail):")
+        print(
+            "\nlocal stand-in OCR extraction, invoice fields right (measures local/, not the product; not pass/fail):"
+        )
         print("\n".join(lines))
-        print(f"  total {total_hits}/{total_fields}")
-    assert total_fields > 0
+        for g, (h, n) in groups.items():
+            print(f"  {g:13} {h}/{n} = {rate.get(g, 0):.0f}%")
+        print(f"  held-back minus developed-on: {rate['held-back'] - rate['developed-on']:+.0f} points")
+    assert groups["developed-on"][1] > 0 and groups["held-back"][1] > 0
 
 
 def test_pdf_invoice_becomes_a_multi_image_request(stack):
