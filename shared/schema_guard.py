@@ -116,7 +116,7 @@ def _over(path: str, what: str, limit: int, setting: str) -> InvalidSchema:
 def guard_schema(schema: dict[str, Any], budget: SchemaBudget = DEFAULT_BUDGET) -> None:
     """Every static check above; raises InvalidSchema at the first failure."""
     _walk(schema, budget)
-    _RefGraph(schema).check()
+    _RefGraph(schema, budget.max_nodes).check()
 
 
 def _walk(root: dict[str, Any], b: SchemaBudget) -> None:
@@ -285,8 +285,9 @@ class _RefGraph:
     exponential in the depth of the answer.
     """
 
-    def __init__(self, root: dict[str, Any]) -> None:
+    def __init__(self, root: dict[str, Any], max_expansion: int = DEFAULT_BUDGET.max_nodes) -> None:
         self.root = root
+        self.max_expansion = max_expansion
         self.in_place: dict[Pointer, list[Pointer]] = {}
         self.descend: dict[Pointer, list[tuple[Part, Pointer]]] = {}
         self.steps = 0
@@ -369,8 +370,34 @@ class _RefGraph:
     def check(self) -> None:
         self._build()
         order = self._in_place_order()
+        self._expansion(order)
         scc = self._components()
         self._fan_out(order, scc)
+
+    def _expansion(self, order: list[Pointer]) -> None:
+        """Refuse a schema whose references expand, for ONE value, past the node budget.
+
+        Without a cycle, references still multiply work: d0..d40 with `oneOf` [d(k+1), d(k+1)] is a
+        small document but 2^41 evaluations of the same value. Counting, per location, the
+        locations evaluated in place beneath it (children first, capped) is linear in the schema
+        and catches every such blow-up; a plain tree never expands past its own node count.
+        """
+        cap = self.max_expansion + 1
+        size: dict[Pointer, int] = {}
+        for ptr in order:  # children before parents
+            total = 1
+            for child in self.in_place[ptr]:
+                total = min(cap, total + size[child])
+            self._tick()
+            size[ptr] = total
+            if total >= cap:
+                raise _refuse(
+                    _ptr(ptr),
+                    f"references here expand to more than {self.max_expansion} schema evaluations of one value "
+                    "(SCHEMA_MAX_NODES): the same definition is reached along many paths",
+                    rule="ref_expansion",
+                    limit="SCHEMA_MAX_NODES",
+                )
 
     def _in_place_order(self) -> list[Pointer]:
         """Post-order of the in-place graph; refuses an in-place cycle (it never terminates)."""

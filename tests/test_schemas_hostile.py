@@ -446,3 +446,19 @@ def test_bad_labels_are_not_echoed() -> None:
     with pytest.raises(InvalidRequest) as info:
         task_schemas.classify_schema(["a", {"k": "v" * 100_000}])
     assert "vvvv" not in info.value.message and len(info.value.message) < 100
+
+
+def test_references_that_fan_out_without_a_cycle_are_refused_before_any_validation() -> None:
+    """d0..d40, each a oneOf of two refs to the next: tiny on the wire, 2^41 evaluations of one value."""
+    from shared.schema_guard import guard_schema
+
+    defs: dict = {f"d{k}": {"oneOf": [{"$ref": f"#/$defs/d{k + 1}"}, {"$ref": f"#/$defs/d{k + 1}"}]} for k in range(40)}
+    defs["d40"] = {"type": "string"}
+    schema = {"type": "object", "properties": {"v": {"$ref": "#/$defs/d0"}}, "required": ["v"], "$defs": defs}
+    with pytest.raises(InvalidSchema) as err:
+        guard_schema(schema)
+    assert err.value.details["rule"] == "ref_expansion" and err.value.details["limit"] == "SCHEMA_MAX_NODES"
+    # a shared definition reached along a few paths is fine
+    defs = {f"d{k}": {"oneOf": [{"$ref": f"#/$defs/d{k + 1}"}, {"$ref": f"#/$defs/d{k + 1}"}]} for k in range(5)}
+    defs["d5"] = {"type": "string"}
+    guard_schema({**schema, "$defs": defs})
