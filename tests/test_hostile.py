@@ -134,8 +134,13 @@ def ready(guard, stack, request):
     if request.session.testsfailed != failed:
         guard.dirty = True
         # the host would pick an unfinished hostile blob up again after its restart
+        from azure.core.exceptions import ResourceNotFoundError
+
         for container, name in UPLOADED:
-            service(stack).get_container_client(container).delete_blob(name, delete_snapshots="include")
+            try:
+                service(stack).get_container_client(container).delete_blob(name, delete_snapshots="include")
+            except ResourceNotFoundError:
+                pass
     UPLOADED.clear()
 
 
