@@ -129,8 +129,19 @@ def ready(guard, stack, request):
     session's failure count is how a fixture learns the outcome: the call's report is logged first)."""
     guard.ready()
     failed = request.session.testsfailed
+    UPLOADED.clear()
     yield stack
-    guard.dirty = guard.dirty or request.session.testsfailed != failed
+    if request.session.testsfailed != failed:
+        guard.dirty = True
+        # the host would pick an unfinished hostile blob up again after its restart
+        from azure.core.exceptions import ResourceNotFoundError
+
+        for container, name in UPLOADED:
+            try:
+                service(stack).get_container_client(container).delete_blob(name, delete_snapshots="include")
+            except ResourceNotFoundError:
+                pass
+    UPLOADED.clear()
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +234,11 @@ def service(stack):
     return BlobServiceClient.from_connection_string(stack.connection_string)
 
 
+UPLOADED: list[tuple[str, str]] = []  # blobs of the running case, deleted if it fails
+
+
 def upload(stack, container: str, name: str, data: bytes) -> None:
+    UPLOADED.append((container, name))
     client = service(stack).get_container_client(container)
     if not client.exists():
         client.create_container()
@@ -278,13 +293,14 @@ def test_blob_case_gets_an_error_record_on_the_first_attempt(case: h.BlobCase, r
     cpu_s, rss_mb = probe.stop()
 
     (record,) = got[target]
-    assert record["status"] == "failed", record
     assert record["attempts"] == 1, record
-    code = record["error"]["code"]
-    assert code not in ("internal_error", "poison"), record["error"]
-    if case.codes:
-        assert code in case.codes, record["error"]
-    assert len(json.dumps(record["error"])) <= MAX_ERROR_BODY
+    if case.must_fail or record["status"] != "succeeded":
+        assert record["status"] == "failed", record
+        code = record["error"]["code"]
+        assert code not in ("internal_error", "poison"), record["error"]
+        if case.codes:
+            assert code in case.codes, record["error"]
+        assert len(json.dumps(record["error"])) <= MAX_ERROR_BODY
     within_budgets(cpu_s, rss_mb)
     if not case.model_call_allowed:
         assert model_admin.requests() == calls, "the model was called for a blob refusable before it"
@@ -322,4 +338,5 @@ def test_a_blob_name_of_1020_chars_gets_its_record_on_the_first_attempt(ready, m
         assert record["error"]["code"] == "unsupported_media_type"
         assert model_admin.requests() == calls
     results = service(stack).get_container_client("results")
-    assert all(len(b.name) <= 1024 for b in results.list_blobs(name_starts_with=prefix))
+    longest = max(len(b.name) for b in results.list_blobs(name_starts_with=prefix))
+    assert longest <= 1024, f"a record name of {longest} characters: Azure refuses blob names over 1024"
