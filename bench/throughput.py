@@ -312,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(
         f"model server: facts mode, {a.tpm} TPM / {rpm} RPM over a {a.window_s:g} s sliding window, latency {a.latency_ms:.0f} ms; "
-        f"{a.images} distinct 320x240 PNGs per design; {a.concurrency} in flight",
+        f"{a.images} distinct 320x240 PNGs per design; "
+        + (
+            f"{a.instances} instances x {a.per_instance} in flight"
+            if a.instances is not None
+            else f"{a.concurrency} in flight"
+        ),
         flush=True,
     )
     runs: list[Run] = []
