@@ -56,3 +56,23 @@ def test_two_instances_print_one_json_line_with_every_design_and_figure():
             assert isinstance(design[figure], (int, float)) and design[figure] >= 0, (name, figure)
         assert isinstance(design["failed"], int)
         assert 0 <= design["calls_429_share"] <= 1
+
+
+def test_static_split_divides_the_quota_and_the_others_take_all_of_it():
+    from bench.multi import Quota, instance_quota
+
+    q = Quota(tpm=30_000, rpm=180, window_s=10, latency_s=1)
+    assert instance_quota("ours-static-split", 8, q) == (22, 3750)
+    assert instance_quota("ours", 8, q) == (180, 30_000)
+    assert instance_quota("seed", 8, q) == (180, 30_000)
+
+
+def test_fastest_possible_counts_a_window_per_windows_worth_of_charges():
+    from bench.multi import PathRun, Quota
+
+    q = Quota(tpm=30_000, rpm=180, window_s=10, latency_s=1)  # 5,000 tokens and 30 requests per window
+    run = PathRun("ours", "blob", 10, server={"completed": 10, "tokens": {"prompt": 1_000}})  # 11,000 charged
+    assert run.charged == 11_000
+    assert run.fastest_s(q) == 10 * 2 + 1  # three windows' worth: two boundaries to wait for, then one call
+    many = PathRun("ours", "http", 100, server={"completed": 100, "tokens": {"prompt": 0}})
+    assert many.fastest_s(Quota(tpm=10**9, rpm=180, window_s=10, latency_s=1)) == 10 * 3 + 1  # requests bind
