@@ -2,6 +2,12 @@
 
     python -m bench.throughput [--images N] [--tpm T] [--rpm R] [--latency-ms L]
                                [--concurrency C] [--baseline-quota both|same|seed] [--only ours|baseline]
+    python -m bench.throughput --instances N [--per-instance K] [--paths blob,http]
+                               [--designs ours,ours-static-split,seed] [--images M] [--window-s W] ...
+
+With --instances, N worker processes share the quota (bench/multi.py, bench/worker.py) and the
+last line printed is one JSON object {"designs": {...}}; without it, the one-process comparison
+below.
 
 One local model server subprocess (facts mode: no OCR, answers from measured image facts; no
 random faults; quota enforced as Azure does: each request is charged its prompt tokens plus
@@ -230,6 +236,14 @@ def table(runs: list[Run], latency_s: float, window_s: float = WINDOW_S) -> str:
     return "\n".join(rows)
 
 
+def _choices(given: str, allowed: tuple[str, ...], p: argparse.ArgumentParser) -> tuple[str, ...]:
+    picked = tuple(x.strip() for x in given.split(",") if x.strip())
+    unknown = [x for x in picked if x not in allowed]
+    if unknown or not picked:
+        p.error(f"choose from {', '.join(allowed)}")
+    return picked
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=40, help="distinct synthetic images per design (default 40)")
@@ -257,7 +271,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="our limiter's burst window, VLM_RATE_WINDOW_S (default: the same as --window-s)",
     )
+    p.add_argument(
+        "--instances",
+        type=int,
+        default=None,
+        help="N independent worker processes (simulated Flex instances) sharing the quota: bench/multi.py",
+    )
+    p.add_argument("--per-instance", type=int, default=4, help="with --instances: items in flight per instance")
+    p.add_argument("--paths", default="blob,http", help="with --instances: blob, http or both (default)")
+    p.add_argument("--designs", default="ours,ours-static-split,seed", help="with --instances: which designs")
     a = p.parse_args(argv)
+    if a.instances is not None and a.instances < 1:
+        p.error("--instances must be at least 1")
     rpm = a.rpm if a.rpm is not None else max(1, a.tpm * 6 // 1000)
     from local import procs
 
@@ -287,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(
         f"model server: facts mode, {a.tpm} TPM / {rpm} RPM over a {a.window_s:g} s sliding window, latency {a.latency_ms:.0f} ms; "
-        f"{a.images} distinct 320x240 PNGs per design; {a.concurrency} in flight",
+        f"{a.images} distinct 320x240 PNGs per design; "
+        + (
+            f"{a.instances} instances x {a.per_instance} in flight"
+            if a.instances is not None
+            else f"{a.concurrency} in flight"
+        ),
         flush=True,
     )
     runs: list[Run] = []
@@ -298,6 +328,21 @@ def main(argv: list[str] | None = None) -> int:
         try:
             procs.wait_for_http(f"{url}/health", timeout_s=60, proc=server)
             admin = ModelAdmin(url, read_token(token_file))
+            if a.instances is not None:
+                from bench import multi
+
+                doc = multi.run(
+                    url,
+                    admin,
+                    instances=a.instances,
+                    per_instance=a.per_instance,
+                    images=a.images,
+                    quota=multi.Quota(a.tpm, rpm, a.window_s, a.latency_ms / 1000),
+                    designs=_choices(a.designs, multi.DESIGNS, p),
+                    paths=_choices(a.paths, multi.PATHS, p),
+                )
+                multi.print_json(doc)  # the last line printed
+                return 0
             quotas = ["same", "seed"] if a.baseline_quota == "both" else [a.baseline_quota]
             plan = [("ours", "")] if a.only != "baseline" else []
             plan += [("baseline", q) for q in quotas] if a.only != "ours" else []

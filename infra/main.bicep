@@ -7,7 +7,9 @@
 //   ├─ Event Grid system topic on the storage account (subscription: postdeploy hook)
 //   ├─ Log Analytics + Application Insights (Entra ID ingestion only), a workbook and two alert rules
 //   ├─ Flex Consumption plan (FC1) + function app (Python 3.11)
-//   └─ Azure OpenAI account + gpt-5.4-mini deployment (+ optional fallback), unless an existing endpoint is given
+//   ├─ Azure OpenAI account + gpt-5.4-mini deployment (+ optional fallback), unless an existing endpoint is given
+//   └─ optional (useApim): API Management as an AI gateway in front of Azure OpenAI; VLM_ENDPOINT
+//      then points at the gateway (infra/modules/apim.bicep, policy in infra/apim/policy.xml)
 //
 // Plain `resource` declarations only (no registry modules), so it builds without network access.
 targetScope = 'subscription'
@@ -139,6 +141,27 @@ param batchDeploymentCapacity int = 50
 param batchSubmitSchedule string = '0 */5 * * * *'
 @description('NCRONTAB schedule of the batch_collect timer function (polls jobs, writes their records).')
 param batchCollectSchedule string = '30 */5 * * * *'
+
+// ---- Optional AI gateway (README: "API Management gateway") ----
+
+@description('Put Azure API Management in front of Azure OpenAI: one token budget shared by every instance (and every app behind it), a backend pool with circuit breakers, managed identity from APIM to Azure OpenAI. VLM_ENDPOINT becomes the gateway URL.')
+param useApim bool = false
+@allowed([
+  'Developer'
+  'BasicV2'
+  'StandardV2'
+  'PremiumV2'
+  'Standard'
+  'Premium'
+])
+param apimSkuName string = 'BasicV2'
+@description('Publisher e-mail API Management requires (notifications); default: a placeholder.')
+param apimPublisherEmail string = ''
+@minValue(0)
+@description('Tokens per minute the gateway lets the whole app spend over all instances; 0 = the primary deployment\'s capacity (openAiDeploymentCapacity x 1000).')
+param apimTokensPerMinute int = 0
+@description('More Azure OpenAI endpoints (other regions or accounts, each with the same deployment names) for the gateway\'s backend pool, after the primary. Grant the gateway identity (output APIM_PRINCIPAL_ID) "Cognitive Services OpenAI User" on each.')
+param apimExtraOpenAiEndpoints array = []
 
 var abbrs = loadJsonContent('./abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
@@ -289,7 +312,46 @@ module existingOpenAiAccess 'modules/openai-access.bicep' = if (grantOnExistingO
   }
 }
 
-var vlmEndpoint = createOpenAi ? openAi.outputs.endpoint : existingOpenAiEndpoint
+var openAiEndpoint = createOpenAi ? openAi.outputs.endpoint : existingOpenAiEndpoint
+
+module apim 'modules/apim.bicep' = if (useApim) {
+  name: 'apim'
+  scope: rg
+  params: {
+    name: '${abbrs.apiManagementService}${resourceToken}'
+    location: location
+    tags: tags
+    skuName: apimSkuName
+    publisherEmail: !empty(apimPublisherEmail) ? apimPublisherEmail : 'vlm-functions@example.com'
+    publisherName: 'vlm-functions (${environmentName})'
+    tenantId: tenant().tenantId
+    appClientId: identity.outputs.clientId
+    openAiEndpoints: concat([openAiEndpoint], apimExtraOpenAiEndpoints)
+    tokensPerMinute: apimTokensPerMinute > 0 ? apimTokensPerMinute : openAiDeploymentCapacity * 1000
+  }
+}
+
+// The gateway's own identity calls Azure OpenAI: "Cognitive Services OpenAI User" on the account.
+module apimOpenAiAccess 'modules/openai-access.bicep' = if (useApim && createOpenAi) {
+  name: 'apim-openai-access'
+  scope: rg
+  params: {
+    accountName: createOpenAi ? openAi.outputs.name : ''
+    identityPrincipalId: useApim ? apim.outputs.principalId : ''
+  }
+}
+
+module apimExistingOpenAiAccess 'modules/openai-access.bicep' = if (useApim && grantOnExistingOpenAi) {
+  name: 'apim-existing-openai-access'
+  scope: resourceGroup(existingOpenAiSubscriptionId, existingOpenAiResourceGroup)
+  params: {
+    accountName: existingOpenAiAccountName
+    identityPrincipalId: useApim ? apim.outputs.principalId : ''
+  }
+}
+
+// The app calls the gateway when there is one, with the same Entra token (the policy validates it).
+var vlmEndpoint = useApim ? apim.outputs.gatewayUrl : openAiEndpoint
 
 module functionApp 'modules/functionapp.bicep' = {
   name: 'functionapp'
@@ -361,6 +423,10 @@ output EVENT_GRID_SYSTEM_TOPIC string = eventGrid.outputs.name
 output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsName
 output AZURE_OPENAI_ACCOUNT_NAME string = createOpenAi ? openAi.outputs.name : ''
 output VLM_ENDPOINT string = vlmEndpoint
+output AZURE_OPENAI_ENDPOINT string = openAiEndpoint
+output APIM_NAME string = useApim ? apim.outputs.name : ''
+output APIM_GATEWAY_URL string = useApim ? apim.outputs.gatewayUrl : ''
+output APIM_PRINCIPAL_ID string = useApim ? apim.outputs.principalId : ''
 output VLM_DEPLOYMENT string = openAiDeploymentName
 output VLM_MODEL string = openAiModelName
 output VLM_FALLBACK_DEPLOYMENTS string = vlmFallbackDeployments

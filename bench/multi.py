@@ -1,0 +1,238 @@
+"""Many instances, one quota: `python -m bench.throughput --instances N`.
+
+N worker processes (bench/worker.py), each with its own pipeline, limiter and SDK client as Flex
+instances have, share one local model server's quota and one work queue of M images. Both paths
+run: blob (each worker pulls images and runs the blob trigger's processor; a transient error hands
+the image back, up to 5 deliveries, then it is poisoned) and HTTP (each worker is a set of
+concurrent callers of the HTTP handler). Three designs:
+
+- ours: today's limiter, VLM_TPM / VLM_RPM at the deployment's quota on every instance;
+- ours-static-split: the same with the README's advice, quota / N per instance;
+- seed: bench/seed_baseline_client.py, its limiter at the deployment's quota on every instance.
+
+Per design and path: images/min, share of the quota charged, 429s per call, failed items, elapsed
+against the fastest possible, tokens charged against tokens used. The last line printed is one
+JSON object, {"designs": {...}}, each design's figures over both paths together (and per path
+under "paths").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.worker import WorkerConfig, run_worker
+
+DESIGNS = ("ours", "ours-static-split", "seed")
+PATHS = ("blob", "http")
+DESCRIBE_MAX_TOKENS = 1000  # what both designs reserve for describe (shared/tasks.py DEFAULT_MAX_TOKENS)
+START_TIMEOUT_S = 180.0
+IMAGE_SEED = 7
+
+
+@dataclass
+class Quota:
+    tpm: int
+    rpm: int
+    window_s: float
+    latency_s: float
+
+    @property
+    def tokens_per_window(self) -> float:
+        return self.tpm * self.window_s / 60  # the server scales the per-minute quota to its window
+
+    @property
+    def requests_per_window(self) -> float:
+        return self.rpm * self.window_s / 60
+
+
+@dataclass
+class PathRun:
+    design: str
+    path: str
+    images: int
+    elapsed_s: float = 0.0
+    done: int = 0
+    failed: int = 0
+    poisoned: int = 0
+    redeliveries: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    server: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def requests(self) -> int:
+        return int(self.server.get("requests", 0))
+
+    @property
+    def throttled(self) -> int:
+        return int(self.server.get("by_status", {}).get("429", 0))
+
+    @property
+    def admitted(self) -> int:
+        return int(self.server.get("completed", 0))
+
+    @property
+    def used(self) -> int:
+        t = self.server.get("tokens", {})
+        return int(t.get("prompt", 0)) + int(t.get("completion", 0))
+
+    @property
+    def charged(self) -> int:
+        """What the quota counted: prompt + max_tokens for every admitted request."""
+        return int(self.server.get("tokens", {}).get("prompt", 0)) + self.admitted * DESCRIBE_MAX_TOKENS
+
+    def fastest_s(self, q: Quota) -> float:
+        """The shortest run any client could make with these charges: a full window at the start and
+        at each boundary after it (tokens and requests both), then one call's latency."""
+        windows = max(
+            math.ceil(self.charged / q.tokens_per_window) if q.tpm else 1,
+            math.ceil(self.admitted / q.requests_per_window) if q.rpm else 1,
+            1,
+        )
+        return q.window_s * (windows - 1) + q.latency_s
+
+
+def figures(runs: list[PathRun], q: Quota) -> dict[str, Any]:
+    """The issue's six figures over one or more runs taken together."""
+    minutes = sum(r.elapsed_s for r in runs) / 60
+    requests = sum(r.requests for r in runs)
+    charged, used = sum(r.charged for r in runs), sum(r.used for r in runs)
+    fastest = sum(r.fastest_s(q) for r in runs)
+    return {
+        "images_per_min": round(sum(r.done for r in runs) / minutes, 2) if minutes else 0.0,
+        "quota_utilisation": round(charged / (q.tpm * minutes), 3) if minutes and q.tpm else 0.0,
+        "calls_429_share": round(sum(r.throttled for r in runs) / requests, 3) if requests else 0.0,
+        "failed": sum(r.failed for r in runs),
+        "elapsed_over_fastest": round(sum(r.elapsed_s for r in runs) / fastest, 2) if fastest else 0.0,
+        "charged_over_used": round(charged / used, 2) if used else 0.0,
+    }
+
+
+def instance_quota(design: str, instances: int, q: Quota) -> tuple[int, int]:
+    """(rpm, tpm) of one instance's client-side limiter."""
+    if design == "ours-static-split":
+        return max(1, q.rpm // instances), max(1, q.tpm // instances)
+    return q.rpm, q.tpm
+
+
+def run_path(
+    url: str, admin: Any, design: str, path: str, instances: int, per_instance: int, images: int, q: Quota
+) -> PathRun:
+    """One design on one path: reset the server, start N workers, time from the common start to the last item."""
+    ctx = mp.get_context("spawn")  # fresh interpreters: nothing inherited, as on separate instances
+    work, results = ctx.Queue(), ctx.Queue()
+    settled, ready, go = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Event()
+    for i in range(images):
+        work.put((i, 0))
+    rpm, tpm = instance_quota(design, instances, q)
+    cfg = WorkerConfig(design, path, f"{url}/v1", rpm, tpm, q.window_s, per_instance, images)
+    procs = [
+        ctx.Process(
+            target=run_worker,
+            args=(i, cfg, work, settled, ready, go, results, IMAGE_SEED, images),
+            name=f"bench-instance-{i}",
+        )
+        for i in range(instances)
+    ]
+    run = PathRun(design, path, images)
+    for p in procs:
+        p.start()
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while ready.value < instances:
+            if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
+                raise RuntimeError(f"{design}/{path}: only {ready.value} of {instances} instances started")
+            time.sleep(0.05)
+        admin.reset()  # an empty window and zeroed counters at the common start
+        go.set()
+        t0 = time.perf_counter()
+        while settled.value < images:
+            if all(p.exitcode is not None for p in procs):
+                raise RuntimeError(f"{design}/{path}: every instance exited with {settled.value}/{images} settled")
+            time.sleep(0.05)
+        run.elapsed_s = time.perf_counter() - t0
+        run.server = admin.stats()
+        for _ in procs:
+            report = results.get(timeout=120)
+            if "error" in report:
+                raise RuntimeError(f"{design}/{path}: instance {report['index']} failed: {report['error']}")
+            run.done += report["done"]
+            run.failed += report["failed"]
+            run.poisoned += report["poisoned"]
+            run.redeliveries += report["redeliveries"]
+            for k, v in report["failures"].items():
+                run.failures[k] = run.failures.get(k, 0) + v
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.terminate()  # only our own children, by handle
+                p.join(timeout=10)
+    return run
+
+
+def table(runs: list[PathRun], q: Quota) -> str:
+    head = (
+        "| design | path | images | done | failed | poisoned | redeliveries | elapsed s | fastest s | elapsed / fastest "
+        "| images/min | calls | 429s | 429s / call | quota charged | tokens charged | tokens used | charged / used |"
+    )
+    rows = [head, "|" + "---|" * 18]
+    for r in runs:
+        f = figures([r], q)
+        rows.append(
+            f"| {r.design} | {r.path} | {r.images} | {r.done} | {r.failed} | {r.poisoned} | {r.redeliveries} "
+            f"| {r.elapsed_s:.1f} | {r.fastest_s(q):.1f} | {f['elapsed_over_fastest']:.2f} | {f['images_per_min']:.1f} "
+            f"| {r.requests} | {r.throttled} | {f['calls_429_share']:.1%} | {f['quota_utilisation']:.0%} "
+            f"| {r.charged:,} | {r.used:,} | {f['charged_over_used']:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def run(
+    url: str,
+    admin: Any,
+    *,
+    instances: int,
+    per_instance: int,
+    images: int,
+    quota: Quota,
+    designs: tuple[str, ...] = DESIGNS,
+    paths: tuple[str, ...] = PATHS,
+) -> dict[str, Any]:
+    """Every design on every path; prints progress and the table; returns the JSON document."""
+    runs: list[PathRun] = []
+    for design in designs:
+        for path in paths:
+            print(f"running {design}, {path} path, {instances} instances x {per_instance} in flight ...", flush=True)
+            r = run_path(url, admin, design, path, instances, per_instance, images, quota)
+            runs.append(r)
+            fails = ", ".join(f"{k} {v}" for k, v in sorted(r.failures.items()))
+            print(
+                f"  {r.done}/{r.images} done, {r.failed} failed{f' ({fails})' if fails else ''} in {r.elapsed_s:.1f} s; "
+                f"{r.throttled} 429s of {r.requests} calls",
+                flush=True,
+            )
+    print()
+    print(table(runs, quota))
+    print()
+    doc: dict[str, Any] = {
+        "instances": instances,
+        "per_instance": per_instance,
+        "images": images,
+        "tpm": quota.tpm,
+        "rpm": quota.rpm,
+        "window_s": quota.window_s,
+        "designs": {},
+    }
+    for design in designs:
+        mine = [r for r in runs if r.design == design]
+        doc["designs"][design] = {**figures(mine, quota), "paths": {r.path: figures([r], quota) for r in mine}}
+    return doc
+
+
+def print_json(doc: dict[str, Any]) -> None:
+    print(json.dumps(doc, separators=(",", ":")), flush=True)

@@ -1,0 +1,239 @@
+"""One simulated Flex instance for bench/multi.py: its own pipeline, limiter and SDK client.
+
+Each worker is a separate process (as instances are separate machines): nothing in memory is
+shared with the other workers, only the model server's quota and the work queue. It pulls items
+from the queue until every item is settled and reports what it saw.
+
+- blob path: `shared.blob_job.BlobProcessor.process`, the call blob_trigger/__init__.py makes,
+  against an in-memory blob store (the bench measures quota handling, not storage). A transient
+  error is raised to "the host", which hands the blob back to the queue, up to `BLOB_ATTEMPTS`
+  deliveries (host.json: poisonBlobThreshold 5); then it is poisoned, a failed item.
+- http path: `shared.http_api.handle_analyze`, the call analyze_http/__init__.py makes, with the
+  raw image as the body; anything but 200 is a failed item (the caller got an error).
+- seed: bench/seed_baseline_client.py's `SeedClient.analyze` for both paths; on the blob path its
+  exception goes to the host the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+BLOB_ATTEMPTS = 5  # host.json extensions.blobs.poisonBlobThreshold
+POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the parent tells one worker: the design, the path and its share of the quota."""
+
+    design: str  # "ours" | "ours-static-split" | "seed"
+    path: str  # "blob" | "http"
+    url: str  # the model server, OpenAI-compatible base (…/v1)
+    rpm: int  # this instance's client-side limiter
+    tpm: int
+    window_s: float
+    concurrency: int  # items in flight on this instance
+    total: int  # items in the whole run; a worker stops when this many are settled
+
+
+@dataclass
+class WorkerReport:
+    index: int
+    done: int = 0
+    failed: int = 0
+    poisoned: int = 0
+    redeliveries: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    limiter_pauses: int = 0
+
+
+def build_pipeline(settings: Any, blobs: Any = None) -> Any:
+    """The one place a worker builds what the pipeline talks to (an instance's dependencies).
+
+    Nothing is cached (every image costs a model call); `blobs` is the instance's blob store.
+    When shared/ replaces `pipeline.Dependencies` with an application object, only this changes.
+    """
+    from shared.cache import MemoryLRU, ResultCache
+    from shared.pipeline import Dependencies
+
+    return Dependencies(settings, cache=ResultCache(MemoryLRU(0)), blobs=blobs)
+
+
+def worker_settings(cfg: WorkerConfig) -> Any:
+    from shared.settings import Settings
+
+    return Settings.from_env(
+        {
+            "VLM_ENDPOINT": cfg.url,
+            "VlmStorage": "UseDevelopmentStorage=true",  # never contacted: the blob store is in memory
+            "VLM_TPM": str(cfg.tpm),
+            "VLM_RPM": str(cfg.rpm),
+            "VLM_RATE_WINDOW_S": str(cfg.window_s),
+            "VLM_TIMEOUT_S": "60",
+            "VLM_MAX_RETRIES": "3",
+        }
+    )
+
+
+def memory_blobs() -> Any:
+    # The in-memory blob service the blob-path tests use (tests/blob_fakes.py): Azure's naming rules,
+    # no network. The bench runs from the repository root, where `tests` is importable.
+    from tests.blob_fakes import FakeBlobService
+
+    return MemoryBlobs(FakeBlobService())
+
+
+class MemoryBlobs:
+    """The BlobStore interface (container(), close()) over the fake service."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+
+    async def container(self, name: str) -> Any:
+        return await self.service.container(name)
+
+    async def close(self) -> None:
+        return None
+
+
+def _code(err: BaseException) -> str:
+    code = getattr(err, "code", None)
+    return code if isinstance(code, str) else type(err).__name__
+
+
+class Worker:
+    """One instance: `handle(data)` runs one item by the design's path; True when it succeeded."""
+
+    def __init__(self, cfg: WorkerConfig, report: WorkerReport) -> None:
+        self.cfg = cfg
+        self.report = report
+        self.deps: Any = None
+        self.processor: Any = None
+        self.seed: Any = None
+
+    async def open(self) -> None:
+        if self.cfg.design == "seed":
+            from bench.seed_baseline_client import SeedClient
+
+            self.seed = SeedClient(self.cfg.url, rpm=self.cfg.rpm, tpm=self.cfg.tpm, timeout_s=60)
+            return
+        self.deps = build_pipeline(worker_settings(self.cfg), memory_blobs())
+        if self.cfg.path == "blob":
+            from shared.blob_job import BlobProcessor
+
+            self.processor = BlobProcessor(self.deps)
+        # Warm: what a running instance has loaded already (the seed's client builds its SDK client
+        # and imports PIL in its constructor), so the timed run compares pacing, not imports.
+        import shared.http_api
+        import shared.images
+        import shared.schemas
+        import shared.tasks  # noqa: F401
+
+        self.deps.model.client(self.deps.settings.primary)
+
+    async def close(self) -> None:
+        if self.seed is not None:
+            await self.seed.close()
+        if self.deps is not None:
+            limiter = self.deps.model.limiter(self.deps.settings.primary).stats()
+            self.report.limiter_pauses = int(limiter.get("throttles", 0))
+            await self.deps.close()
+
+    async def handle(self, name: str, data: bytes) -> bool:
+        """Blob path: raises what the host would retry. HTTP path: True for a 200."""
+        if self.seed is not None:
+            if self.cfg.path == "blob":
+                await self.seed.analyze(data)  # the seed's function lets the error reach the host
+                return True
+            try:
+                await self.seed.analyze(data)
+                return True
+            except Exception as err:
+                self._fail(_code(err))
+                return False
+        if self.cfg.path == "blob":
+            outcome = await self.processor.process(name, data, f'"{name}"', {})
+            if outcome.status != "succeeded":
+                self._fail(f"record {outcome.status}")
+                return False
+            return True
+        from shared.http_api import HttpInput, handle_analyze
+
+        out = await handle_analyze(
+            HttpInput(method="POST", headers={"content-type": "image/png"}, params={"task": "describe"}, body=data),
+            self.deps,
+        )
+        if out.status != 200:
+            self._fail(f"http {out.status}")
+            return False
+        return True
+
+    def _fail(self, code: str) -> None:
+        self.report.failures[code] = self.report.failures.get(code, 0) + 1
+
+
+async def _serve(
+    index: int, cfg: WorkerConfig, work: Any, settled: Any, images: list[bytes], ready: Any, go: Any
+) -> WorkerReport:
+    report = WorkerReport(index)
+    worker = Worker(cfg, report)
+    await worker.open()
+    with ready.get_lock():
+        ready.value += 1
+    await asyncio.to_thread(go.wait)  # every instance starts together: start-up is not timed
+
+    def settle(ok: bool) -> None:
+        if ok:
+            report.done += 1
+        else:
+            report.failed += 1
+        with settled.get_lock():
+            settled.value += 1
+
+    async def lane() -> None:
+        while settled.value < cfg.total:
+            try:
+                item, attempt = work.get_nowait()
+            except queue.Empty:
+                await asyncio.sleep(POLL_S)
+                continue
+            name = f"bench/{item:05d}.png"
+            try:
+                settle(await worker.handle(name, images[item]))
+            except Exception as err:  # the blob path's "host": hand the blob back, or poison it
+                if attempt + 1 >= BLOB_ATTEMPTS:
+                    report.poisoned += 1
+                    worker._fail(f"poisoned after {BLOB_ATTEMPTS} attempts ({_code(err)})")
+                    settle(False)
+                else:
+                    report.redeliveries += 1
+                    work.put((item, attempt + 1))
+
+    try:
+        await asyncio.gather(*(lane() for _ in range(cfg.concurrency)))
+    finally:
+        await worker.close()
+    return report
+
+
+def run_worker(
+    index: int, cfg: WorkerConfig, work: Any, settled: Any, ready: Any, go: Any, results: Any, seed: int, count: int
+) -> None:
+    """Process entry (multiprocessing, spawn): make the images, serve, put the report on `results`."""
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    from bench.throughput import synthetic_images
+
+    images = synthetic_images(count, seed=seed)
+    t0 = time.perf_counter()
+    try:
+        report = asyncio.run(_serve(index, cfg, work, settled, images, ready, go))
+        results.put(asdict(report))
+    except BaseException as err:  # the parent must hear from every worker
+        results.put({"index": index, "error": f"{type(err).__name__}", "after_s": time.perf_counter() - t0})
+        raise

@@ -1,0 +1,78 @@
+"""Smoke test of the multi-instance bench (`python -m bench.throughput --instances N`).
+
+A benchmark, not a timed test: two instances, a few images, a generous quota, and only the
+shape of the last line is checked (the issue's contract for every design). The figures
+themselves come from running the bench (docs/throughput.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = {
+    "images_per_min",
+    "quota_utilisation",
+    "calls_429_share",
+    "failed",
+    "elapsed_over_fastest",
+    "charged_over_used",
+}
+
+
+@pytest.mark.integration
+def test_two_instances_print_one_json_line_with_every_design_and_figure():
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.throughput",
+        "--instances",
+        "2",
+        "--per-instance",
+        "2",
+        "--images",
+        "4",
+        "--tpm",
+        "600000",
+        "--latency-ms",
+        "50",
+        "--window-s",
+        "10",
+    ]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    doc = json.loads(last)
+    assert set(doc["designs"]) == {"ours", "ours-static-split", "seed"}
+    for name, design in doc["designs"].items():
+        assert FIGURES <= set(design), f"{name} lacks {sorted(FIGURES - set(design))}"
+        assert set(design["paths"]) == {"blob", "http"}
+        for figure in FIGURES:
+            assert isinstance(design[figure], (int, float)) and design[figure] >= 0, (name, figure)
+        assert isinstance(design["failed"], int)
+        assert 0 <= design["calls_429_share"] <= 1
+
+
+def test_static_split_divides_the_quota_and_the_others_take_all_of_it():
+    from bench.multi import Quota, instance_quota
+
+    q = Quota(tpm=30_000, rpm=180, window_s=10, latency_s=1)
+    assert instance_quota("ours-static-split", 8, q) == (22, 3750)
+    assert instance_quota("ours", 8, q) == (180, 30_000)
+    assert instance_quota("seed", 8, q) == (180, 30_000)
+
+
+def test_fastest_possible_counts_a_window_per_windows_worth_of_charges():
+    from bench.multi import PathRun, Quota
+
+    q = Quota(tpm=30_000, rpm=180, window_s=10, latency_s=1)  # 5,000 tokens and 30 requests per window
+    run = PathRun("ours", "blob", 10, server={"completed": 10, "tokens": {"prompt": 1_000}})  # 11,000 charged
+    assert run.charged == 11_000
+    assert run.fastest_s(q) == 10 * 2 + 1  # three windows' worth: two boundaries to wait for, then one call
+    many = PathRun("ours", "http", 100, server={"completed": 100, "tokens": {"prompt": 0}})
+    assert many.fastest_s(Quota(tpm=10**9, rpm=180, window_s=10, latency_s=1)) == 10 * 3 + 1  # requests bind
