@@ -35,6 +35,7 @@ from .errors import (
     UpstreamUnavailable,
     VlmError,
 )
+from .reservations import BudgetBook, budget_key
 from .settings import ModelTarget, Settings
 
 if TYPE_CHECKING:
@@ -322,6 +323,8 @@ class ModelRouter:
         # wrong, only one call pays the extra round trip, not every call of a concurrent burst.
         self._confirmed: set[str] = set()
         self._probes: dict[str, asyncio.Lock] = {}
+        self.budgets = BudgetBook()  # learned completion budgets per deployment and task
+        self.retried_truncations = 0  # answers cut at a learned budget and asked again at the full one
 
     def limiter(self, target: ModelTarget) -> RateLimiter:
         from .limiter import RateLimiter
@@ -420,9 +423,23 @@ class ModelRouter:
         return choose_effort(request.reasoning_effort, self.book.family(target), style)
 
     async def _call_once(self, target: ModelTarget, request: ChatRequest, style: Any) -> ChatResult:
+        """One call at the learned completion budget (shared/reservations.py); an answer cut off at that
+        guess is asked again, once, at the caller's full budget, so the user never gets our truncation."""
+        full = self.book.completion_budget(target, request.max_tokens, style)
+        key = budget_key(target.label, request.messages, request.response_format)
+        budget = self.budgets.budget(key, full)
+        result = await self._send(target, request, style, budget)
+        if result.finish_reason == "length" and budget < full:
+            self.retried_truncations += 1
+            log.info("answer cut at the learned budget %d on %s: asking again at %d", budget, target.label, full)
+            result = await self._send(target, request, style, full)
+        if result.finish_reason != "content_filter" and not result.refusal:
+            self.budgets.observe(key, result.completion_tokens)
+        return result
+
+    async def _send(self, target: ModelTarget, request: ChatRequest, style: Any, budget: int) -> ChatResult:
         import openai
 
-        budget = self.book.completion_budget(target, request.max_tokens, style)
         kwargs: dict[str, Any] = {"model": target.deployment, "messages": request.messages, style.budget_param: budget}
         if style.temperature:
             kwargs["temperature"] = 0
