@@ -1,29 +1,32 @@
-"""Client-side RPM / TPM limiter that keeps a Functions instance inside its model quota.
+"""Client-side RPM / TPM pacing that lets any number of instances share one deployment's quota.
 
-Why client-side: every 429 costs a round trip plus the SDK's retry delay, and a burst of
-concurrent calls that all hit 429 at once then all retry at once (thundering herd). The
-limiter spends the quota deliberately instead:
+Why client-side: every 429 costs a round trip plus a retry delay, and concurrent calls that all hit
+429 retry together. Why adaptive: Flex Consumption runs 1 to hundreds of instances, none of which
+knows how many others share the quota, so no fixed per-instance figure is right. The limiter
+therefore paces like congestion control, from the service's own signals only:
 
-- Two token buckets (requests and tokens). A bucket holds `window_s` worth of quota
-  (capacity = rate x window_s, i.e. `rpm` / `tpm` with the default 60 s) and refills
-  continuously at rpm/60 and tpm/60 per second. Azure evaluates quota over 1 s or 10 s
-  windows, so `window_s=10` gives an Azure-like burst of a sixth of a minute's quota.
-  0 disables a dimension.
-- `acquire()` is strictly FIFO: only the head of the queue may take from the buckets, so a
-  big image request is never starved by a stream of small ones. A request bigger than the
-  whole bucket is let through once the bucket is full and leaves it in debt, which later
-  callers wait out (otherwise it could never run).
-- The estimate is corrected afterwards: `Reservation.settle(actual)` refunds or charges
-  the difference; `Reservation.cancel()` refunds everything when the call never reached
-  the model.
-- It learns from the server through an HTTP response hook installed on the client handed
-  to the openai SDK, so it also sees the 429s the SDK retries internally (the SDK stays the
-  only retry layer): `x-ratelimit-remaining-*` can only lower the buckets, and a 429 pauses
-  every caller until the server's retry-after, then restarts the buckets empty so waiters
-  are let go at the refill rate rather than all at once.
+- **Windows, as Azure counts.** Our own admissions are kept for `window_s` (a sliding log of
+  charges, settled to what the quota charged); a call is admitted when it fits the window's
+  capacity: `share x VLM_RPM|VLM_TPM x window_s / 60`. Nothing refills early, as a token bucket
+  would (it admits more than a window allows right after a burst).
+- **The server's remaining quota.** `x-ratelimit-remaining-requests|tokens` is what is left for
+  everyone in the server's window. Our slice of it, `share x remaining`, becomes a room estimate
+  that refills at `share x` the quota's rate and only ever goes down on a new observation. A 429
+  (`retry-after-ms`, else `retry-after`) pauses every caller until then and empties the room.
+- **AIMD on `share`** (0 < share <= 1, the fraction of the configured quota this instance may
+  use): a 429 halves it (once per pause), a response that finds the server's window nearly full
+  (remaining below one call) cuts it by 15% (at most once per tenth of a window), and a response
+  that finds room for two more calls adds one call's worth of the window. N instances that start
+  at share 1 converge near 1/N each without talking to each other, and one instance stays at 1.
+- `VLM_RPM` / `VLM_TPM` are the upper bound for one instance (set them to the deployment's
+  quota), not a divisor. 0 disables a dimension until the server names its limit in
+  `x-ratelimit-limit-requests|tokens`, which is then used as the bound.
 
-Single event loop, no threads (the Functions Python worker runs async functions on one
-loop). All time comes from the injected `Clock`.
+`acquire()` is strictly FIFO: only the head of the queue may take quota, so a big image request is
+never starved by small ones. A request bigger than the window's capacity is let through when our
+window is empty (otherwise it could never run). `Reservation.settle(actual)` corrects the charge;
+`Reservation.cancel()` refunds it when the call never reached the model. Single event loop, no
+threads; all time comes from the injected `Clock`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ if TYPE_CHECKING:
 
 REMAINING_REQUESTS = "x-ratelimit-remaining-requests"
 REMAINING_TOKENS = "x-ratelimit-remaining-tokens"
+LIMIT_REQUESTS = "x-ratelimit-limit-requests"
+LIMIT_TOKENS = "x-ratelimit-limit-tokens"
 RETRY_AFTER_MS = "retry-after-ms"
 RETRY_AFTER = "retry-after"
 
@@ -53,6 +58,11 @@ DEFAULT_RETRY_AFTER_S = 1.0
 # Same ceiling as the openai SDK's MAX_RETRY_AFTER_DELAY: beyond it the SDK gives up anyway,
 # and a bogus HTTP date must not freeze the instance.
 MAX_PAUSE_S = 120.0
+# AIMD constants (see the module docstring). MIN_SHARE lets ~250 instances share one quota; below
+# one call per window an instance still sends one call whenever its window is empty.
+MIN_SHARE = 1 / 256
+DECREASE_ON_429 = 0.5
+DECREASE_ON_FULL = 0.85
 # Float slack so that waiting exactly the computed time is always enough.
 _EPS = 1e-9
 
@@ -67,28 +77,73 @@ class ResponseLike(Protocol):
     def headers(self) -> Mapping[str, str]: ...
 
 
+@dataclass(eq=False)
+class _Charge:
+    """One admission in our window: settled in place, zeroed when cancelled."""
+
+    at: float
+    requests: int
+    tokens: int
+
+
+class _Window:
+    """Our own charges over the last `window_s` seconds (the way the quota counts them)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.entries: deque[_Charge] = deque()
+        self.requests = 0
+        self.tokens = 0
+
+    def expire(self, now: float) -> None:
+        while self.entries and self.entries[0].at + self.window_s <= now + _EPS:
+            gone = self.entries.popleft()
+            self.requests -= gone.requests
+            self.tokens -= gone.tokens
+
+    def add(self, charge: _Charge) -> None:
+        self.entries.append(charge)
+        self.requests += charge.requests
+        self.tokens += charge.tokens
+
+    def adjust(self, charge: _Charge, requests: int, tokens: int) -> None:
+        """Change a charge still in the window (no-op once it expired: the window forgot it)."""
+        if self.entries and charge.at + self.window_s > self.entries[0].at - _EPS and charge in self.entries:
+            charge.requests += requests
+            charge.tokens += tokens
+            self.requests += requests
+            self.tokens += tokens
+
+    def wait_for(self, now: float, cap_requests: float | None, cap_tokens: float | None, tokens: int) -> float:
+        """Seconds until one more request of `tokens` fits both capacities (or the window is empty)."""
+
+        def fits(req: int, tok: int) -> bool:
+            ok_r = cap_requests is None or req == 0 or req + 1 <= cap_requests + _EPS
+            ok_t = cap_tokens is None or tok <= 0 or tok + tokens <= cap_tokens + _EPS * max(1.0, cap_tokens)
+            return ok_r and ok_t
+
+        req, tok = self.requests, self.tokens
+        if fits(req, tok):
+            return 0.0
+        for entry in self.entries:
+            req, tok = req - entry.requests, tok - entry.tokens
+            if fits(req, tok):
+                return max(0.0, entry.at + self.window_s - now)
+        return 0.0  # unreachable: an empty window always fits
+
+
 @dataclass
-class _Bucket:
-    """A continuously refilling token bucket; `level` may go negative (debt)."""
+class _Room:
+    """Our slice of what the server said is left: lowered by observations, refilled at our share."""
 
-    capacity: float
-    rate: float  # units per second
-    level: float
-    last: float  # time of the last refill; may lie in the future while a throttle pause runs
+    level: float = math.inf
+    last: float = 0.0  # may lie in the future while a throttle pause runs
 
-    def refill(self, now: float) -> None:
+    def refill(self, now: float, rate: float, cap: float) -> None:
         if now > self.last:
-            self.level = min(self.capacity, self.level + (now - self.last) * self.rate)
+            if math.isfinite(self.level):
+                self.level = min(cap, self.level + (now - self.last) * rate)
             self.last = now
-
-    def wait_for(self, amount: float) -> float:
-        """Seconds until `amount` (at most the capacity) is available; 0 when it already is."""
-        need = min(amount, self.capacity)
-        missing = need - self.level
-        return 0.0 if missing <= _EPS * max(1.0, need) else missing / self.rate
-
-    def add(self, amount: float) -> None:
-        self.level = min(self.capacity, self.level + amount)
 
 
 @dataclass(eq=False)
@@ -99,23 +154,21 @@ class _Waiter:
 
 @dataclass(eq=False)
 class Reservation:
-    """Quota taken for one model call; settle it with the real usage (or cancel it)."""
+    """Quota taken for one model call; settle it with the real charge (or cancel it)."""
 
     limiter: RateLimiter = field(repr=False)
     estimated_tokens: int
     waited_s: float = 0.0
     done: bool = False
+    charge: _Charge | None = field(default=None, repr=False)
 
     def settle(self, actual_tokens: int) -> int:
-        """Return (estimated - actual) tokens to the bucket; negative means more was taken.
-
-        Idempotent: only the first settle/cancel counts (returns 0 afterwards).
-        """
+        """Correct the charge to `actual_tokens`; returns (estimated - actual), 0 after the first settle/cancel."""
         if self.done:
             return 0
         self.done = True
         delta = self.estimated_tokens - max(0, int(actual_tokens))
-        self.limiter._give_back(requests=0, tokens=delta)
+        self.limiter._give_back(self, requests=0, tokens=delta)
         return delta
 
     def cancel(self) -> None:
@@ -123,11 +176,11 @@ class Reservation:
         if self.done:
             return
         self.done = True
-        self.limiter._give_back(requests=1, tokens=self.estimated_tokens)
+        self.limiter._give_back(self, requests=1, tokens=self.estimated_tokens)
 
 
 class RateLimiter:
-    """FIFO RPM/TPM limiter with server feedback (see the module docstring)."""
+    """FIFO, windowed, AIMD-paced RPM/TPM limiter (see the module docstring)."""
 
     def __init__(self, rpm: int, tpm: int, clock: Clock | None = None, window_s: float = 60.0) -> None:
         if rpm < 0 or tpm < 0:
@@ -137,53 +190,60 @@ class RateLimiter:
         self.rpm = rpm
         self.tpm = tpm
         self.window_s = window_s
+        self.share = 1.0
         self._clock: Clock = clock or MonotonicClock()
-        now = self._clock.now()
-        self._requests = self._bucket(rpm, now)
-        self._tokens = self._bucket(tpm, now)
+        self._window = _Window(window_s)
+        self._room_requests = _Room()
+        self._room_tokens = _Room()
         self._queue: deque[_Waiter] = deque()
         self._paused_until = -math.inf
+        self._last_cut = -math.inf
+        self._call_tokens = 0.0  # running mean of a call's charge, for the AIMD steps
         self._acquired = 0
         self._throttles = 0
         self._total_wait_s = 0.0
         self._max_wait_s = 0.0
 
-    def _bucket(self, per_minute: int, now: float) -> _Bucket | None:
-        if per_minute <= 0:
-            return None
-        rate = per_minute / 60.0
-        capacity = rate * self.window_s
-        return _Bucket(capacity=capacity, rate=rate, level=capacity, last=now)
-
     @classmethod
-    def from_settings(cls, settings: Settings, clock: Clock | None = None, window_s: float = 60.0) -> RateLimiter:
-        return cls(settings.vlm_rpm, settings.vlm_tpm, clock=clock, window_s=window_s)
+    def from_settings(
+        cls, settings: Settings, clock: Clock | None = None, window_s: float | None = None
+    ) -> RateLimiter:
+        window = settings.vlm_rate_window_s if window_s is None else window_s
+        return cls(settings.vlm_rpm, settings.vlm_tpm, clock=clock, window_s=window)
 
     @property
     def enabled(self) -> bool:
-        return self._requests is not None or self._tokens is not None
+        return self.rpm > 0 or self.tpm > 0
+
+    def _caps(self) -> tuple[float | None, float | None]:
+        """This instance's window capacity now (None = dimension off)."""
+        scale = self.share * self.window_s / 60.0
+        return (self.rpm * scale if self.rpm else None, self.tpm * scale if self.tpm else None)
 
     # --- acquiring --------------------------------------------------------------------
 
     async def acquire(self, estimated_tokens: int) -> Reservation:
-        """Wait (FIFO) until one request and `estimated_tokens` are available, then take them.
+        """Wait (FIFO) until one request and `estimated_tokens` fit, then take them.
 
         Cancelling the waiting task removes it from the queue cleanly (use asyncio.timeout
         around it to bound the wait).
         """
         tokens = max(0, int(estimated_tokens))
         start = self._clock.now()
-        if not self._queue and self._try_take(tokens) == 0.0:
-            return self._granted(tokens, start)
+        if not self._queue:
+            charge = self._try_take(tokens)
+            if isinstance(charge, _Charge):
+                return self._granted(tokens, start, charge)
         waiter = _Waiter(tokens)
         self._queue.append(waiter)
         try:
             while True:
                 delay: float | None = None
                 if self._queue[0] is waiter:
-                    delay = self._try_take(tokens)
-                    if delay == 0.0:
+                    taken = self._try_take(tokens)
+                    if isinstance(taken, _Charge):
                         break
+                    delay = taken
                 await self._park(waiter, delay)
         except BaseException:
             was_head = bool(self._queue) and self._queue[0] is waiter
@@ -193,7 +253,7 @@ class RateLimiter:
             raise
         self._queue.popleft()
         self._wake_head()
-        return self._granted(tokens, start)
+        return self._granted(tokens, start, taken)
 
     @asynccontextmanager
     async def reserve(self, estimated_tokens: int) -> AsyncIterator[Reservation]:
@@ -201,8 +261,7 @@ class RateLimiter:
 
         Leaving the block without settle/cancel keeps the estimate charged, also on an
         exception: the request may have reached the model, so refunding would over-admit.
-        A cancelled block (CancelledError, a BaseException) gives the reservation back:
-        keeping it would leave the limiter owing for calls that were abandoned.
+        A cancelled block (CancelledError, a BaseException) gives the reservation back.
         """
         reservation = await self.acquire(estimated_tokens)
         try:
@@ -213,25 +272,56 @@ class RateLimiter:
         finally:
             reservation.done = True
 
-    def _try_take(self, tokens: int) -> float:
-        """Take one request and `tokens` now and return 0, or return the seconds to wait."""
+    def _rates(self) -> tuple[float, float, float, float]:
+        """(request rate, request room cap, token rate, token room cap) at the current share."""
+        cap_r, cap_t = self._caps()
+        return (
+            self.share * self.rpm / 60.0,
+            cap_r if cap_r is not None else math.inf,
+            self.share * self.tpm / 60.0,
+            cap_t if cap_t is not None else math.inf,
+        )
+
+    def _refill_rooms(self, now: float) -> None:
+        rate_r, cap_r, rate_t, cap_t = self._rates()
+        self._room_requests.refill(now, rate_r, cap_r)
+        self._room_tokens.refill(now, rate_t, cap_t)
+
+    def _try_take(self, tokens: int) -> _Charge | float:
+        """Take one request and `tokens` now, or return the seconds to wait."""
         now = self._clock.now()
         if now < self._paused_until:
             return self._paused_until - now
-        wait = 0.0
-        if self._requests is not None:
-            self._requests.refill(now)
-            wait = max(wait, self._requests.wait_for(1))
-        if self._tokens is not None:
-            self._tokens.refill(now)
-            wait = max(wait, self._tokens.wait_for(tokens))
+        if not self.enabled:
+            return self._take(now, tokens)
+        self._window.expire(now)
+        cap_r, cap_t = self._caps()
+        wait = self._window.wait_for(now, cap_r, cap_t, tokens)
+        self._refill_rooms(now)
+        rate_r, room_cap_r, rate_t, room_cap_t = self._rates()
+        for room, need, rate, cap in (
+            (self._room_requests, 1, rate_r, room_cap_r),
+            (self._room_tokens, tokens, rate_t, room_cap_t),
+        ):
+            if rate <= 0 or not math.isfinite(room.level):
+                continue
+            target = min(need, cap)  # bigger than the room's cap: go when the room is full
+            missing = target - room.level
+            if missing > _EPS * max(1.0, target):
+                wait = max(wait, missing / rate)
         if wait > 0.0:
             return wait
-        if self._requests is not None:
-            self._requests.level -= 1
-        if self._tokens is not None:
-            self._tokens.level -= tokens
-        return 0.0
+        return self._take(now, tokens)
+
+    def _take(self, now: float, tokens: int) -> _Charge:
+        charge = _Charge(now, 1, tokens)
+        if self.enabled:
+            self._window.add(charge)
+        for room, amount in ((self._room_requests, 1), (self._room_tokens, tokens)):
+            if math.isfinite(room.level):
+                room.level -= amount
+        self._call_tokens = tokens if not self._call_tokens else 0.8 * self._call_tokens + 0.2 * tokens
+        return charge
 
     async def _park(self, waiter: _Waiter, delay: float | None) -> None:
         """Block until woken (became head, quota refunded) or, for the head, `delay` elapsed."""
@@ -257,67 +347,97 @@ class RateLimiter:
             if wake is not None and not wake.done():
                 wake.set_result(None)
 
-    def _granted(self, tokens: int, start: float) -> Reservation:
+    def _granted(self, tokens: int, start: float, charge: _Charge) -> Reservation:
         waited = self._clock.now() - start
         self._acquired += 1
         self._total_wait_s += waited
         self._max_wait_s = max(self._max_wait_s, waited)
-        return Reservation(self, tokens, waited_s=waited)
+        return Reservation(self, tokens, waited_s=waited, charge=charge)
 
-    def _give_back(self, requests: int, tokens: int) -> None:
+    def _give_back(self, reservation: Reservation, requests: int, tokens: int) -> None:
         """Apply a settle/cancel correction (positive = refund, negative = extra charge).
 
-        Refunds are dropped while a throttle pause runs: after a 429 our accounting is
-        known to be optimistic and the buckets restart empty; extra charges still count.
+        The window's charge is corrected while it is still counted. The room is refunded only
+        outside a throttle pause: after a 429 our accounting is known to be optimistic.
         """
         now = self._clock.now()
+        if reservation.charge is not None and self.enabled:
+            self._window.expire(now)
+            self._window.adjust(reservation.charge, -requests, -tokens)
         paused = now < self._paused_until
-        for bucket, amount in ((self._requests, requests), (self._tokens, tokens)):
-            if bucket is None or amount == 0 or (paused and amount > 0):
-                continue
-            bucket.refill(now)
-            bucket.add(amount)
+        self._refill_rooms(now)
+        _, cap_r, _, cap_t = self._rates()
+        for room, amount, cap in ((self._room_requests, requests, cap_r), (self._room_tokens, tokens, cap_t)):
+            if math.isfinite(room.level) and amount != 0 and not (paused and amount > 0):
+                room.level = min(cap, room.level + amount)
         if not paused and (requests > 0 or tokens > 0):
             self._wake_head()  # the head may be able to go earlier than it planned
 
     # --- server feedback --------------------------------------------------------------
 
-    def observe_headers(self, headers: Mapping[str, str]) -> None:
-        """Lower the buckets to the server's `x-ratelimit-remaining-*`; never raise them.
+    def _set_share(self, share: float) -> None:
+        now = self._clock.now()
+        self._refill_rooms(now)
+        self.share = min(1.0, max(MIN_SHARE, share))
+        _, cap_r, _, cap_t = self._rates()
+        for room, cap in ((self._room_requests, cap_r), (self._room_tokens, cap_t)):
+            room.level = min(room.level, cap)
 
-        The server knows about traffic we cannot see (other instances, other clients), so
-        when it reports less than we think we have, it is right; when it reports more, our
-        own accounting (which includes calls in flight) stays. Missing, malformed or
-        negative values (Azure sends -1 on some APIs) are ignored.
+    def observe_headers(self, headers: Mapping[str, str], *, throttled: bool = False) -> None:
+        """Learn from one answer's `x-ratelimit-*` headers (see the module docstring).
+
+        Missing, malformed or negative values (Azure sends -1 on some APIs) are ignored.
         """
         now = self._clock.now()
-        for bucket, name in ((self._requests, REMAINING_REQUESTS), (self._tokens, REMAINING_TOKENS)):
-            if bucket is None:
-                continue
-            remaining = _number(_header(headers, name))
-            if remaining is None or remaining < 0:
-                continue
-            bucket.refill(now)
-            bucket.level = min(bucket.level, remaining)
+        for name, attr in ((LIMIT_REQUESTS, "rpm"), (LIMIT_TOKENS, "tpm")):
+            limit = _number(_header(headers, name))
+            if getattr(self, attr) == 0 and limit is not None and limit >= 1:
+                setattr(self, attr, int(limit))  # no bound configured: the server's own limit is the bound
+        if not self.enabled:
+            return
+        self._refill_rooms(now)
+        room_r = _number(_header(headers, REMAINING_REQUESTS)) if self.rpm else None
+        room_t = _number(_header(headers, REMAINING_TOKENS)) if self.tpm else None
+        for room, remaining in ((self._room_requests, room_r), (self._room_tokens, room_t)):
+            if remaining is not None and remaining >= 0:
+                room.level = min(room.level, self.share * remaining)
+                room.last = max(room.last, now)
+        if throttled:
+            return
+        call = max(1.0, self._call_tokens)
+        full = (room_t is not None and room_t >= 0 and room_t < call) or (
+            room_r is not None and room_r >= 0 and room_r < 1
+        )
+        plenty = (room_t is None or room_t >= 2 * call) and (room_r is None or room_r >= 2)
+        if full:
+            if now - self._last_cut >= self.window_s / 10:
+                self._last_cut = now
+                self._set_share(self.share * DECREASE_ON_FULL)
+        elif plenty and (room_t is not None or room_r is not None) and self.share < 1.0:
+            cap_r = self.rpm * self.window_s / 60.0
+            per_window = self.tpm * self.window_s / 60.0 if self.tpm else 0.0
+            step = call / per_window if per_window else (1.0 / cap_r if cap_r else 0.0)
+            self._set_share(self.share + step)
 
     def on_throttled(self, retry_after_s: float) -> None:
-        """A 429: pause every caller until now + retry_after_s, then restart with empty buckets.
+        """A 429: pause every caller until now + retry_after_s, halve the share once per pause, empty the room.
 
-        All waiters queue behind the pause (no one probes the server during it); the
-        buckets are drained and do not refill during the pause, so after it waiters are
-        released one by one at the refill rate instead of all at once. The pause applies
-        even with both dimensions disabled (it is the server's instruction), capped at
-        MAX_PAUSE_S. Overlapping 429s extend the pause, never shorten it.
+        No one probes the server during the pause; after it, waiters are released as the room
+        refills at the (halved) share. The pause applies even with both dimensions disabled (it
+        is the server's instruction), capped at MAX_PAUSE_S. Overlapping 429s extend the pause,
+        never shorten it.
         """
         now = self._clock.now()
         pause = DEFAULT_RETRY_AFTER_S if math.isnan(retry_after_s) else min(max(0.0, retry_after_s), MAX_PAUSE_S)
         self._throttles += 1
+        if now >= self._paused_until:  # one cut per congestion event, not per 429 of a burst
+            self._last_cut = now
+            self._set_share(self.share * DECREASE_ON_429)
         self._paused_until = max(self._paused_until, now + pause)
-        for bucket in (self._requests, self._tokens):
-            if bucket is not None:
-                bucket.refill(now)
-                bucket.level = min(bucket.level, 0.0)
-                bucket.last = max(bucket.last, self._paused_until)
+        self._refill_rooms(now)
+        for room in (self._room_requests, self._room_tokens):
+            room.level = min(room.level, 0.0) if math.isfinite(room.level) else 0.0
+            room.last = max(room.last, self._paused_until)
 
     def httpx_response_hook(
         self, *, wall_clock: Callable[[], float] = time.time
@@ -332,8 +452,9 @@ class RateLimiter:
 
         async def on_response(response: ResponseLike) -> None:
             headers = response.headers
-            self.observe_headers(headers)
-            if response.status_code == 429:
+            throttled = response.status_code == 429
+            self.observe_headers(headers, throttled=throttled)
+            if throttled:
                 seconds = parse_retry_after(headers, wall_clock())
                 self.on_throttled(DEFAULT_RETRY_AFTER_S if seconds is None else seconds)
 
@@ -342,16 +463,18 @@ class RateLimiter:
     # --- reporting --------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot for logs and benchmarks (levels are refilled to now; None = disabled)."""
+        """A snapshot for logs and benchmarks (None = dimension disabled or nothing known)."""
         now = self._clock.now()
-        for bucket in (self._requests, self._tokens):
-            if bucket is not None:
-                bucket.refill(now)
+        self._window.expire(now)
+        self._refill_rooms(now)
+        cap_r, cap_t = self._caps()
+        rooms = (self._room_requests.level, self._room_tokens.level)
         return {
             "rpm": self.rpm,
             "tpm": self.tpm,
-            "available_requests": None if self._requests is None else self._requests.level,
-            "available_tokens": None if self._tokens is None else self._tokens.level,
+            "share": self.share,
+            "available_requests": None if cap_r is None else min(cap_r - self._window.requests, rooms[0]),
+            "available_tokens": None if cap_t is None else min(cap_t - self._window.tokens, rooms[1]),
             "waiting": len(self._queue),
             "acquired": self._acquired,
             "throttles": self._throttles,

@@ -112,57 +112,61 @@ def test_clocks_satisfy_the_protocol() -> None:
     assert MonotonicClock().now() <= MonotonicClock().now()
 
 
-# --- bucket arithmetic --------------------------------------------------------------------
+# --- window arithmetic --------------------------------------------------------------------
 
 
-async def test_rpm_bucket_61st_request_waits_exactly_one_second() -> None:
+async def test_rpm_window_61st_request_waits_until_the_first_leaves_the_window() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=60, tpm=0, clock=clock)
     for _ in range(60):
         await limiter.acquire(1)  # immediate: no sleeper, no time passes
     assert clock.now() == 0.0 and clock.sleepers == 0
     reservation = await clock.run(limiter.acquire(1))
-    assert clock.now() == pytest.approx(1.0)
-    assert reservation.waited_s == pytest.approx(1.0)
+    assert clock.now() == pytest.approx(60.0)  # counted in windows, as Azure does: nothing refills early
+    assert reservation.waited_s == pytest.approx(60.0)
 
 
-async def test_rpm_bucket_releases_a_backlog_at_the_refill_rate() -> None:
+async def test_a_backlog_goes_in_order_as_the_window_frees() -> None:
     clock = FakeClock()
-    limiter = RateLimiter(rpm=60, tpm=0, clock=clock)
-    for _ in range(60):
+    limiter = RateLimiter(rpm=60, tpm=0, clock=clock, window_s=10)  # 10 per 10 s window
+    for _ in range(10):
         await limiter.acquire(0)
+        await clock.advance(0.5)  # admitted at 0, 0.5, ... 4.5 s
     log: list = []
     tasks = [_spawn(limiter, clock, 0, f"r{i}", log) for i in range(5)]
     await clock.run(asyncio.gather(*tasks))
     assert [name for name, _ in log] == ["r0", "r1", "r2", "r3", "r4"]
-    assert [t for _, t in log] == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert [t for _, t in log] == pytest.approx([10.0, 10.5, 11.0, 11.5, 12.0])
 
 
 async def test_window_s_sets_the_burst_size() -> None:
     clock = FakeClock()
-    limiter = RateLimiter(rpm=60, tpm=0, clock=clock, window_s=10)  # 10 requests of burst, 1/s
+    limiter = RateLimiter(rpm=60, tpm=0, clock=clock, window_s=10)  # 10 requests per 10 s window
     for _ in range(10):
         await limiter.acquire(0)
     await clock.run(limiter.acquire(0))
-    assert clock.now() == pytest.approx(1.0)
-
-
-async def test_tpm_waits_until_enough_tokens_have_refilled() -> None:
-    clock = FakeClock()
-    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)  # 100 tokens/s
-    await limiter.acquire(5000)
-    await clock.run(limiter.acquire(2000))  # 1000 left, 1000 missing -> 10 s
     assert clock.now() == pytest.approx(10.0)
+
+
+async def test_tpm_waits_until_enough_tokens_have_left_the_window() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    await limiter.acquire(1000)
+    await clock.advance(20.0)
+    await limiter.acquire(4000)
+    await clock.run(limiter.acquire(2000))  # 1000 left; the 1000 from 0 s leaves the window at 60 s
+    assert clock.now() == pytest.approx(60.0)
     assert limiter.stats()["available_tokens"] == pytest.approx(0.0)
 
 
 async def test_both_dimensions_wait_for_the_slower_one() -> None:
     clock = FakeClock()
-    limiter = RateLimiter(rpm=6, tpm=6000, clock=clock)  # 1 request / 10 s, 100 tokens/s
-    for _ in range(6):
-        await limiter.acquire(100)
-    await clock.run(limiter.acquire(100))  # tokens are plentiful; the request bucket needs 10 s
-    assert clock.now() == pytest.approx(10.0)
+    limiter = RateLimiter(rpm=2, tpm=6000, clock=clock)
+    await limiter.acquire(100)
+    await clock.advance(30.0)
+    await limiter.acquire(100)
+    await clock.run(limiter.acquire(100))  # tokens are plentiful; the second request slot frees at 60 s
+    assert clock.now() == pytest.approx(60.0)
 
 
 # --- settle / cancel ----------------------------------------------------------------------
@@ -186,7 +190,7 @@ async def test_settle_charges_an_underestimate() -> None:
     assert reservation.settle(4000) == -3000
     assert limiter.stats()["available_tokens"] == pytest.approx(2000)
     await clock.run(limiter.acquire(3000))
-    assert clock.now() == pytest.approx(10.0)
+    assert clock.now() == pytest.approx(60.0)
 
 
 async def test_settle_never_overfills_the_bucket() -> None:
@@ -239,20 +243,18 @@ async def test_reserve_context_manager_keeps_the_estimate_unless_settled() -> No
 
 async def test_fifo_a_big_request_is_not_starved_by_small_ones() -> None:
     clock = FakeClock()
-    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)  # 100 tokens/s
-    await limiter.acquire(6000)
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    await limiter.acquire(1000)
+    await clock.advance(10.0)
+    await limiter.acquire(4500)  # 500 left until 60 s, 1500 until 70 s, then the whole window
     log: list = []
     big = _spawn(limiter, clock, 5000, "big", log)
     await clock.run_until_idle()
     smalls = [_spawn(limiter, clock, 100, f"s{i}", log) for i in range(3)]
     await clock.run(asyncio.gather(big, *smalls))
-    # Small ones alone would have gone at 1, 2, 3 s; they queue behind the big one.
-    assert log == [
-        ("big", pytest.approx(50.0)),
-        ("s0", pytest.approx(51.0)),
-        ("s1", pytest.approx(52.0)),
-        ("s2", pytest.approx(53.0)),
-    ]
+    # Small ones alone would have gone at once; they queue behind the big one.
+    assert [name for name, _ in log] == ["big", "s0", "s1", "s2"]
+    assert [t for _, t in log] == pytest.approx([70.0, 70.0, 70.0, 70.0])
 
 
 async def test_a_new_arrival_queues_behind_waiters_even_if_it_would_fit() -> None:
@@ -269,30 +271,32 @@ async def test_a_new_arrival_queues_behind_waiters_even_if_it_would_fit() -> Non
     assert [name for name, _ in log] == ["big", "small"]
 
 
-async def test_a_request_bigger_than_the_bucket_goes_when_full_and_leaves_debt() -> None:
+async def test_a_request_bigger_than_the_window_goes_when_it_is_empty_and_leaves_debt() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
-    await limiter.acquire(10_000)  # full bucket: allowed at once
+    await limiter.acquire(10_000)  # empty window: allowed at once
     assert clock.now() == 0.0
     assert limiter.stats()["available_tokens"] == pytest.approx(-4000)
-    await clock.run(limiter.acquire(1000))  # debt 4000 + 1000 needed = 50 s
-    assert clock.now() == pytest.approx(50.0)
+    await clock.run(limiter.acquire(1000))  # waits for the big one to leave the window
+    assert clock.now() == pytest.approx(60.0)
 
 
-async def test_a_request_bigger_than_the_bucket_waits_for_a_full_bucket() -> None:
+async def test_a_request_bigger_than_the_window_waits_for_an_empty_one() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
     await limiter.acquire(1000)
-    await clock.run(limiter.acquire(50_000))  # needs the whole 6000: 10 s
-    assert clock.now() == pytest.approx(10.0)
+    await clock.run(limiter.acquire(50_000))
+    assert clock.now() == pytest.approx(60.0)
 
 
 async def test_cancelling_a_waiter_removes_it_from_the_queue() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
-    await limiter.acquire(6000)
+    await limiter.acquire(5000)
+    await clock.advance(1.0)
+    await limiter.acquire(1000)
     log: list = []
-    head = _spawn(limiter, clock, 5000, "head", log)
+    head = _spawn(limiter, clock, 5500, "head", log)  # needs the 5000 from 0 s gone: 60 s
     await clock.run_until_idle()
     middle = _spawn(limiter, clock, 100, "middle", log)
     await clock.run_until_idle()
@@ -303,7 +307,7 @@ async def test_cancelling_a_waiter_removes_it_from_the_queue() -> None:
     await clock.run_until_idle()
     head.cancel()  # the next head takes over and computes its own wait
     await clock.run(tail)
-    assert log == [("tail", pytest.approx(1.0))]
+    assert log == [("tail", pytest.approx(60.0))]
     assert limiter.stats()["waiting"] == 0
     assert head.cancelled() and middle.cancelled()
 
@@ -328,39 +332,42 @@ async def test_headers_lower_the_buckets_but_never_raise_them() -> None:
     assert clock.now() == pytest.approx(8.0)
 
 
-async def test_throttle_pauses_all_callers_then_releases_them_at_the_refill_rate() -> None:
+async def test_throttle_pauses_all_callers_halves_the_share_then_releases_them_at_its_rate() -> None:
     clock = FakeClock()
-    limiter = RateLimiter(rpm=60, tpm=0, clock=clock)  # 1 request/s
-    for _ in range(58):
+    limiter = RateLimiter(rpm=60, tpm=0, clock=clock, window_s=10)  # 10 per 10 s window
+    for _ in range(8):
         await limiter.acquire(0)  # 2 requests left
     log: list = []
     early = [_spawn(limiter, clock, 0, f"e{i}", log) for i in range(2)]
     await clock.run_until_idle()
     assert [n for n, _ in log] == ["e0", "e1"]  # there was room for these
     waiting = [_spawn(limiter, clock, 0, f"w{i}", log) for i in range(3)]
-    await clock.advance(0.5)  # w0 would go at 1.0 s
-    limiter.on_throttled(10.0)  # a 429 at 0.5 s: pause until 10.5 s
+    await clock.advance(0.5)
+    limiter.on_throttled(10.0)  # a 429 at 0.5 s: pause until 10.5 s, share 1 -> 0.5
+    assert limiter.share == pytest.approx(0.5)
     later = [_spawn(limiter, clock, 0, f"l{i}", log) for i in range(2)]  # new arrivals during the pause
     await clock.advance(9.9)
     assert len(log) == 2, "nobody may go during the pause"
     await clock.run(asyncio.gather(*early, *waiting, *later))
     released = [t for _, t in log[2:]]
     assert [n for n, _ in log[2:]] == ["w0", "w1", "w2", "l0", "l1"]
-    # The bucket restarts empty at 10.5 s: one request per second, not a burst at 10.5 s.
-    assert released == pytest.approx([11.5, 12.5, 13.5, 14.5, 15.5])
+    # The room restarts empty at 10.5 s and refills at half the rate: one request every 2 s, not a burst.
+    assert released == pytest.approx([12.5, 14.5, 16.5, 18.5, 20.5])
     assert limiter.stats()["throttles"] == 1
 
 
-async def test_overlapping_throttles_extend_the_pause_never_shorten_it() -> None:
+async def test_overlapping_throttles_extend_the_pause_never_shorten_it_and_cut_the_share_once() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
     limiter.on_throttled(20.0)
     limiter.on_throttled(5.0)
     assert limiter.stats()["paused_for_s"] == pytest.approx(20.0)
-    await clock.run(limiter.acquire(100))  # pause to 20 s, then 100 tokens at 100/s
-    assert clock.now() == pytest.approx(21.0)
+    assert limiter.share == pytest.approx(0.5)  # one congestion event, one cut
+    await clock.run(limiter.acquire(100))  # pause to 20 s, then 100 tokens at half of 100/s
+    assert clock.now() == pytest.approx(22.0)
     limiter.on_throttled(float("inf"))
     assert limiter.stats()["paused_for_s"] == pytest.approx(MAX_PAUSE_S)
+    assert limiter.share == pytest.approx(0.25)
 
 
 async def test_refunds_during_a_pause_are_dropped() -> None:
@@ -396,16 +403,16 @@ def test_rejects_bad_arguments() -> None:
 
 async def test_stats_report_waiting_and_wait_time() -> None:
     clock = FakeClock()
-    limiter = RateLimiter(rpm=60, tpm=6000, clock=clock)
-    await limiter.acquire(6000)
+    limiter = RateLimiter(rpm=60, tpm=6000, clock=clock, window_s=10)
+    await limiter.acquire(1000)
     task = asyncio.ensure_future(limiter.acquire(200))
     await clock.run_until_idle()
     assert limiter.stats()["waiting"] == 1
     await clock.run(task)
     stats = limiter.stats()
     assert stats["waiting"] == 0 and stats["acquired"] == 2
-    assert stats["total_wait_s"] == pytest.approx(2.0) and stats["max_wait_s"] == pytest.approx(2.0)
-    assert set(stats) >= {"available_requests", "available_tokens", "throttles", "paused_for_s"}
+    assert stats["total_wait_s"] == pytest.approx(10.0) and stats["max_wait_s"] == pytest.approx(10.0)
+    assert set(stats) >= {"available_requests", "available_tokens", "throttles", "paused_for_s", "share"}
 
 
 # --- retry-after parsing and the HTTP hook -------------------------------------------------
