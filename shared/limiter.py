@@ -63,6 +63,8 @@ MAX_PAUSE_S = 120.0
 MIN_SHARE = 1 / 256
 DECREASE_ON_429 = 0.5
 DECREASE_ON_FULL = 0.85
+# How far back an answer's admission may lie (its headers were computed then); beyond, latency is ignored.
+MAX_LAG_S = 30.0
 # Float slack so that waiting exactly the computed time is always enough.
 _EPS = 1e-9
 
@@ -94,12 +96,21 @@ class _Window:
         self.entries: deque[_Charge] = deque()
         self.requests = 0
         self.tokens = 0
+        self.gone: deque[_Charge] = deque()  # expired lately: an answer's headers describe its admission time
 
     def expire(self, now: float) -> None:
         while self.entries and self.entries[0].at + self.window_s <= now + _EPS:
             gone = self.entries.popleft()
             self.requests -= gone.requests
             self.tokens -= gone.tokens
+            self.gone.append(gone)
+        while self.gone and self.gone[0].at + self.window_s + MAX_LAG_S < now:
+            self.gone.popleft()
+
+    def held_at(self, t: float) -> tuple[int, int]:
+        """(requests, tokens) our window held at time t (t up to MAX_LAG_S ago)."""
+        held = [c for c in (*self.gone, *self.entries) if t - self.window_s < c.at <= t + _EPS]
+        return sum(c.requests for c in held), sum(c.tokens for c in held)
 
     def add(self, charge: _Charge) -> None:
         self.entries.append(charge)
@@ -108,42 +119,38 @@ class _Window:
 
     def adjust(self, charge: _Charge, requests: int, tokens: int) -> None:
         """Change a charge still in the window (no-op once it expired: the window forgot it)."""
-        if self.entries and charge.at + self.window_s > self.entries[0].at - _EPS and charge in self.entries:
+        if any(entry is charge for entry in self.entries):
             charge.requests += requests
             charge.tokens += tokens
             self.requests += requests
             self.tokens += tokens
 
-    def wait_for(self, now: float, cap_requests: float | None, cap_tokens: float | None, tokens: int) -> float:
-        """Seconds until one more request of `tokens` fits both capacities (or the window is empty)."""
-
-        def fits(req: int, tok: int) -> bool:
-            ok_r = cap_requests is None or req == 0 or req + 1 <= cap_requests + _EPS
-            ok_t = cap_tokens is None or tok <= 0 or tok + tokens <= cap_tokens + _EPS * max(1.0, cap_tokens)
-            return ok_r and ok_t
-
-        req, tok = self.requests, self.tokens
-        if fits(req, tok):
-            return 0.0
-        for entry in self.entries:
-            req, tok = req - entry.requests, tok - entry.tokens
-            if fits(req, tok):
-                return max(0.0, entry.at + self.window_s - now)
-        return 0.0  # unreachable: an empty window always fits
-
 
 @dataclass
-class _Room:
-    """Our slice of what the server said is left: lowered by observations, refilled at our share."""
+class _Others:
+    """What everyone else had charged in the server's window when it last told us (remaining-headers).
 
-    level: float = math.inf
-    last: float = 0.0  # may lie in the future while a throttle pause runs
+    Their charges leave the server's window at times we cannot see, but all of them within
+    `window_s` of the observation: the figure holds until then and is 0 after, never stale for longer
+    (a linear fade would promise room in mid-window that a burst at the window's start still holds)."""
 
-    def refill(self, now: float, rate: float, cap: float) -> None:
-        if now > self.last:
-            if math.isfinite(self.level):
-                self.level = min(cap, self.level + (now - self.last) * rate)
-            self.last = now
+    amount: float = 0.0
+    at: float = -math.inf
+
+    def now(self, now: float, window_s: float) -> float:
+        return self.amount if now < self.at + window_s else 0.0
+
+    def below(self, limit: float, window_s: float) -> float:
+        """The earliest time at which `now()` <= limit (inf when limit < 0)."""
+        if limit < 0:
+            return math.inf
+        return -math.inf if self.amount <= limit + _EPS else self.at + window_s
+
+    def observe(self, amount: float, now: float, window_s: float, lag_s: float) -> None:
+        """A higher figure always counts; a lower one only when it cannot be an older snapshot
+        overtaking a newer one (answers of one burst arrive in any order, within one latency)."""
+        if amount >= self.now(now, window_s) or now - self.at > lag_s:
+            self.amount, self.at = amount, now
 
 
 @dataclass(eq=False)
@@ -193,12 +200,13 @@ class RateLimiter:
         self.share = 1.0
         self._clock: Clock = clock or MonotonicClock()
         self._window = _Window(window_s)
-        self._room_requests = _Room()
-        self._room_tokens = _Room()
+        self._others_requests = _Others()
+        self._others_tokens = _Others()
         self._queue: deque[_Waiter] = deque()
         self._paused_until = -math.inf
         self._last_cut = -math.inf
-        self._call_tokens = 0.0  # running mean of a call's charge, for the AIMD steps
+        self._latency_s = 0.0  # running mean from admission to settle: when an answer's headers were computed
+        self._call_tokens = 0.0  # running mean of a call's charge, for the AIMD step
         self._acquired = 0
         self._throttles = 0
         self._total_wait_s = 0.0
@@ -215,10 +223,15 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.rpm > 0 or self.tpm > 0
 
-    def _caps(self) -> tuple[float | None, float | None]:
-        """This instance's window capacity now (None = dimension off)."""
-        scale = self.share * self.window_s / 60.0
-        return (self.rpm * scale if self.rpm else None, self.tpm * scale if self.tpm else None)
+    def _dims(self) -> list[tuple[float, _Others, Callable[[_Charge], int], int]]:
+        """(window capacity of the quota, others' charge, a charge's amount, the amount of this call) per dimension."""
+        scale = self.window_s / 60.0
+        dims: list[tuple[float, _Others, Callable[[_Charge], int], int]] = []
+        if self.rpm:
+            dims.append((self.rpm * scale, self._others_requests, lambda c: c.requests, 1))
+        if self.tpm:
+            dims.append((self.tpm * scale, self._others_tokens, lambda c: c.tokens, -1))
+        return dims
 
     # --- acquiring --------------------------------------------------------------------
 
@@ -231,9 +244,9 @@ class RateLimiter:
         tokens = max(0, int(estimated_tokens))
         start = self._clock.now()
         if not self._queue:
-            charge = self._try_take(tokens)
-            if isinstance(charge, _Charge):
-                return self._granted(tokens, start, charge)
+            taken = self._try_take(tokens)
+            if isinstance(taken, _Charge):
+                return self._granted(tokens, start, taken)
         waiter = _Waiter(tokens)
         self._queue.append(waiter)
         try:
@@ -272,54 +285,47 @@ class RateLimiter:
         finally:
             reservation.done = True
 
-    def _rates(self) -> tuple[float, float, float, float]:
-        """(request rate, request room cap, token rate, token room cap) at the current share."""
-        cap_r, cap_t = self._caps()
-        return (
-            self.share * self.rpm / 60.0,
-            cap_r if cap_r is not None else math.inf,
-            self.share * self.tpm / 60.0,
-            cap_t if cap_t is not None else math.inf,
-        )
+    def _ready_at(self, now: float, tokens: int) -> float:
+        """The earliest time >= now at which one more call of `tokens` fits every dimension.
 
-    def _refill_rooms(self, now: float) -> None:
-        rate_r, cap_r, rate_t, cap_t = self._rates()
-        self._room_requests.refill(now, rate_r, cap_r)
-        self._room_tokens.refill(now, rate_t, cap_t)
+        It fits when our window plus the call stays within min(share x capacity, capacity - others);
+        a call bigger than our share goes when our window is empty and the others leave us our share.
+        Candidate times are now and each expiry of one of our charges; between two expiries only the
+        others' (decaying) figure changes, which has a closed form.
+        """
+        entries = list(self._window.entries)
+        expiries = [now] + [max(now, e.at + self.window_s) for e in entries]
+        dims = self._dims()
+        for k, start in enumerate(expiries):
+            end = expiries[k + 1] if k + 1 < len(expiries) else math.inf
+            kept = entries[k:]
+            ready = start
+            for capacity, others, amount_of, this in dims:
+                need = tokens if this < 0 else this
+                own = sum(amount_of(e) for e in kept)
+                mine = self.share * capacity
+                if own > 0 and own + need > mine + _EPS * max(1.0, mine):
+                    ready = math.inf
+                    break
+                room_needed = min(own + need, mine) if own == 0 else own + need
+                ready = max(ready, others.below(capacity - room_needed, self.window_s))
+            if ready < end or (ready < math.inf and k + 1 == len(expiries)):
+                return max(now, ready)
+        return now + self.window_s  # unreachable in practice; re-check after a window
 
     def _try_take(self, tokens: int) -> _Charge | float:
         """Take one request and `tokens` now, or return the seconds to wait."""
         now = self._clock.now()
         if now < self._paused_until:
             return self._paused_until - now
-        if not self.enabled:
-            return self._take(now, tokens)
-        self._window.expire(now)
-        cap_r, cap_t = self._caps()
-        wait = self._window.wait_for(now, cap_r, cap_t, tokens)
-        self._refill_rooms(now)
-        rate_r, room_cap_r, rate_t, room_cap_t = self._rates()
-        for room, need, rate, cap in (
-            (self._room_requests, 1, rate_r, room_cap_r),
-            (self._room_tokens, tokens, rate_t, room_cap_t),
-        ):
-            if rate <= 0 or not math.isfinite(room.level):
-                continue
-            target = min(need, cap)  # bigger than the room's cap: go when the room is full
-            missing = target - room.level
-            if missing > _EPS * max(1.0, target):
-                wait = max(wait, missing / rate)
-        if wait > 0.0:
-            return wait
-        return self._take(now, tokens)
-
-    def _take(self, now: float, tokens: int) -> _Charge:
+        if self.enabled:
+            self._window.expire(now)
+            ready = self._ready_at(now, tokens)
+            if ready > now + _EPS:
+                return ready - now
         charge = _Charge(now, 1, tokens)
         if self.enabled:
             self._window.add(charge)
-        for room, amount in ((self._room_requests, 1), (self._room_tokens, tokens)):
-            if math.isfinite(room.level):
-                room.level -= amount
         self._call_tokens = tokens if not self._call_tokens else 0.8 * self._call_tokens + 0.2 * tokens
         return charge
 
@@ -355,33 +361,18 @@ class RateLimiter:
         return Reservation(self, tokens, waited_s=waited, charge=charge)
 
     def _give_back(self, reservation: Reservation, requests: int, tokens: int) -> None:
-        """Apply a settle/cancel correction (positive = refund, negative = extra charge).
-
-        The window's charge is corrected while it is still counted. The room is refunded only
-        outside a throttle pause: after a 429 our accounting is known to be optimistic.
-        """
+        """Apply a settle/cancel correction to the charge still in our window (positive = refund)."""
         now = self._clock.now()
         if reservation.charge is not None and self.enabled:
             self._window.expire(now)
             self._window.adjust(reservation.charge, -requests, -tokens)
-        paused = now < self._paused_until
-        self._refill_rooms(now)
-        _, cap_r, _, cap_t = self._rates()
-        for room, amount, cap in ((self._room_requests, requests, cap_r), (self._room_tokens, tokens, cap_t)):
-            if math.isfinite(room.level) and amount != 0 and not (paused and amount > 0):
-                room.level = min(cap, room.level + amount)
-        if not paused and (requests > 0 or tokens > 0):
+            if requests == 0:  # settled: the call went through; its latency dates the next answers' headers
+                lag = min(MAX_LAG_S, max(0.0, now - reservation.charge.at))
+                self._latency_s = lag if not self._latency_s else 0.8 * self._latency_s + 0.2 * lag
+        if now >= self._paused_until and (requests > 0 or tokens > 0):
             self._wake_head()  # the head may be able to go earlier than it planned
 
     # --- server feedback --------------------------------------------------------------
-
-    def _set_share(self, share: float) -> None:
-        now = self._clock.now()
-        self._refill_rooms(now)
-        self.share = min(1.0, max(MIN_SHARE, share))
-        _, cap_r, _, cap_t = self._rates()
-        for room, cap in ((self._room_requests, cap_r), (self._room_tokens, cap_t)):
-            room.level = min(room.level, cap)
 
     def observe_headers(self, headers: Mapping[str, str], *, throttled: bool = False) -> None:
         """Learn from one answer's `x-ratelimit-*` headers (see the module docstring).
@@ -395,49 +386,67 @@ class RateLimiter:
                 setattr(self, attr, int(limit))  # no bound configured: the server's own limit is the bound
         if not self.enabled:
             return
-        self._refill_rooms(now)
-        room_r = _number(_header(headers, REMAINING_REQUESTS)) if self.rpm else None
-        room_t = _number(_header(headers, REMAINING_TOKENS)) if self.tpm else None
-        for room, remaining in ((self._room_requests, room_r), (self._room_tokens, room_t)):
-            if remaining is not None and remaining >= 0:
-                room.level = min(room.level, self.share * remaining)
-                room.last = max(room.last, now)
-        if throttled:
+        self._window.expire(now)
+        scale = self.window_s / 60.0
+        seen: dict[str, float] = {}
+        own_requests, own_tokens = self._window.held_at(now - self._latency_s)
+        for name, others, per_min, own in (
+            (REMAINING_REQUESTS, self._others_requests, self.rpm, own_requests),
+            (REMAINING_TOKENS, self._others_tokens, self.tpm, own_tokens),
+        ):
+            remaining = _number(_header(headers, name)) if per_min else None
+            if remaining is None or remaining < 0:
+                continue
+            seen[name] = remaining
+            # Used by everyone minus what we held when the answered call was admitted (one latency ago;
+            # calls we admitted since are in neither figure).
+            others.observe(max(0.0, per_min * scale - remaining - own), now, self.window_s, self._latency_s)
+        if throttled or not seen:
             return
         call = max(1.0, self._call_tokens)
-        full = (room_t is not None and room_t >= 0 and room_t < call) or (
-            room_r is not None and room_r >= 0 and room_r < 1
-        )
+        room_t, room_r = seen.get(REMAINING_TOKENS), seen.get(REMAINING_REQUESTS)
         plenty = (room_t is None or room_t >= 2 * call) and (room_r is None or room_r >= 2)
-        if full:
-            if now - self._last_cut >= self.window_s / 10:
-                self._last_cut = now
-                self._set_share(self.share * DECREASE_ON_FULL)
-        elif plenty and (room_t is not None or room_r is not None) and self.share < 1.0:
-            cap_r = self.rpm * self.window_s / 60.0
-            per_window = self.tpm * self.window_s / 60.0 if self.tpm else 0.0
-            step = call / per_window if per_window else (1.0 / cap_r if cap_r else 0.0)
-            self._set_share(self.share + step)
+        others_t, others_r = self._others_tokens.amount, self._others_requests.amount
+        full = (room_t is not None and room_t < call and others_t >= call) or (
+            room_r is not None and room_r < 1 and others_r >= 1
+        )
+        # One call's share of a window, in this dimension's terms.
+        unit = call / (self.tpm * scale) if self.tpm else 1.0 / max(1.0, self.rpm * scale)
+        if full and now - self._last_cut >= self.window_s / 10:
+            # the window is full and not only with our calls: a gentler cut than a 429's
+            self._last_cut = now
+            self.share = max(MIN_SHARE, self.share * DECREASE_ON_FULL)
+        elif plenty and self.share < 1.0:
+            # additive increase, as TCP's 1/cwnd per ack: about one call's worth per window of our calls
+            self.share = min(1.0, self.share + unit * min(1.0, unit / self.share))
 
     def on_throttled(self, retry_after_s: float) -> None:
-        """A 429: pause every caller until now + retry_after_s, halve the share once per pause, empty the room.
+        """A 429: pause every caller until now + retry_after_s and halve the share (once per pause).
 
-        No one probes the server during the pause; after it, waiters are released as the room
-        refills at the (halved) share. The pause applies even with both dimensions disabled (it
-        is the server's instruction), capped at MAX_PAUSE_S. Overlapping 429s extend the pause,
-        never shorten it.
+        No one probes the server during the pause; the server's window is then taken to be full
+        (the others hold what we do not) until our next answer says otherwise or a window has
+        passed, so after the pause waiters go as our own charges leave the window. The pause applies even with both dimensions disabled
+        (it is the server's instruction), capped at MAX_PAUSE_S. Overlapping 429s extend the
+        pause, never shorten it.
         """
         now = self._clock.now()
         pause = DEFAULT_RETRY_AFTER_S if math.isnan(retry_after_s) else min(max(0.0, retry_after_s), MAX_PAUSE_S)
         self._throttles += 1
         if now >= self._paused_until:  # one cut per congestion event, not per 429 of a burst
             self._last_cut = now
-            self._set_share(self.share * DECREASE_ON_429)
+            self.share = max(MIN_SHARE, self.share * DECREASE_ON_429)
         self._paused_until = max(self._paused_until, now + pause)
-        self._refill_rooms(now)
-        for room in (self._room_requests, self._room_tokens):
-            room.level = min(room.level, 0.0) if math.isfinite(room.level) else 0.0
-            room.last = max(room.last, self._paused_until)
+        if self.enabled:
+            self._window.expire(now)
+            scale = self.window_s / 60.0
+            for others, per_min, own in (
+                (self._others_requests, self.rpm, self._window.requests),
+                (self._others_tokens, self.tpm, self._window.tokens),
+            ):
+                if per_min:
+                    full = max(0.0, per_min * scale - own)
+                    if others.now(self._paused_until, self.window_s) < full:
+                        others.amount, others.at = full, self._paused_until
 
     def httpx_response_hook(
         self, *, wall_clock: Callable[[], float] = time.time
@@ -463,18 +472,23 @@ class RateLimiter:
     # --- reporting --------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot for logs and benchmarks (None = dimension disabled or nothing known)."""
+        """A snapshot for logs and benchmarks (available = what one more call could take now; None = off)."""
         now = self._clock.now()
         self._window.expire(now)
-        self._refill_rooms(now)
-        cap_r, cap_t = self._caps()
-        rooms = (self._room_requests.level, self._room_tokens.level)
+        scale = self.window_s / 60.0
+
+        def available(per_min: int, others: _Others, own: int) -> float | None:
+            if not per_min:
+                return None
+            capacity = per_min * scale
+            return min(self.share * capacity, capacity - others.now(now, self.window_s)) - own
+
         return {
             "rpm": self.rpm,
             "tpm": self.tpm,
             "share": self.share,
-            "available_requests": None if cap_r is None else min(cap_r - self._window.requests, rooms[0]),
-            "available_tokens": None if cap_t is None else min(cap_t - self._window.tokens, rooms[1]),
+            "available_requests": available(self.rpm, self._others_requests, self._window.requests),
+            "available_tokens": available(self.tpm, self._others_tokens, self._window.tokens),
             "waiting": len(self._queue),
             "acquired": self._acquired,
             "throttles": self._throttles,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -21,6 +22,7 @@ from shared.clock import Clock, FakeClock, MonotonicClock
 from shared.limiter import (
     DEFAULT_RETRY_AFTER_S,
     MAX_PAUSE_S,
+    MIN_SHARE,
     RateLimiter,
     Reservation,
     parse_retry_after,
@@ -315,12 +317,13 @@ async def test_cancelling_a_waiter_removes_it_from_the_queue() -> None:
 # --- server feedback ----------------------------------------------------------------------
 
 
-async def test_headers_lower_the_buckets_but_never_raise_them() -> None:
+async def test_remaining_headers_tell_what_the_others_hold() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=60, tpm=6000, clock=clock)
     limiter.observe_headers({"x-ratelimit-remaining-requests": "10", "x-ratelimit-remaining-tokens": "500"})
     stats = limiter.stats()
     assert stats["available_requests"] == pytest.approx(10) and stats["available_tokens"] == pytest.approx(500)
+    # A higher remaining at the same moment may be an older answer overtaking a newer one: ignored.
     limiter.observe_headers({"X-RateLimit-Remaining-Tokens": "100000", "x-ratelimit-remaining-requests": "99"})
     assert limiter.stats()["available_tokens"] == pytest.approx(500)
     assert limiter.stats()["available_requests"] == pytest.approx(10)
@@ -328,11 +331,45 @@ async def test_headers_lower_the_buckets_but_never_raise_them() -> None:
     assert limiter.stats()["available_tokens"] == pytest.approx(500)
     limiter.observe_headers({"X-RateLimit-Remaining-Tokens": "200"})  # plain dict, other case
     assert limiter.stats()["available_tokens"] == pytest.approx(200)
-    await clock.run(limiter.acquire(1000))  # 800 missing at 100/s
-    assert clock.now() == pytest.approx(8.0)
+    await clock.advance(5.0)
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "3000"})  # later news: the others let go
+    assert limiter.stats()["available_tokens"] == pytest.approx(3000)
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "0"})
+    await clock.run(limiter.acquire(1000))  # the others' charges are gone a window after we last heard
+    assert clock.now() == pytest.approx(65.0)
 
 
-async def test_throttle_pauses_all_callers_halves_the_share_then_releases_them_at_its_rate() -> None:
+async def test_without_configured_bounds_the_servers_limit_headers_become_the_bound() -> None:
+    limiter = RateLimiter(rpm=0, tpm=0, clock=FakeClock())
+    assert not limiter.enabled
+    limiter.observe_headers({"x-ratelimit-limit-tokens": "6000", "x-ratelimit-limit-requests": "oops"})
+    assert limiter.enabled and (limiter.rpm, limiter.tpm) == (0, 6000)
+
+
+async def test_aimd_429_halves_a_full_window_of_others_cuts_gently_room_adds_back() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    (await limiter.acquire(600)).settle(600)
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "5400"})  # alone and plenty of room: stays 1
+    assert limiter.share == 1.0
+    await clock.advance(1.0)
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "100"})  # others hold 5300: full, not by us
+    assert limiter.share == pytest.approx(0.85)
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "50"})
+    assert limiter.share == pytest.approx(0.85)  # at most one gentle cut per tenth of a window
+    limiter.on_throttled(2.0)
+    assert limiter.share == pytest.approx(0.425)
+    await clock.advance(10.0)
+    for _ in range(3):
+        limiter.observe_headers({"x-ratelimit-remaining-tokens": "6000"})
+    assert 0.425 < limiter.share < 0.425 + 3 * 600 / 6000  # about one call's worth per window of calls
+    for _ in range(10_000):
+        limiter.on_throttled(0.0)
+        await clock.advance(0.001)
+    assert limiter.share == pytest.approx(MIN_SHARE)
+
+
+async def test_throttle_pauses_all_callers_halves_the_share_then_releases_them_at_it() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=60, tpm=0, clock=clock, window_s=10)  # 10 per 10 s window
     for _ in range(8):
@@ -345,39 +382,42 @@ async def test_throttle_pauses_all_callers_halves_the_share_then_releases_them_a
     await clock.advance(0.5)
     limiter.on_throttled(10.0)  # a 429 at 0.5 s: pause until 10.5 s, share 1 -> 0.5
     assert limiter.share == pytest.approx(0.5)
-    later = [_spawn(limiter, clock, 0, f"l{i}", log) for i in range(2)]  # new arrivals during the pause
+    later = [_spawn(limiter, clock, 0, f"l{i}", log) for i in range(3)]  # new arrivals during the pause
     await clock.advance(9.9)
     assert len(log) == 2, "nobody may go during the pause"
     await clock.run(asyncio.gather(*early, *waiting, *later))
-    released = [t for _, t in log[2:]]
-    assert [n for n, _ in log[2:]] == ["w0", "w1", "w2", "l0", "l1"]
-    # The room restarts empty at 10.5 s and refills at half the rate: one request every 2 s, not a burst.
-    assert released == pytest.approx([12.5, 14.5, 16.5, 18.5, 20.5])
+    assert [n for n, _ in log[2:]] == ["w0", "w1", "w2", "l0", "l1", "l2"]
+    # Half the window after the pause (5 of 10), the sixth a window later: not all at once.
+    assert [t for _, t in log[2:]] == pytest.approx([10.5] * 5 + [20.5])
     assert limiter.stats()["throttles"] == 1
 
 
 async def test_overlapping_throttles_extend_the_pause_never_shorten_it_and_cut_the_share_once() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    (await limiter.acquire(100)).settle(100)
     limiter.on_throttled(20.0)
     limiter.on_throttled(5.0)
     assert limiter.stats()["paused_for_s"] == pytest.approx(20.0)
     assert limiter.share == pytest.approx(0.5)  # one congestion event, one cut
-    await clock.run(limiter.acquire(100))  # pause to 20 s, then 100 tokens at half of 100/s
-    assert clock.now() == pytest.approx(22.0)
+    await clock.run(limiter.acquire(100))  # the window is taken as full: our 100 from 0 s must leave it
+    assert clock.now() == pytest.approx(60.0)
     limiter.on_throttled(float("inf"))
     assert limiter.stats()["paused_for_s"] == pytest.approx(MAX_PAUSE_S)
     assert limiter.share == pytest.approx(0.25)
 
 
-async def test_refunds_during_a_pause_are_dropped() -> None:
+async def test_a_cancel_during_a_pause_frees_our_window_but_not_the_pause() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
     inflight = await limiter.acquire(3000)
     limiter.on_throttled(5.0)
     inflight.cancel()
-    await clock.advance(5.0)
-    assert limiter.stats()["available_tokens"] == pytest.approx(0.0)
+    task = asyncio.ensure_future(limiter.acquire(100))
+    await clock.advance(4.9)
+    assert not task.done()
+    await clock.run(task)
+    assert clock.now() == pytest.approx(5.0)
 
 
 async def test_a_disabled_limiter_never_waits_but_still_honours_a_throttle() -> None:
@@ -523,3 +563,61 @@ async def test_a_reserve_block_cancelled_mid_flight_gives_its_reservation_back()
         await task
     stats = limiter.stats()
     assert (stats["available_tokens"], stats["available_requests"]) == (pytest.approx(1000), pytest.approx(10))
+
+
+# --- many instances, one quota (issue 12) -------------------------------------------------
+
+
+async def _simulate(instances: int, window_s: float, calls: int, call_tokens: int = 1000, latency_s: float = 1.0):
+    """N limiters, each set to the WHOLE quota, against the stand-in's sliding-window quota on one
+    FakeClock; each instance runs 4 callers that retry a refused call after the pause, as the SDK does.
+    Returns (admitted, refused, elapsed virtual seconds, final shares)."""
+    from local.model_quota import Quota, QuotaLimits
+
+    clock = FakeClock()
+    quota = Quota(QuotaLimits(rpm=180, tpm=30000, window_s=window_s), clock=clock.now)
+    limiters = [RateLimiter(180, 30000, clock=clock, window_s=window_s) for _ in range(instances)]
+    work = list(range(calls))
+    counts = {"admitted": 0, "refused": 0}
+
+    async def caller(limiter: RateLimiter) -> None:
+        while work:
+            work.pop()
+            while True:
+                reservation = await limiter.acquire(call_tokens)
+                decision = quota.try_acquire("d", call_tokens)
+                await clock.sleep(latency_s if decision.allowed else 0.05)
+                response = SimpleNamespace(status_code=200 if decision.allowed else 429, headers=decision.headers())
+                await limiter.httpx_response_hook(wall_clock=lambda: 0.0)(response)
+                if decision.allowed:
+                    reservation.settle(call_tokens)
+                    counts["admitted"] += 1
+                    break
+                reservation.cancel()
+                counts["refused"] += 1
+
+    await clock.run(asyncio.gather(*(caller(lim) for lim in limiters for _ in range(4))))
+    return counts["admitted"], counts["refused"], clock.now(), [lim.share for lim in limiters]
+
+
+@pytest.mark.parametrize(("window_s", "max_429_share"), [(60.0, 0.2), (10.0, 0.55)])
+async def test_eight_instances_each_set_to_the_whole_quota_share_it_without_a_divisor(
+    window_s: float, max_429_share: float
+) -> None:
+    """Every call goes through, as fast as the quota allows, and the shares come down from 1 each
+    without anyone telling an instance how many there are. The 429 bounds are regression guards at
+    today's figures (0.16 and 0.50 of calls), not the issue's 3%: see docs/throughput.md."""
+    admitted, refused, elapsed, shares = await _simulate(8, window_s, calls=300)
+    assert admitted == 300
+    assert refused / (admitted + refused) <= max_429_share
+    windows_needed = 300 * 1000 / (30000 * window_s / 60)  # 10 or 60 windows' worth of tokens
+    fastest = (math.ceil(windows_needed) - 1) * window_s + 1.0
+    assert elapsed <= 1.15 * fastest
+    assert sum(shares) < 8 * 0.5
+
+
+async def test_one_instance_keeps_the_whole_quota() -> None:
+    admitted, refused, elapsed, shares = await _simulate(1, 60.0, calls=90)  # three windows' worth
+    assert (admitted, refused) == (90, 0)
+    assert elapsed == pytest.approx(128.0)  # 4 in flight, 1 s each: 30 calls in 0-7 s, 60-67 s, 120-127 s
+    assert shares == [1.0]
