@@ -16,13 +16,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ImageTooLarge, InternalError, InvalidRequest, VlmError
+from .clock import MonotonicClock
+from .errors import ImageTooLarge, InternalError, InvalidRequest, UpstreamThrottled, VlmError
 from .names import MAX_BLOB_NAME, name_problem
 from .options import OPTION_KEYS, OptionLimits, RequestOptions, check_known_keys, loads_bounded, parse_options
-from .pipeline import AnalysisRequest, Dependencies, analyze
+from .pipeline import AnalysisRequest, AnalysisResult, Dependencies, analyze
 from .results import ResultWriter, Source, now_iso, record_names
 
 log = logging.getLogger(__name__)
+THROTTLE_MIN_WAIT_S = 1.0  # a 429 without retry-after still waits this long before the next try
 
 TASK_FILE = "_task.json"
 MANIFEST_FILE = "_manifest.json"
@@ -189,6 +191,7 @@ class BlobProcessor:
         self.deps = deps
         self.resolver = TaskResolver(deps)
         self.writer = ResultWriter(deps.blobs, deps.settings.results_container)
+        self.throttle_waits = 0  # model calls still throttled after the SDK's retries, waited out here
 
     async def _schema(self, ref: Any, origin: str) -> dict[str, Any] | None:
         """An inline schema, or one named in the schemas container: the name checked, the blob's size from its properties."""
@@ -289,7 +292,7 @@ class BlobProcessor:
                 log.info("skip %s: a record for this content and task exists", name)
                 return BlobOutcome("skipped", existing, reason="already processed")
             attempts += int((await self._attempts(name, etag)).get("failures", 0))
-            result = await analyze(await self._request(config, images), self.deps)
+            result = await self._analyze_through_throttling(await self._request(config, images))
         except VlmError as err:
             if err.transient:
                 await self._note_failure(name, etag, err, task, job)
@@ -337,6 +340,24 @@ class BlobProcessor:
         if attempts > 1:
             await self._clear_attempts(name)
         return BlobOutcome("succeeded", record)
+
+    async def _analyze_through_throttling(self, request: AnalysisRequest) -> AnalysisResult:
+        """Throttling is the quota's doing, not this blob's: wait as long as the service says and try again,
+        within BLOB_THROTTLE_WAIT_S (below the function timeout), instead of failing the invocation (five
+        failures would poison it). Past that budget the 429 goes to the host, which redelivers the blob."""
+        budget = self.deps.settings.blob_throttle_wait_s
+        clock = getattr(self.deps.model, "clock", None) or MonotonicClock()
+        deadline = clock.now() + budget
+        while True:
+            try:
+                return await analyze(request, self.deps)
+            except UpstreamThrottled as err:
+                wait = max(THROTTLE_MIN_WAIT_S, err.retry_after_s or THROTTLE_MIN_WAIT_S)
+                if clock.now() + wait > deadline:
+                    raise
+                self.throttle_waits += 1
+                log.info("throttled: waiting %.1f s within the blob's throttle budget", wait)
+                await clock.sleep(wait)
 
     async def too_large(self, name: str, etag: str | None, size: int) -> BlobOutcome:
         """A blob over MAX_IMAGE_BYTES is refused before it is read into memory."""

@@ -52,6 +52,8 @@ LIMIT_REQUESTS = "x-ratelimit-limit-requests"
 LIMIT_TOKENS = "x-ratelimit-limit-tokens"
 RETRY_AFTER_MS = "retry-after-ms"
 RETRY_AFTER = "retry-after"
+SHOULD_RETRY = "x-should-retry"
+PACED_HEADER = "x-vlm-paced-retry"  # set on a 429 whose retry the caller makes through acquire()
 
 # A 429 without a usable retry-after still pauses everyone briefly (the SDK backs off 0.5-8 s).
 DEFAULT_RETRY_AFTER_S = 1.0
@@ -449,7 +451,7 @@ class RateLimiter:
                         others.amount, others.at = full, self._paused_until
 
     def httpx_response_hook(
-        self, *, wall_clock: Callable[[], float] = time.time
+        self, *, wall_clock: Callable[[], float] = time.time, pace_retries: bool = False
     ) -> Callable[[ResponseLike], Awaitable[None]]:
         """An async response event hook for httpx / httpx2 `AsyncClient(event_hooks=...)`.
 
@@ -457,6 +459,11 @@ class RateLimiter:
         internally. It never raises (a hook error would fail the request). `wall_clock` is
         used only to turn an HTTP-date `Retry-After` into seconds when the response has no
         `Date` header.
+
+        With `pace_retries`, a retryable 429 is marked `x-should-retry: false` (the openai SDK
+        obeys it) and `PACED_HEADER`, so the caller retries it through `acquire()` instead: the
+        SDK's own retries all wake at the same retry-after and bypass the limiter, which at many
+        instances turns one 429 into a herd of them.
         """
 
         async def on_response(response: ResponseLike) -> None:
@@ -466,6 +473,12 @@ class RateLimiter:
             if throttled:
                 seconds = parse_retry_after(headers, wall_clock())
                 self.on_throttled(DEFAULT_RETRY_AFTER_S if seconds is None else seconds)
+                if pace_retries and _header(headers, SHOULD_RETRY) != "false":
+                    try:
+                        headers[SHOULD_RETRY] = "false"  # type: ignore[index]
+                        headers[PACED_HEADER] = "1"  # type: ignore[index]
+                    except TypeError:  # read-only headers: the SDK retries as before
+                        pass
 
         return on_response
 

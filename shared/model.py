@@ -35,6 +35,7 @@ from .errors import (
     UpstreamUnavailable,
     VlmError,
 )
+from .limiter import PACED_HEADER
 from .reservations import BudgetBook, budget_key
 from .settings import ModelTarget, Settings
 
@@ -338,7 +339,7 @@ class ModelRouter:
 
     def client(self, target: ModelTarget) -> AsyncOpenAI:
         if target.label not in self._clients:
-            hook = self.limiter(target).httpx_response_hook()
+            hook = self.limiter(target).httpx_response_hook(pace_retries=True)
             self._clients[target.label] = self._client_factory(target, {"response": [hook]})
         return self._clients[target.label]
 
@@ -455,21 +456,34 @@ class ModelRouter:
             kwargs["response_format"] = request.response_format
         calibration = self.book.calibration(target)
         estimated_prompt = request.text_tokens + calibration.image_estimate(request.image_tokens)
-        reservation = await self.limiter(target).acquire(estimated_prompt + budget)
-        try:
-            response = await self.client(target).chat.completions.create(**kwargs)
-        except (openai.OpenAIError, ValueError) as exc:  # ValueError: a 200 whose body is not JSON
-            reservation.cancel()
-            rejected = _style_rejection(exc)
-            if rejected is not None:
-                raise rejected from None
-            error = map_openai_error(exc, target)
-            if isinstance(error, ResponseFormatRejected):
-                self._no_json_schema[target.label] = self.clock.now()
-            raise error from exc
-        except BaseException:  # also CancelledError: a call cancelled mid-flight gives its reservation back
-            reservation.cancel()
-            raise
+        limiter = self.limiter(target)
+        throttled = 0
+        while True:
+            reservation = await limiter.acquire(estimated_prompt + budget)
+            try:
+                response = await self.client(target).chat.completions.create(**kwargs)
+                break
+            except openai.RateLimitError as exc:
+                reservation.cancel()  # refused: the server charged nothing
+                paced = exc.response is not None and exc.response.headers.get(PACED_HEADER) == "1"
+                if paced and throttled < self.client(target).max_retries:  # the SDK's retry budget, spent here
+                    # a 429 is retried here, through the limiter (paused until retry-after, FIFO), not by
+                    # the SDK: see RateLimiter.httpx_response_hook(pace_retries=True)
+                    throttled += 1
+                    continue
+                raise map_openai_error(exc, target) from exc
+            except (openai.OpenAIError, ValueError) as exc:  # ValueError: a 200 whose body is not JSON
+                reservation.cancel()
+                rejected = _style_rejection(exc)
+                if rejected is not None:
+                    raise rejected from None
+                error = map_openai_error(exc, target)
+                if isinstance(error, ResponseFormatRejected):
+                    self._no_json_schema[target.label] = self.clock.now()
+                raise error from exc
+            except BaseException:  # also CancelledError: a call cancelled mid-flight gives its reservation back
+                reservation.cancel()
+                raise
         usage = response.usage
         prompt_tokens = usage.prompt_tokens if usage else 0
         completion_tokens = usage.completion_tokens if usage else 0

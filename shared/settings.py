@@ -69,6 +69,9 @@ class Settings:
     vlm_timeout_s: float = 60.0
     vlm_max_retries: int = 3
     request_budget_s: float = 180.0
+    # A throttled blob invocation waits out 429s this long before handing the blob back to the host; below
+    # host.json's functionTimeout (10 min), leaving room for the call that finally goes through.
+    blob_throttle_wait_s: float = 420.0
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
     azure_client_id: str | None = None
@@ -180,6 +183,7 @@ class Settings:
             vlm_timeout_s=r.number("VLM_TIMEOUT_S", 60.0),
             vlm_max_retries=r.integer("VLM_MAX_RETRIES", 3),
             request_budget_s=r.number("VLM_REQUEST_BUDGET_S", 180.0),
+            blob_throttle_wait_s=r.number("BLOB_THROTTLE_WAIT_S", 420.0),
             breaker_failures=r.integer("VLM_BREAKER_FAILURES", 5, minimum=1),
             breaker_cooldown_s=r.number("VLM_BREAKER_COOLDOWN_S", 30.0),
             azure_client_id=r.optional("AZURE_CLIENT_ID"),

@@ -100,3 +100,15 @@ async def test_truncation_at_the_callers_own_budget_is_not_retried() -> None:
     except Exception as err:  # OutputTruncated: the caller's budget was too small, which is theirs to raise
         assert type(err).__name__ == "OutputTruncated"
     assert len(model.requests) == 1 and router.retried_truncations == 0
+
+
+async def test_a_429_is_retried_through_the_limiter_not_by_the_sdk() -> None:
+    """The SDK's own retries would all wake at the same retry-after and bypass the limiter; the router
+    makes them instead, each one admitted again by the limiter (paused until the retry-after)."""
+    throttled = Reply(429, {"error": {"code": "429", "message": "slow down"}}, {"retry-after-ms": "1"})
+    model = ScriptedModel(script={"gpt-4o": [throttled, Reply()]})
+    router = ModelRouter(Settings.from_env(ENV), client_factory=model.client_factory(max_retries=2))
+    result = await router.complete(_request())
+    assert result.deployment == "gpt-4o" and len(model.requests) == 2
+    stats = router.limiter(Settings.from_env(ENV).primary).stats()
+    assert stats["acquired"] == 2 and stats["throttles"] == 1  # two admissions: the retry went through it
