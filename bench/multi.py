@@ -82,7 +82,10 @@ class PathRun:
 
     @property
     def charged(self) -> int:
-        """What the quota counted: prompt + max_tokens for every admitted request."""
+        """What the quota counted: prompt + max_tokens for every admitted request (the server's own count,
+        which sees learned budgets; before it had one: describe's max_tokens for every call)."""
+        if "charged_tokens" in self.server:
+            return int(self.server["charged_tokens"])
         return int(self.server.get("tokens", {}).get("prompt", 0)) + self.admitted * DESCRIBE_MAX_TOKENS
 
     def fastest_s(self, q: Quota) -> float:

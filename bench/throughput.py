@@ -115,6 +115,8 @@ class Run:
     @property
     def charged_tokens(self) -> int:
         """What the server's quota counted: prompt + max_tokens for each admitted (completed) request."""
+        if "charged_tokens" in self.server:
+            return int(self.server["charged_tokens"])
         return (
             int(self.server.get("tokens", {}).get("prompt", 0)) + int(self.server.get("completed", 0)) * self.max_tokens
         )

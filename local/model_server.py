@@ -483,6 +483,7 @@ class Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    charged_tokens: int = 0  # prompt + max_tokens of every admitted request: the quota's count
 
     def as_json(self, faults: Counter[str]) -> dict[str, Any]:
         return {
@@ -493,6 +494,7 @@ class Stats:
             "faults_injected": dict(faults),
             "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
             "reasoning_tokens": self.reasoning_tokens,  # already inside tokens.completion
+            "charged_tokens": self.charged_tokens,
         }
 
 
@@ -670,6 +672,7 @@ class ModelServer:
         decision = self.quota.try_acquire(req.model, charge)
         if not decision.allowed:
             return self._throttled(decision, req.model)
+        self.stats.charged_tokens += charge  # what the quota counted, whatever max_tokens the client sent
         fault = self.faults.pick(req.model, "\n".join(req.texts))
         delay = c.latency_ms + (self.rng.uniform(0, c.jitter_ms) if c.jitter_ms > 0 else 0.0)
         if delay > 0:
