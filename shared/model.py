@@ -1,7 +1,9 @@
 """The model seam: one chat-completion call through the openai SDK, a fallback chain, error mapping.
 
-The openai SDK is the only retry layer (it honours `retry-after-ms` / `Retry-After`);
-this module never loops on a failed call itself. When a deployment is still
+The openai SDK is the retry layer (it honours `retry-after-ms` / `Retry-After`) for every error but
+429: a 429 is retried here instead, within the SDK's `max_retries`, through the deployment's limiter
+(see RateLimiter.httpx_response_hook(pace_retries=True)), so retries are paced rather than woken
+together. Otherwise this module never loops on a failed call itself. When a deployment is still
 throttled, down or timing out after the SDK's retries, the next target in
 `VLM_FALLBACK_DEPLOYMENTS` is tried; a per-deployment circuit breaker skips a
 failing one for a cool-down. A deployment that does not exist or runs a retired model
