@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from shared.breaker import BreakerBoard, BreakerState, CircuitBreaker
-from shared.clock import FakeClock
+from tests.fake_clock import FakeClock
 from shared.settings import Settings
 
 

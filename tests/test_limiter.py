@@ -17,7 +17,8 @@ from types import SimpleNamespace
 import openai
 import pytest
 
-from shared.clock import Clock, FakeClock, MonotonicClock
+from shared.clock import Clock, MonotonicClock
+from tests.fake_clock import FakeClock
 from shared.limiter import (
     DEFAULT_RETRY_AFTER_S,
     MAX_PAUSE_S,
