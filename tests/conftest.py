@@ -4,7 +4,10 @@ Azurite, the local model server and the local Functions host (driven by the real
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +62,96 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="session")
 def model_admin(stack) -> ModelAdmin:
     return stack.model_admin()
+
+
+# --- layers: what needs a server or OCR is `integration`; the fast layer starts nothing --------------
+
+# Fixtures that start a server or load OCR. A test that uses one (directly or through another fixture)
+# is marked `integration` here, so a new test cannot slip into the fast layer by forgetting a marker.
+SERVER_FIXTURES = frozenset({"stack", "model_admin", "azurite", "host", "server", "ocr_engine", "stacks"})
+_GUARD = pytest.StashKey[tuple[set[int], int, int]]()
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("soak") or SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+def _children() -> set[int]:
+    """PIDs of this process's live children (from /proc; no extra dependency)."""
+    me = str(os.getpid())
+    out: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1].decode() == me and fields[0] != b"Z":  # state, ppid
+            out.add(int(entry))
+    return out
+
+
+_spawned: list[list[str]] = []  # argv of every child process started in this session
+_ocr_loads = [0]
+
+
+def _record_spawns() -> None:
+    """Wrap Popen once (asyncio's subprocesses go through it too) so the guard sees every spawn."""
+    if getattr(subprocess.Popen._execute_child, "_recorded", False):
+        return
+    original = subprocess.Popen._execute_child
+
+    def execute_child(self, args, *rest, **kwargs):
+        _spawned.append([str(a) for a in args] if isinstance(args, list | tuple) else [str(args)])
+        return original(self, args, *rest, **kwargs)
+
+    execute_child._recorded = True  # type: ignore[attr-defined]
+    subprocess.Popen._execute_child = execute_child  # type: ignore[method-assign]
+
+
+def _count_ocr_loads() -> None:
+    """Wrap OcrEngine.load once so the guard can see whether a test loaded RapidOCR."""
+    module = sys.modules.get("local.ocr_engine")
+    if module is None or getattr(module.OcrEngine.load, "_counted", False):
+        return
+    original = module.OcrEngine.load
+
+    def load(self, *args, **kwargs):
+        _ocr_loads[0] += 1
+        return original(self, *args, **kwargs)
+
+    load._counted = True  # type: ignore[attr-defined]
+    module.OcrEngine.load = load
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    if not item.get_closest_marker("integration"):
+        _record_spawns()
+        _count_ocr_loads()
+        item.stash[_GUARD] = (_children(), len(_spawned), _ocr_loads[0])
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """The fast layer's guard. A test outside `integration` fails when it (or its fixtures):
+    loads RapidOCR; starts a process without the `subprocess` marker; or leaves a child running."""
+    result = yield
+    before = item.stash.get(_GUARD, None)
+    if before is not None:
+        children, spawns, loads = before
+        if _ocr_loads[0] != loads:
+            pytest.fail("this test loads RapidOCR: mark it integration", False)
+        started = _spawned[spawns:]
+        if started and not item.get_closest_marker("subprocess"):
+            pytest.fail(f"this test starts a process ({started[0][:3]}...): mark it integration or subprocess", False)
+        alive = _children() - children
+        if alive:
+            pytest.fail(f"this test leaves child processes {sorted(alive)} running: mark it integration", False)
+    return result

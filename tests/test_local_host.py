@@ -693,6 +693,7 @@ async def test_cli_subprocess(app: tuple[Path, Path], values: dict[str, str], tm
     assert "Executed 'Functions.secure_post' (Succeeded" in log and "Host stopped" in log
 
 
+@pytest.mark.subprocess
 def test_procs_errors_carry_the_log_tail(tmp_path: Path) -> None:
     proc = procs.start_process(
         [sys.executable, "-c", "print('about to fail', flush=True); raise SystemExit(3)"],
