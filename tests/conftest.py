@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import secrets
 import subprocess
 import sys
@@ -104,6 +105,7 @@ def _record_spawns() -> None:
     """Wrap Popen once (asyncio's subprocesses go through it too) so the guard sees every spawn."""
     if getattr(subprocess.Popen._execute_child, "_recorded", False):
         return
+    platform.processor()  # runs `uname -p` once and caches it (the openai SDK asks on its first request)
     original = subprocess.Popen._execute_child
 
     def execute_child(self, args, *rest, **kwargs):
