@@ -37,7 +37,7 @@ test: install
 test-fast: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -m "not integration" -n 2 -p no:schemathesis
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -73,11 +73,26 @@ SERVER_FIXTURES = frozenset({"stack", "model_admin", "azurite", "host", "server"
 _GUARD = pytest.StashKey[tuple[set[int], int, int]]()
 
 
+def wholly_integration(path: Path) -> bool:
+    """Modules that are integration as a whole, by name; `make test-fast` does not even import them
+    (their imports, schemathesis and the stand-ins, cost more than the fast layer's budget)."""
+    return path.name.endswith("_integration.py") or path.name in {"test_soak.py", "test_hostile.py", "test_outbound.py"}
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    fast = config.option.markexpr.replace(" ", "") == "notintegration"
+    return True if fast and wholly_integration(collection_path) else None
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("soak") or SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+        if wholly_integration(item.path) and not item.get_closest_marker("integration"):
+            raise pytest.UsageError(
+                f"{item.nodeid}: make test-fast skips this module, so every test in it is integration"
+            )
 
 
 def _children() -> set[int]:
