@@ -9,6 +9,7 @@ import platform
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,29 @@ def make_stack(tmp: Path, *, model_args: list[str], host_args: list[str] | None 
         host_args=host_args or [],
     )
     return Stack(config).start()
+
+
+def wait_handled(stack, names: list[str], timeout_s: float = 120) -> None:
+    """Until the host has run the function to the end for the current version of every blob: its
+    receipt for that ETag exists (local/host_blob.py writes it after the function returns)."""
+    from azure.storage.blob import BlobServiceClient
+
+    from local.host_blob import RECEIPTS_CONTAINER, RECEIPTS_DIRECTORY, quoted_etag
+
+    service = BlobServiceClient.from_connection_string(stack.connection_string)
+    images = service.get_container_client("images")
+    hosts = service.get_container_client(RECEIPTS_CONTAINER)
+    # a receipt is blobreceipts/<host id>/<function id>/<quoted etag>/<container>/<blob name>
+    wanted = {f"{quoted_etag(images.get_blob_client(n).get_blob_properties().etag)}/images/{n}" for n in names}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        receipts = {b.name.split("/", 3)[-1] for b in hosts.list_blobs(name_starts_with=RECEIPTS_DIRECTORY + "/")}
+        missing = sorted(wanted - receipts)
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the host did not finish {len(missing)} blobs within {timeout_s} s, e.g. {missing[:3]}")
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from azure.storage.blob import BlobServiceClient
 
-from local.host_blob import RECEIPTS_CONTAINER, RECEIPTS_DIRECTORY, quoted_etag
 from shared.results import record_names
-from tests.conftest import corpus
+from tests.conftest import corpus, wait_handled
 
 pytestmark = pytest.mark.integration
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".heic", ".heif", ".webp", ".gif", ".bmp", ".pdf"}
@@ -47,23 +46,6 @@ def wait_for(stack, names: list[str], prefix: str, timeout_s: float = 240) -> di
         if time.monotonic() > deadline:
             pytest.fail(f"no record within {timeout_s} s for {len(missing)} blobs, e.g. {missing[:5]}")
         time.sleep(0.5)
-
-
-def wait_handled(stack, names: list[str], timeout_s: float = 120) -> None:
-    """Until the host has run the function to the end for the current version of every blob: its
-    receipt for that ETag exists (local/host_blob.py writes it after the function returns)."""
-    images = service(stack).get_container_client("images")
-    hosts = service(stack).get_container_client(RECEIPTS_CONTAINER)
-    suffixes = {f"/{quoted_etag(images.get_blob_client(n).get_blob_properties().etag)}/images/{n}" for n in names}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        receipts = [b.name for b in hosts.list_blobs(name_starts_with=RECEIPTS_DIRECTORY)]
-        missing = [s for s in suffixes if not any(r.endswith(s) for r in receipts)]
-        if not missing:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"the host did not handle {len(missing)} blobs within {timeout_s} s, e.g. {missing[:3]}")
-        time.sleep(0.2)
 
 
 def upload(stack, name: str, data: bytes) -> None:
