@@ -93,7 +93,9 @@ def model_admin(stack) -> ModelAdmin:
 
 # Fixtures that start a server or load OCR. A test that uses one (directly or through another fixture)
 # is marked `integration` here, so a new test cannot slip into the fast layer by forgetting a marker.
-SERVER_FIXTURES = frozenset({"stack", "model_admin", "azurite", "host", "server", "ocr_engine", "stacks"})
+SERVER_FIXTURES = frozenset(
+    {"stack", "model_admin", "azurite", "host", "server", "ocr_engine", "models_stack", "soak_stack"}
+)
 _GUARD = pytest.StashKey[tuple[set[int], int, int]]()
 
 
@@ -175,7 +177,8 @@ def pytest_runtest_setup(item: pytest.Item):
     if not item.get_closest_marker("integration"):
         _record_spawns()
         _count_ocr_loads()
-        item.stash[_GUARD] = (_children(), len(_spawned), _ocr_loads[0])
+        ocr_loads = _ocr_loads[0] + ("rapidocr_onnxruntime" not in sys.modules)  # an import counts as a load
+        item.stash[_GUARD] = (_children(), len(_spawned), ocr_loads)
     return (yield)
 
 
@@ -187,7 +190,7 @@ def pytest_runtest_call(item: pytest.Item):
     before = item.stash.get(_GUARD, None)
     if before is not None:
         children, spawns, loads = before
-        if _ocr_loads[0] != loads:
+        if _ocr_loads[0] + ("rapidocr_onnxruntime" not in sys.modules) != loads:
             pytest.fail("this test loads RapidOCR: mark it integration", False)
         started = _spawned[spawns:]
         if started and not item.get_closest_marker("subprocess"):
