@@ -30,7 +30,7 @@ run: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # `integration` covers every test that needs a server or OCR (tests/conftest.py marks them by fixture
 # and fails an unmarked test that starts a process or loads OCR).
