@@ -84,8 +84,9 @@ def stack(tmp_path_factory):
     s.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def model_admin(stack) -> ModelAdmin:
+    """Per test: a model server restarted by an earlier test (test_hostile) has a new admin token."""
     return stack.model_admin()
 
 
