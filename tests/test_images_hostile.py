@@ -432,6 +432,7 @@ def test_ocr_input_is_padded_to_a_bounded_aspect() -> None:
     assert ocr_canvas(view) is view
 
 
+@pytest.mark.integration  # loads RapidOCR
 def test_ocr_reads_a_view_one_pixel_high_without_blowing_up() -> None:
     """RapidOCR alone would scale a 2048x1 view to 61440x7680 on the way in (~23 GB): padded, it is tiny."""
     from local.ocr_engine import OcrEngine
