@@ -36,8 +36,12 @@ class ModelTarget:
 
     @property
     def is_azure(self) -> bool:
+        """Azure OpenAI, or the optional API Management gateway in front of it (`useApim`): both take
+        the v1 path `/openai/v1/` and an Entra ID token."""
         host = self.endpoint.split("://", 1)[-1].split("/", 1)[0].lower()
-        return host.endswith((".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com"))
+        return host.endswith(
+            (".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com", ".azure-api.net")
+        )
 
     @property
     def label(self) -> str:
