@@ -228,7 +228,9 @@ def test_a_changed_task_json_makes_the_same_file_new_work(stack, model_admin):
     png = corpus("documents", "oyo.png").read_bytes()
     upload(stack, "retask/_task.json", json.dumps({"task": "describe"}).encode())
     upload(stack, "retask/r.png", png)
-    first = wait_for(stack, ["retask/r.png"], "retask/")[record_names("retask/r.png").success]
+    got = wait_for(stack, ["retask/r.png"], "retask/")
+    assert record_names("retask/r.png").success in got, got.get(record_names("retask/r.png").error)
+    first = got[record_names("retask/r.png").success]
     assert first["task"] == "describe"
     upload(stack, "retask/_task.json", json.dumps({"task": "ocr"}).encode())
     time.sleep(1)  # past the folder-config TTL the test stack sets
