@@ -16,11 +16,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import telemetry
 from .errors import ImageTooLarge, InternalError, InvalidRequest, VlmError
 from .names import MAX_BLOB_NAME, name_problem
 from .options import OPTION_KEYS, OptionLimits, RequestOptions, check_known_keys, loads_bounded, parse_options
 from .pipeline import AnalysisRequest, Dependencies, analyze
 from .results import ResultWriter, Source, now_iso, record_names
+from .telemetry_names import ENTRY_BLOB, SPAN_POISON, VLM_ERROR_CODE, VLM_TASK
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +291,8 @@ class BlobProcessor:
                 log.info("skip %s: a record for this content and task exists", name)
                 return BlobOutcome("skipped", existing, reason="already processed")
             attempts += int((await self._attempts(name, etag)).get("failures", 0))
-            result = await analyze(await self._request(config, images), self.deps)
+            with telemetry.entry(ENTRY_BLOB):
+                result = await analyze(await self._request(config, images), self.deps)
         except VlmError as err:
             if err.transient:
                 await self._note_failure(name, etag, err, task, job)
@@ -454,6 +457,14 @@ class BlobProcessor:
 
     async def record_poison(self, name: str, etag: str | None) -> dict[str, Any]:
         """After the host gave up on a blob: an `.error.json` with the last error seen, so nothing is lost silently."""
+        tel = telemetry.current(self.deps.settings)
+        with tel.span(SPAN_POISON) as span:
+            record = await self._poison_record(name, etag)
+            span.set_attributes({VLM_TASK: record.get("task") or "unknown", VLM_ERROR_CODE: "poison"})
+        tel.poison(record.get("task"))
+        return record
+
+    async def _poison_record(self, name: str, etag: str | None) -> dict[str, Any]:
         from azure.core.exceptions import ResourceNotFoundError
 
         container = await self.deps.blobs.container(self.deps.settings.images_container)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
+from . import telemetry
+from . import telemetry_names as tn
 from .errors import InvalidRequest, UpstreamTimeout, VlmError
 from .settings import Settings
 
@@ -222,6 +224,15 @@ def _prepare_all(req: AnalysisRequest, settings: Settings, image_spec: Any = Non
 
 
 async def analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
+    """One analysis, inside its telemetry span (shared/telemetry.py: a no-op when telemetry is off)."""
+    with telemetry.current(deps.settings).analysis(req.task, req.detail, len(req.images)) as span:
+        result = await _analyze_within_budget(req, deps)
+        if span is not None:
+            span.finish(result)
+        return result
+
+
+async def _analyze_within_budget(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
     if req.budget_s:
         try:
             async with asyncio.timeout(req.budget_s):
@@ -263,6 +274,7 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
     from .tasks import TaskInput, run_task
 
     settings = deps.settings
+    tel = telemetry.current(settings)
     t0 = time.perf_counter()
     strict = validate_request(req, settings)
     book = deps.book
@@ -287,27 +299,35 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
     # A repeat of the very same bytes skips decoding: the raw request's address points at the answer.
     raw_key = _key(req, identity, req.images, "raw", effort)
     if req.use_cache:
-        alias = await deps.cache.get(raw_key)
-        hit = await deps.cache.get(alias["key"]) if alias and "key" in alias else None
+        with tel.span(tn.SPAN_CACHE) as span:
+            alias = await deps.cache.get(raw_key)
+            hit = await deps.cache.get(alias["key"]) if alias and "key" in alias else None
+            span.set_attribute(tn.VLM_CACHED, hit is not None)
         if hit is not None:
             return reused(alias["key"], hit, alias["images"], t0)
 
-    images = await deps.prepare_slots.run(_prepare_all, req, settings, book.image_tokens(settings.primary))
+    with tel.span(tn.SPAN_PREPARE, **{tn.VLM_DETAIL: req.detail}) as span:
+        images = await deps.prepare_slots.run(_prepare_all, req, settings, book.image_tokens(settings.primary))
+        facts = [i.facts.to_dict() for i in images]
+        span.set_attributes(
+            {tn.VLM_IMAGE_COUNT: len(facts), tn.VLM_TOKENS_ESTIMATED_IMAGE: sum(f["estimated_tokens"] for f in facts)}
+        )
     t_prepared = time.perf_counter()
-    facts = [i.facts.to_dict() for i in images]
     sent = [i.data for i in images]
     key = _key(req, identity, sent, "sent", effort)
     alias = {"key": key, "images": facts}
     if req.use_cache:
-        hit = await deps.cache.get(key)
-        if hit is None:
-            shared = await _join_inflight(deps, key)
-            if shared is not None:
-                hit = {
-                    "model": shared.calls[-1].model,
-                    "deployment": shared.calls[-1].deployment,
-                    "result": shared.result,
-                }
+        with tel.span(tn.SPAN_CACHE) as span:
+            hit = await deps.cache.get(key)
+            if hit is None:
+                shared = await _join_inflight(deps, key)
+                if shared is not None:
+                    hit = {
+                        "model": shared.calls[-1].model,
+                        "deployment": shared.calls[-1].deployment,
+                        "result": shared.result,
+                    }
+            span.set_attribute(tn.VLM_CACHED, hit is not None)
         if hit is not None:
             await deps.cache.put(raw_key, alias)
             return reused(key, hit, facts, t_prepared)
