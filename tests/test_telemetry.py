@@ -298,3 +298,46 @@ async def test_the_local_folder_gets_json_lines_from_the_sdk_exporters(tmp_path:
 def jsonl(folder: Path, pattern: str) -> list[dict[str, Any]]:
     """Every JSON line of the files matching `pattern` (each line must parse on its own)."""
     return [json.loads(line) for f in sorted(folder.glob(pattern)) for line in f.read_text().splitlines()]
+
+
+def blob_analyses(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """trace id -> the spans of that trace, for every blob-path vlm.analyze span in the local files."""
+    spans = jsonl(folder, "spans-*.jsonl") if folder.exists() else []
+    roots = {
+        s["context"]["trace_id"]
+        for s in spans
+        if s["name"] == n.SPAN_ANALYZE and s["attributes"].get(n.VLM_ENTRY) == n.ENTRY_BLOB
+    }
+    return {t: [s for s in spans if s["context"]["trace_id"] == t] for t in roots}
+
+
+@pytest.mark.integration
+def test_a_folder_drop_under_the_local_stack_leaves_one_span_tree_per_file(stack, tmp_path: Path) -> None:
+    """The acceptance check as a new user makes it: `make run`, drop a folder, look in .local/telemetry."""
+    import time
+
+    from tests.test_blob_integration import drop_folder, wait_for
+
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    for i, colour in enumerate([(250, 250, 250), (20, 120, 220), (240, 200, 10)]):
+        (folder / f"page{i}.jpg").write_bytes(jpeg(colour))
+    telemetry_dir = stack.config.data_dir / "telemetry"
+    before = set(blob_analyses(telemetry_dir))
+    names = drop_folder(stack, folder, "telemetry-check/")
+    wait_for(stack, names, "telemetry-check/", timeout_s=120)
+    deadline = time.monotonic() + 30  # the batch span processor writes every second
+    while len(new := {t: s for t, s in blob_analyses(telemetry_dir).items() if t not in before}) < len(names):
+        assert time.monotonic() < deadline, f"{len(new)} span trees for {len(names)} files"
+        time.sleep(0.5)
+    assert len(new) == len(names)
+    for spans in new.values():
+        root = next(s for s in spans if s["name"] == n.SPAN_ANALYZE)
+        attrs = root["attributes"]
+        assert attrs[n.VLM_OUTCOME] == n.OUTCOME_OK and attrs[n.VLM_TASK] and attrs[n.VLM_DEPLOYMENT]
+        for key in (n.VLM_MODEL, n.VLM_CACHED, n.VLM_TOKENS_PROMPT, n.VLM_COST_USD, n.VLM_RETRIES, n.VLM_FALLBACK):
+            assert key in attrs, key
+        children = {s["name"] for s in spans if s["parent_id"] == root["context"]["span_id"]}
+        assert n.SPAN_CACHE in children
+        if not attrs[n.VLM_CACHED]:
+            assert n.SPAN_PREPARE in children and any(c.startswith(n.GEN_AI_OPERATION_CHAT) for c in children)
