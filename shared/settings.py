@@ -147,7 +147,7 @@ class Settings:
     # "Authorization=AAD;ClientId=<uami>": ingestion authenticates with that managed identity (Entra).
     applicationinsights_authentication_string: str | None = None
     telemetry_dir: str | None = None  # VLM_TELEMETRY_DIR: local JSONL spans/metrics (`make run` sets .local/telemetry)
-    telemetry_export_interval_ms: int = 10_000  # how often metrics are exported (local files and Azure)
+    telemetry_export_interval_ms: int = 10_000  # how often the local metric reader writes (the distro keeps its own)
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property

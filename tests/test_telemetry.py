@@ -341,3 +341,22 @@ def test_a_folder_drop_under_the_local_stack_leaves_one_span_tree_per_file(stack
         assert n.SPAN_CACHE in children
         if not attrs[n.VLM_CACHED]:
             assert n.SPAN_PREPARE in children and any(c.startswith(n.GEN_AI_OPERATION_CHAT) for c in children)
+
+
+def test_a_connection_string_configures_the_distro_with_the_managed_identity_it_names(monkeypatch) -> None:
+    import azure.monitor.opentelemetry as distro
+    from azure.identity import ManagedIdentityCredential
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(distro, "configure_azure_monitor", lambda **kwargs: seen.update(kwargs))
+    settings = Settings.from_env(
+        {
+            **ENV,
+            "APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=00000000-0000-0000-0000-000000000000",
+            "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "Authorization=AAD;ClientId=11111111-2222-3333-4444-555555555555",
+        }
+    )
+    tel = telemetry.configure(settings)
+    assert tel.enabled and seen["connection_string"].startswith("InstrumentationKey=")
+    assert isinstance(seen["credential"], ManagedIdentityCredential) and seen["disable_logging"] is True
+    assert telemetry._parse_auth(settings.applicationinsights_authentication_string)["clientid"].startswith("1111")
