@@ -225,7 +225,9 @@ def _prepare_all(req: AnalysisRequest, settings: Settings, image_spec: Any = Non
 
 async def analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
     """One analysis, inside its telemetry span (shared/telemetry.py: a no-op when telemetry is off)."""
-    with telemetry.current(deps.settings).analysis(req.task, req.detail, len(req.images)) as span:
+    primary = deps.settings.primary
+    known = {tn.VLM_DEPLOYMENT: primary.deployment, tn.VLM_MODEL: primary.model or primary.deployment}
+    with telemetry.current(deps.settings).analysis(req.task, req.detail, len(req.images), **known) as span:
         result = await _analyze_within_budget(req, deps)
         if span is not None:
             span.finish(result)

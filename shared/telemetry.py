@@ -83,7 +83,7 @@ class NullTelemetry:
     enabled = False
 
     @contextmanager
-    def analysis(self, task: str, detail: str, image_count: int) -> Iterator[Analysis | None]:
+    def analysis(self, task: str, detail: str, image_count: int, **attributes: Any) -> Iterator[Analysis | None]:
         yield None
 
     @contextmanager
@@ -139,8 +139,10 @@ class Telemetry:
     # --- one analysis ------------------------------------------------------------------
 
     @contextmanager
-    def analysis(self, task: str, detail: str, image_count: int) -> Iterator[Analysis]:
-        """The vlm.analyze span around one analysis, and its metrics when it ends (ok or error)."""
+    def analysis(self, task: str, detail: str, image_count: int, **attributes: Any) -> Iterator[Analysis]:
+        """The vlm.analyze span around one analysis, and its metrics when it ends (ok or error).
+
+        `attributes`: known up front (the primary's deployment and model), overwritten by `finish`."""
         stats = AnalysisStats()
         token = _ANALYSIS.set(stats)
         started = time.perf_counter()
@@ -149,7 +151,7 @@ class Telemetry:
             n.SPAN_ANALYZE, kind=self._kind_internal, record_exception=False, set_status_on_exception=False
         )
         span = span_cm.__enter__()
-        span.set_attributes({**where, n.VLM_DETAIL: detail, n.VLM_IMAGE_COUNT: image_count})
+        span.set_attributes({**attributes, **where, n.VLM_DETAIL: detail, n.VLM_IMAGE_COUNT: image_count})
         analysis = Analysis(span, stats)
         outcome, code = n.OUTCOME_OK, None
         try:

@@ -180,6 +180,7 @@ async def test_a_429_that_never_cleared_is_an_error_outcome_with_its_code(otel: 
         await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
     root = otel.one(n.SPAN_ANALYZE)
     assert root.attributes[n.VLM_ERROR_CODE] == "upstream_throttled" and root.attributes[n.VLM_RETRIES] == 1
+    assert root.attributes[n.VLM_DEPLOYMENT] == "gpt-4o" and root.attributes[n.VLM_MODEL] == "gpt-4o"
     assert otel.total(n.VLM_THROTTLED_METRIC) == 2
     assert otel.total(n.VLM_REQUESTS_METRIC, vlm__outcome=n.OUTCOME_ERROR, vlm__error__code="upstream_throttled") == 1
 
