@@ -29,9 +29,10 @@ import time
 from PIL import Image
 
 from shared import telemetry
+from shared.app import App
 from shared.cache import MemoryLRU, ResultCache
 from shared.model import ChatRequest, ChatResult
-from shared.pipeline import AnalysisRequest, Dependencies, analyze
+from shared.pipeline import AnalysisRequest, analyze
 from shared.settings import Settings
 
 ENV = {"VLM_ENDPOINT": "http://model.invalid/v1", "VlmStorage": "UseDevelopmentStorage=true", "VLM_MODEL": "gpt-4o"}
@@ -54,7 +55,7 @@ def image() -> bytes:
     return buf.getvalue()
 
 
-async def timed(deps: Dependencies, req: AnalysisRequest, n: int, tel: telemetry.Telemetry | None) -> float:
+async def timed(deps: App, req: AnalysisRequest, n: int, tel: telemetry.Telemetry | None) -> float:
     """Mean seconds per cached analysis over n requests, the export of their spans included."""
     start = time.perf_counter()
     for _ in range(n):
@@ -67,7 +68,7 @@ async def timed(deps: Dependencies, req: AnalysisRequest, n: int, tel: telemetry
 
 async def run(requests: int, rounds: int) -> dict[str, list[float]]:
     model = OneAnswer()
-    deps = Dependencies(Settings.from_env(ENV), model=model, cache=ResultCache(MemoryLRU(16)))
+    deps = App.build(Settings.from_env(ENV), model=model, cache=ResultCache(MemoryLRU(16)))
     req = AnalysisRequest(images=[image()], task="describe")
     with tempfile.TemporaryDirectory() as folder:
         on = telemetry.local_files(folder, span_queue=4 * requests)  # no span dropped: all are exported

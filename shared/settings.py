@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 from .errors import ConfigurationError
@@ -85,6 +85,7 @@ class Settings:
     cache_memory_items: int = 256
     sequence_concurrency: int = 4
     task_config_ttl_s: float = 30.0
+    task_config_cache_items: int = 1024  # folders whose `_task.json` (or its absence) a worker remembers
     # --- image work budget (shared/images.py; README "Settings") ---
     # One image's pixels held at once: the decoded frame plus any full-size conversion
     # (bytes per pixel as Pillow stores the mode: 16-bit grey 2, RGB/RGBA 4, 16-bit -> 8-bit adds 8).
@@ -148,7 +149,6 @@ class Settings:
     applicationinsights_authentication_string: str | None = None
     telemetry_dir: str | None = None  # VLM_TELEMETRY_DIR: local JSONL spans/metrics (`make run` sets .local/telemetry)
     telemetry_export_interval_ms: int = 10_000  # how often the local metric reader writes (the distro keeps its own)
-    extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def primary(self) -> ModelTarget:
@@ -204,6 +204,7 @@ class Settings:
             cache_memory_items=r.integer("CACHE_MEMORY_ITEMS", 256),
             sequence_concurrency=r.integer("SEQUENCE_CONCURRENCY", 4, minimum=1),
             task_config_ttl_s=r.number("TASK_CONFIG_TTL_S", 30.0),
+            task_config_cache_items=r.integer("TASK_CONFIG_CACHE_ITEMS", 1024, minimum=1),
             # image work budget
             max_decoded_bytes=r.integer("MAX_DECODED_BYTES", 256 * MIB, minimum=1),
             max_request_decoded_bytes=r.integer("MAX_REQUEST_DECODED_BYTES", 1024 * MIB, minimum=1),

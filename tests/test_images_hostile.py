@@ -365,7 +365,7 @@ async def test_prepare_slots_hold_until_the_decode_finishes_even_when_the_caller
 
 
 async def test_the_pipeline_prepares_through_the_dependencies_slots(monkeypatch) -> None:
-    from shared.pipeline import Dependencies
+    from shared.app import App
 
     settings = Settings.from_env(
         {
@@ -374,7 +374,7 @@ async def test_the_pipeline_prepares_through_the_dependencies_slots(monkeypatch)
             "PREPARE_CONCURRENCY": "3",
         }
     )
-    deps = Dependencies(settings)
+    deps = App.build(settings)
     assert deps.prepare_slots is deps.prepare_slots and deps.prepare_slots.size == 3
 
 

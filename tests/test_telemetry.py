@@ -22,11 +22,12 @@ from PIL import Image
 
 from shared import telemetry
 from shared import telemetry_names as n
+from shared.app import App
 from shared.blob_job import BlobProcessor
 from shared.cache import MemoryLRU, ResultCache
 from shared.errors import ContentFiltered, UpstreamThrottled
 from shared.model import ModelRouter
-from shared.pipeline import AnalysisRequest, Dependencies, analyze
+from shared.pipeline import AnalysisRequest, analyze
 from shared.settings import Settings
 from tests.blob_fakes import FakeBlobService
 from tests.fakes import Reply, ScriptedModel, completion
@@ -88,10 +89,10 @@ def jpeg(colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
     return buf.getvalue()
 
 
-def deps_for(scripted: ScriptedModel, max_retries: int = 0, **env: str) -> Dependencies:
+def deps_for(scripted: ScriptedModel, max_retries: int = 0, **env: str) -> App:
     settings = Settings.from_env({**ENV, **env})
     model = ModelRouter(settings, client_factory=scripted.client_factory(max_retries=max_retries))
-    return Dependencies(settings, model=model, cache=ResultCache(MemoryLRU(16)))
+    return App.build(settings, model=model, cache=ResultCache(MemoryLRU(16)))
 
 
 async def test_a_cache_hit_is_one_span_tree_without_a_model_call_and_counts_as_a_hit(otel: Captured) -> None:
@@ -221,7 +222,7 @@ async def test_a_blob_that_ended_as_poison_has_a_poison_span_and_is_counted(otel
         ).encode(),
     )
     settings = Settings.from_env(ENV)
-    deps = Dependencies(settings, model=ModelRouter(settings), cache=ResultCache(MemoryLRU(4)), blobs=blobs)
+    deps = App.build(settings, model=ModelRouter(settings), cache=ResultCache(MemoryLRU(4)), blobs=blobs)
     record = await BlobProcessor(deps).record_poison("scans/a.jpg", None)
     assert record["error"]["code"] == "poison"
     span = otel.one(n.SPAN_POISON)
@@ -234,7 +235,7 @@ async def test_an_analysis_from_the_blob_path_is_tagged_blob(otel: Captured) -> 
     settings = Settings.from_env(ENV)
     scripted = ScriptedModel()
     model = ModelRouter(settings, client_factory=scripted.client_factory())
-    deps = Dependencies(settings, model=model, cache=ResultCache(MemoryLRU(4)), blobs=blobs)
+    deps = App.build(settings, model=model, cache=ResultCache(MemoryLRU(4)), blobs=blobs)
     outcome = await BlobProcessor(deps).process("in/b.jpg", jpeg(), '"e"', {})
     assert outcome.status == "succeeded"
     assert otel.one(n.SPAN_ANALYZE).attributes[n.VLM_ENTRY] == n.ENTRY_BLOB
