@@ -24,11 +24,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import telemetry
 from .errors import ImageTooLarge, InternalError, InvalidRequest, VlmError
 from .names import MAX_BLOB_NAME, name_problem
 from .options import OPTION_KEYS, OptionLimits, RequestOptions, check_known_keys, loads_bounded, parse_options
 from .pipeline import AnalysisRequest, analyze
 from .results import ResultWriter, Source, now_iso, record_names
+from .telemetry_names import ENTRY_BLOB, SPAN_POISON, VLM_ERROR_CODE, VLM_TASK
 
 if TYPE_CHECKING:
     from .app import App, BlobContainers
@@ -356,7 +358,8 @@ class BlobProcessor:
                 log.info("skip %s: a record for this content and task exists", name)
                 return BlobOutcome("skipped", existing, reason="already processed")
             attempts += int((await self.attempts.read(name, etag)).get("failures", 0))
-            result = await analyze(await self._request(config, images), self.app)
+            with telemetry.entry(ENTRY_BLOB):
+                result = await analyze(await self._request(config, images), self.app)
         except Exception as err:
             transient = err.transient if isinstance(err, VlmError) else _is_transient(err)
             if transient:
@@ -484,6 +487,14 @@ class BlobProcessor:
 
     async def record_poison(self, name: str, etag: str | None) -> dict[str, Any]:
         """After the host gave up on a blob: an `.error.json` with the last error seen, so nothing is lost silently."""
+        tel = telemetry.current(self.settings)
+        with tel.span(SPAN_POISON) as span:
+            record = await self._poison_record(name, etag)
+            span.set_attributes({VLM_TASK: record.get("task") or "unknown", VLM_ERROR_CODE: "poison"})
+        tel.poison(record.get("task"))
+        return record
+
+    async def _poison_record(self, name: str, etag: str | None) -> dict[str, Any]:
         from azure.core.exceptions import ResourceNotFoundError
 
         container = await self.app.blobs.container(self.settings.images_container)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import telemetry
 from .errors import (
     ContentFiltered,
     DeploymentUnavailable,
@@ -338,13 +340,15 @@ class ModelRouter:
 
     def client(self, target: ModelTarget) -> AsyncOpenAI:
         if target.label not in self._clients:
-            hook = self.limiter(target).httpx_response_hook()
-            self._clients[target.label] = self._client_factory(target, {"response": [hook]})
+            hooks = [self.limiter(target).httpx_response_hook()]
+            counter = telemetry.current(self.settings).http_hook(target.deployment)  # None: telemetry off
+            hooks += [counter] if counter is not None else []
+            self._clients[target.label] = self._client_factory(target, {"response": hooks})
         return self._clients[target.label]
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         last: VlmError | None = None
-        for target in self.settings.model_targets:
+        for position, target in enumerate(self.settings.model_targets):
             breaker = self.breakers.get(target.label)
             if not breaker.allow():
                 log.info("skipping %s: circuit open", target.label)
@@ -366,6 +370,8 @@ class ModelRouter:
                 breaker.record_success()  # the deployment answered; the request itself was the problem
                 raise
             breaker.record_success()
+            if position > 0:
+                telemetry.note_fallback()
             return check_finish(result)
         if last is not None:
             raise last
@@ -441,59 +447,72 @@ class ModelRouter:
             kwargs["response_format"] = request.response_format
         calibration = self.book.calibration(target)
         estimated_prompt = request.text_tokens + calibration.image_estimate(request.image_tokens)
+        tel = telemetry.current(self.settings)
+        waiting = time.perf_counter()
         reservation = await self.limiter(target).acquire(estimated_prompt + budget)
-        try:
-            response = await self.client(target).chat.completions.create(**kwargs)
-        except (openai.OpenAIError, ValueError) as exc:  # ValueError: a 200 whose body is not JSON
-            reservation.cancel()
-            rejected = _style_rejection(exc)
-            if rejected is not None:
-                raise rejected from None
-            error = map_openai_error(exc, target)
-            if isinstance(error, ResponseFormatRejected):
-                self._no_json_schema[target.label] = self.clock.now()
-            raise error from exc
-        except BaseException:  # also CancelledError: a call cancelled mid-flight gives its reservation back
-            reservation.cancel()
-            raise
-        usage = response.usage
-        prompt_tokens = usage.prompt_tokens if usage else 0
-        completion_tokens = usage.completion_tokens if usage else 0
-        # The quota is charged at admission with the prompt plus the completion budget, and a shorter answer
-        # is not refunded (Azure; the local model server does the same). Settle to that charge, correcting
-        # only our prompt estimate: settling to the billed usage would hand the unused budget back to the
-        # limiter, which would then admit calls the server refuses with 429.
-        reservation.settle(prompt_tokens + budget if usage else estimated_prompt + budget)
-        self.book.learn(target, response.model)
-        if usage:
-            calibration.observe(prompt_tokens, request.text_tokens, request.image_tokens)
-        if not response.choices:
-            raise UpstreamError(f"{target.deployment} returned no choices", details={"deployment": target.deployment})
-        choice = response.choices[0]
-        message = choice.message
-        extra = {}
-        cfr = getattr(choice, "content_filter_results", None) or (choice.model_extra or {}).get(
-            "content_filter_results"
-        )
-        if cfr:
-            extra["content_filter_results"] = cfr
-        family = self.book.family(target)
-        return ChatResult(
-            content=message.content,
-            finish_reason=choice.finish_reason or "stop",
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            model=response.model or target.deployment,
-            deployment=target.deployment,
-            refusal=getattr(message, "refusal", None),
-            extra=extra,
-            reasoning_tokens=_detail(usage, "completion_tokens_details", "reasoning_tokens"),
-            cached_tokens=_detail(usage, "prompt_tokens_details", "cached_tokens"),
-            estimated_prompt_tokens=estimated_prompt,
-            family=family.family if family else None,
-            identity=self.book.identity(target),
-            completion_budget=budget,
-        )
+        tel.limiter_wait(target.deployment, (time.perf_counter() - waiting) * 1000)
+        with tel.model_call(target, kwargs) as span:
+            try:
+                response = await self.client(target).chat.completions.create(**kwargs)
+            except (openai.OpenAIError, ValueError) as exc:  # ValueError: a 200 whose body is not JSON
+                reservation.cancel()
+                rejected = _style_rejection(exc)
+                if rejected is not None:
+                    raise rejected from None
+                error = map_openai_error(exc, target)
+                if isinstance(error, ResponseFormatRejected):
+                    self._no_json_schema[target.label] = self.clock.now()
+                raise error from exc
+            except BaseException:  # also CancelledError: a call cancelled mid-flight gives its reservation back
+                reservation.cancel()
+                raise
+            usage = response.usage
+            prompt_tokens = usage.prompt_tokens if usage else 0
+            completion_tokens = usage.completion_tokens if usage else 0
+            # The quota is charged at admission with the prompt plus the completion budget, and a shorter answer
+            # is not refunded (Azure; the local model server does the same). Settle to that charge, correcting
+            # only our prompt estimate: settling to the billed usage would hand the unused budget back to the
+            # limiter, which would then admit calls the server refuses with 429.
+            reservation.settle(prompt_tokens + budget if usage else estimated_prompt + budget)
+            self.book.learn(target, response.model)
+            if usage:
+                calibration.observe(prompt_tokens, request.text_tokens, request.image_tokens)
+            if not response.choices:
+                raise UpstreamError(
+                    f"{target.deployment} returned no choices", details={"deployment": target.deployment}
+                )
+            choice = response.choices[0]
+            message = choice.message
+            extra = {}
+            cfr = getattr(choice, "content_filter_results", None) or (choice.model_extra or {}).get(
+                "content_filter_results"
+            )
+            if cfr:
+                extra["content_filter_results"] = cfr
+            family = self.book.family(target)
+            reasoning_tokens = _detail(usage, "completion_tokens_details", "reasoning_tokens")
+            if span is not None:
+                span.response_model, span.response_id = response.model, response.id
+                span.finish_reason = choice.finish_reason
+                if usage:
+                    span.input_tokens, span.output_tokens = prompt_tokens, completion_tokens
+                    span.reasoning_tokens = reasoning_tokens
+            return ChatResult(
+                content=message.content,
+                finish_reason=choice.finish_reason or "stop",
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                model=response.model or target.deployment,
+                deployment=target.deployment,
+                refusal=getattr(message, "refusal", None),
+                extra=extra,
+                reasoning_tokens=reasoning_tokens,
+                cached_tokens=_detail(usage, "prompt_tokens_details", "cached_tokens"),
+                estimated_prompt_tokens=estimated_prompt,
+                family=family.family if family else None,
+                identity=self.book.identity(target),
+                completion_budget=budget,
+            )
 
     async def close(self) -> None:
         for client in self._clients.values():

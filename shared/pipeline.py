@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import telemetry
+from . import telemetry_names as tn
 from .errors import InvalidRequest, UpstreamTimeout, VlmError
 from .settings import Settings
 
@@ -148,6 +150,17 @@ def _prepare_all(req: AnalysisRequest, settings: Settings, image_spec: Any = Non
 
 
 async def analyze(req: AnalysisRequest, app: App) -> AnalysisResult:
+    """One analysis, inside its telemetry span (shared/telemetry.py: a no-op when telemetry is off)."""
+    primary = app.settings.primary
+    known = {tn.VLM_DEPLOYMENT: primary.deployment, tn.VLM_MODEL: primary.model or primary.deployment}
+    with telemetry.current(app.settings).analysis(req.task, req.detail, len(req.images), **known) as span:
+        result = await _analyze_within_budget(req, app)
+        if span is not None:
+            span.finish(result)
+        return result
+
+
+async def _analyze_within_budget(req: AnalysisRequest, app: App) -> AnalysisResult:
     if req.budget_s:
         try:
             async with asyncio.timeout(req.budget_s):
@@ -190,6 +203,7 @@ async def _analyze(req: AnalysisRequest, app: App) -> AnalysisResult:
     from .tasks import TaskInput, run_task
 
     settings = app.settings
+    tel = telemetry.current(settings)
     t0 = time.perf_counter()
     strict = validate_request(req, settings)
     book = app.book
@@ -214,22 +228,30 @@ async def _analyze(req: AnalysisRequest, app: App) -> AnalysisResult:
     # A repeat of the very same bytes skips decoding: the raw request's address points at the answer.
     raw_key = _key(req, identity, req.images, "raw", effort)
     if req.use_cache:
-        alias = await app.cache.get_alias(raw_key)
-        hit = await app.cache.get_result(alias.key) if alias is not None else None
+        with tel.span(tn.SPAN_CACHE) as span:
+            alias = await app.cache.get_alias(raw_key)
+            hit = await app.cache.get_result(alias.key) if alias is not None else None
+            span.set_attribute(tn.VLM_CACHED, hit is not None)
         if alias is not None and hit is not None:
             return reused(alias.key, hit, alias.images, t0)
 
-    images = await app.prepare_slots.run(_prepare_all, req, settings, book.image_tokens(settings.primary))
+    with tel.span(tn.SPAN_PREPARE, **{tn.VLM_DETAIL: req.detail}) as span:
+        images = await app.prepare_slots.run(_prepare_all, req, settings, book.image_tokens(settings.primary))
+        facts = [i.facts.to_dict() for i in images]
+        span.set_attributes(
+            {tn.VLM_IMAGE_COUNT: len(facts), tn.VLM_TOKENS_ESTIMATED_IMAGE: sum(f["estimated_tokens"] for f in facts)}
+        )
     t_prepared = time.perf_counter()
-    facts = [i.facts.to_dict() for i in images]
     sent = [i.data for i in images]
     key = _key(req, identity, sent, "sent", effort)
     if req.use_cache:
-        hit = await app.cache.get_result(key)
-        if hit is None:
-            shared = await _join_inflight(app, key)
-            if shared is not None:
-                hit = CachedAnswer(shared.calls[-1].model, shared.calls[-1].deployment, shared.result)
+        with tel.span(tn.SPAN_CACHE) as span:
+            hit = await app.cache.get_result(key)
+            if hit is None:
+                shared = await _join_inflight(app, key)
+                if shared is not None:
+                    hit = CachedAnswer(shared.calls[-1].model, shared.calls[-1].deployment, shared.result)
+            span.set_attribute(tn.VLM_CACHED, hit is not None)
         if hit is not None:
             await app.cache.put_alias(raw_key, RawAlias(key, facts))
             return reused(key, hit, facts, t_prepared)

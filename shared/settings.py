@@ -146,6 +146,13 @@ class Settings:
     schema_max_validation_steps: int = 25_000  # keyword evaluations (and pruning steps) per answer check, ~1 s
     answer_max_nodes: int = 20_000  # JSON values in one structured answer
     answer_max_depth: int = 40  # JSON nesting of one structured answer
+    # --- telemetry (issue 14; shared/telemetry.py) ---
+    # Set in Azure by infra/modules/functionapp.bicep: spans and metrics go to Application Insights.
+    applicationinsights_connection_string: str | None = None
+    # "Authorization=AAD;ClientId=<uami>": ingestion authenticates with that managed identity (Entra).
+    applicationinsights_authentication_string: str | None = None
+    telemetry_dir: str | None = None  # VLM_TELEMETRY_DIR: local JSONL spans/metrics (`make run` sets .local/telemetry)
+    telemetry_export_interval_ms: int = 10_000  # how often the local metric reader writes (the distro keeps its own)
 
     @property
     def primary(self) -> ModelTarget:
@@ -249,6 +256,10 @@ class Settings:
             schema_max_validation_steps=r.integer("SCHEMA_MAX_VALIDATION_STEPS", 25_000, minimum=1),
             answer_max_nodes=r.integer("ANSWER_MAX_NODES", 20_000, minimum=1),
             answer_max_depth=r.integer("ANSWER_MAX_DEPTH", 40, minimum=1),
+            applicationinsights_connection_string=r.optional("APPLICATIONINSIGHTS_CONNECTION_STRING"),
+            applicationinsights_authentication_string=r.optional("APPLICATIONINSIGHTS_AUTHENTICATION_STRING"),
+            telemetry_dir=r.optional("VLM_TELEMETRY_DIR"),
+            telemetry_export_interval_ms=r.integer("VLM_TELEMETRY_EXPORT_INTERVAL_MS", 10_000, minimum=100),
         )
 
 
