@@ -272,6 +272,7 @@ async def test_every_span_and_metric_emitted_uses_only_the_declared_names(otel: 
             assert set(point.attributes) <= set(n.METRICS[name].attributes), (name, dict(point.attributes))
 
 
+@pytest.mark.subprocess  # a fresh interpreter, so imports are measured from zero
 def test_without_a_connection_string_or_a_folder_telemetry_is_off_and_imports_nothing() -> None:
     code = (
         "import sys\n"
