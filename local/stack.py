@@ -157,6 +157,8 @@ class Stack:
                 self.values["VLM_ENDPOINT"] = f"{self.model_url}/v1"
                 # the stand-in's catalog entry (zero prices) comes from an override, never the shipped catalog
                 self.values.setdefault("VLM_MODEL_CATALOG", str(c.root / "local" / "model_catalog.local.json"))
+            # issue 14: spans and metrics as JSON lines through the OpenTelemetry SDK's exporters
+            self.values.setdefault("VLM_TELEMETRY_DIR", str(c.data_dir / "telemetry"))
             host_settings = c.data_dir / "host.settings.json"
             host_settings.write_text(json.dumps({"IsEncrypted": False, "Values": self.values}, indent=2))
             self.host = procs.start_process(

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .clock import Clock, MonotonicClock
 
 if TYPE_CHECKING:
-    from .settings import Settings
+    pass
 
 REMAINING_REQUESTS = "x-ratelimit-remaining-requests"
 REMAINING_TOKENS = "x-ratelimit-remaining-tokens"
@@ -55,7 +55,8 @@ RETRY_AFTER = "retry-after"
 SHOULD_RETRY = "x-should-retry"
 PACED_HEADER = "x-vlm-paced-retry"  # set on a 429 whose retry the caller makes through acquire()
 
-# A 429 without a usable retry-after still pauses everyone briefly (the SDK backs off 0.5-8 s).
+# A 429 without a usable retry-after still pauses everyone briefly (the SDK backs off 0.5-8 s); the
+# same default is the Retry-After a caller is given for such a 429 (shared/model.py).
 DEFAULT_RETRY_AFTER_S = 1.0
 # Same ceiling as the openai SDK's MAX_RETRY_AFTER_DELAY: beyond it the SDK gives up anyway,
 # and a bogus HTTP date must not freeze the instance.
@@ -213,13 +214,6 @@ class RateLimiter:
         self._throttles = 0
         self._total_wait_s = 0.0
         self._max_wait_s = 0.0
-
-    @classmethod
-    def from_settings(
-        cls, settings: Settings, clock: Clock | None = None, window_s: float | None = None
-    ) -> RateLimiter:
-        window = settings.vlm_rate_window_s if window_s is None else window_s
-        return cls(settings.vlm_rpm, settings.vlm_tpm, clock=clock, window_s=window)
 
     @property
     def enabled(self) -> bool:

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import telemetry
 from .errors import (
     ContentFiltered,
     DeploymentUnavailable,
@@ -183,8 +185,12 @@ def map_openai_error(exc: Exception, target: ModelTarget) -> VlmError:
         param = str(body.get("param") or "")
         retry_after = _retry_after(exc.response.headers) if exc.response is not None else None
         if status == 429:
+            from .limiter import DEFAULT_RETRY_AFTER_S
+
             return UpstreamThrottled(
-                f"{target.deployment} is throttled: {message}", details=where, retry_after_s=retry_after or 10.0
+                f"{target.deployment} is throttled: {message}",
+                details=where,
+                retry_after_s=DEFAULT_RETRY_AFTER_S if retry_after is None else retry_after,
             )
         if status == 400 and code == "content_filter":
             return ContentFiltered(
@@ -243,14 +249,13 @@ def _style_rejection(exc: Exception) -> StyleRejected | None:
 
 
 def _retry_after(headers: Any) -> float | None:
-    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value:
-            try:
-                return float(value) / divisor
-            except ValueError:
-                continue
-    return None
+    """The one Retry-After parser (shared.limiter.parse_retry_after: -ms, seconds or an HTTP date);
+    None when the response does not say (a 429 then advises DEFAULT_RETRY_AFTER_S, as the limiter pauses)."""
+    import time
+
+    from .limiter import parse_retry_after
+
+    return parse_retry_after(headers, time.time())
 
 
 def filtered_categories(body: dict[str, Any]) -> dict[str, Any]:
@@ -341,13 +346,15 @@ class ModelRouter:
 
     def client(self, target: ModelTarget) -> AsyncOpenAI:
         if target.label not in self._clients:
-            hook = self.limiter(target).httpx_response_hook(pace_retries=True)
-            self._clients[target.label] = self._client_factory(target, {"response": [hook]})
+            hooks = [self.limiter(target).httpx_response_hook(pace_retries=True)]
+            counter = telemetry.current(self.settings).http_hook(target.deployment)  # None: telemetry off
+            hooks += [counter] if counter is not None else []
+            self._clients[target.label] = self._client_factory(target, {"response": hooks})
         return self._clients[target.label]
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         last: VlmError | None = None
-        for target in self.settings.model_targets:
+        for position, target in enumerate(self.settings.model_targets):
             breaker = self.breakers.get(target.label)
             if not breaker.allow():
                 log.info("skipping %s: circuit open", target.label)
@@ -369,6 +376,8 @@ class ModelRouter:
                 breaker.record_success()  # the deployment answered; the request itself was the problem
                 raise
             breaker.record_success()
+            if position > 0:
+                telemetry.note_fallback()
             return check_finish(result)
         if last is not None:
             raise last
@@ -458,72 +467,84 @@ class ModelRouter:
             kwargs["response_format"] = request.response_format
         calibration = self.book.calibration(target)
         estimated_prompt = request.text_tokens + calibration.image_estimate(request.image_tokens)
+        tel = telemetry.current(self.settings)
         limiter = self.limiter(target)
         throttled = 0
         while True:
+            waiting = time.perf_counter()
             reservation = await limiter.acquire(estimated_prompt + budget)
-            try:
-                response = await self.client(target).chat.completions.create(**kwargs)
-                break
-            except openai.RateLimitError as exc:
-                reservation.cancel()  # refused: the server charged nothing
-                paced = exc.response is not None and exc.response.headers.get(PACED_HEADER) == "1"
-                if paced and throttled < self.client(target).max_retries:  # the SDK's retry budget, spent here
-                    # a 429 is retried here, through the limiter (paused until retry-after, FIFO), not by
-                    # the SDK: see RateLimiter.httpx_response_hook(pace_retries=True)
-                    throttled += 1
-                    continue
-                raise map_openai_error(exc, target) from exc
-            except (openai.OpenAIError, ValueError) as exc:  # ValueError: a 200 whose body is not JSON
-                reservation.cancel()
-                rejected = _style_rejection(exc)
-                if rejected is not None:
-                    raise rejected from None
-                error = map_openai_error(exc, target)
-                if isinstance(error, ResponseFormatRejected):
-                    self._no_json_schema[target.label] = self.clock.now()
-                raise error from exc
-            except BaseException:  # also CancelledError: a call cancelled mid-flight gives its reservation back
-                reservation.cancel()
-                raise
-        usage = response.usage
-        prompt_tokens = usage.prompt_tokens if usage else 0
-        completion_tokens = usage.completion_tokens if usage else 0
-        # The quota is charged at admission with the prompt plus the completion budget, and a shorter answer
-        # is not refunded (Azure; the local model server does the same). Settle to that charge, correcting
-        # only our prompt estimate: settling to the billed usage would hand the unused budget back to the
-        # limiter, which would then admit calls the server refuses with 429.
-        reservation.settle(prompt_tokens + budget if usage else estimated_prompt + budget)
-        self.book.learn(target, response.model)
-        if usage:
-            calibration.observe(prompt_tokens, request.text_tokens, request.image_tokens)
-        if not response.choices:
-            raise UpstreamError(f"{target.deployment} returned no choices", details={"deployment": target.deployment})
-        choice = response.choices[0]
-        message = choice.message
-        extra = {}
-        cfr = getattr(choice, "content_filter_results", None) or (choice.model_extra or {}).get(
-            "content_filter_results"
-        )
-        if cfr:
-            extra["content_filter_results"] = cfr
-        family = self.book.family(target)
-        return ChatResult(
-            content=message.content,
-            finish_reason=choice.finish_reason or "stop",
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            model=response.model or target.deployment,
-            deployment=target.deployment,
-            refusal=getattr(message, "refusal", None),
-            extra=extra,
-            reasoning_tokens=_detail(usage, "completion_tokens_details", "reasoning_tokens"),
-            cached_tokens=_detail(usage, "prompt_tokens_details", "cached_tokens"),
-            estimated_prompt_tokens=estimated_prompt,
-            family=family.family if family else None,
-            identity=self.book.identity(target),
-            completion_budget=budget,
-        )
+            tel.limiter_wait(target.deployment, (time.perf_counter() - waiting) * 1000)
+            with tel.model_call(target, kwargs) as span:
+                try:
+                    response = await self.client(target).chat.completions.create(**kwargs)
+                except openai.RateLimitError as exc:
+                    reservation.cancel()  # refused: the server charged nothing
+                    paced = exc.response is not None and exc.response.headers.get(PACED_HEADER) == "1"
+                    if paced and throttled < self.client(target).max_retries:  # the SDK's retry budget, spent here
+                        # a 429 is retried here, through the limiter (paused until retry-after, FIFO), not by
+                        # the SDK: see RateLimiter.httpx_response_hook(pace_retries=True)
+                        throttled += 1
+                        continue
+                    raise map_openai_error(exc, target) from exc
+                except (openai.OpenAIError, ValueError) as exc:  # ValueError: a 200 whose body is not JSON
+                    reservation.cancel()
+                    rejected = _style_rejection(exc)
+                    if rejected is not None:
+                        raise rejected from None
+                    error = map_openai_error(exc, target)
+                    if isinstance(error, ResponseFormatRejected):
+                        self._no_json_schema[target.label] = self.clock.now()
+                    raise error from exc
+                except BaseException:  # also CancelledError: a call cancelled mid-flight gives its reservation back
+                    reservation.cancel()
+                    raise
+                usage = response.usage
+                prompt_tokens = usage.prompt_tokens if usage else 0
+                completion_tokens = usage.completion_tokens if usage else 0
+                # The quota is charged at admission with the prompt plus the completion budget, and a shorter answer
+                # is not refunded (Azure; the local model server does the same). Settle to that charge, correcting
+                # only our prompt estimate: settling to the billed usage would hand the unused budget back to the
+                # limiter, which would then admit calls the server refuses with 429.
+                reservation.settle(prompt_tokens + budget if usage else estimated_prompt + budget)
+                self.book.learn(target, response.model)
+                if usage:
+                    calibration.observe(prompt_tokens, request.text_tokens, request.image_tokens)
+                if not response.choices:
+                    raise UpstreamError(
+                        f"{target.deployment} returned no choices", details={"deployment": target.deployment}
+                    )
+                choice = response.choices[0]
+                message = choice.message
+                extra = {}
+                cfr = getattr(choice, "content_filter_results", None) or (choice.model_extra or {}).get(
+                    "content_filter_results"
+                )
+                if cfr:
+                    extra["content_filter_results"] = cfr
+                family = self.book.family(target)
+                reasoning_tokens = _detail(usage, "completion_tokens_details", "reasoning_tokens")
+                if span is not None:
+                    span.response_model, span.response_id = response.model, response.id
+                    span.finish_reason = choice.finish_reason
+                    if usage:
+                        span.input_tokens, span.output_tokens = prompt_tokens, completion_tokens
+                        span.reasoning_tokens = reasoning_tokens
+                return ChatResult(
+                    content=message.content,
+                    finish_reason=choice.finish_reason or "stop",
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    model=response.model or target.deployment,
+                    deployment=target.deployment,
+                    refusal=getattr(message, "refusal", None),
+                    extra=extra,
+                    reasoning_tokens=reasoning_tokens,
+                    cached_tokens=_detail(usage, "prompt_tokens_details", "cached_tokens"),
+                    estimated_prompt_tokens=estimated_prompt,
+                    family=family.family if family else None,
+                    identity=self.book.identity(target),
+                    completion_budget=budget,
+                )
 
     async def close(self) -> None:
         for client in self._clients.values():

@@ -21,9 +21,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import telemetry
 from .errors import InvalidRequest, ModelOutputInvalid
 from .image_policy import PAGED_FORMATS, ImagePolicy
 from .model import ChatBackend, ChatRequest, ChatResult
+from .telemetry_names import OUTCOME_ERROR, OUTCOME_OK, SPAN_VALIDATE, VLM_OUTCOME
 from .tokens import prompt_tokens
 
 if TYPE_CHECKING:
@@ -318,14 +320,16 @@ async def structured_call(
         result = await ask()
         calls.append(result)
         answer: Any = None
-        try:
-            answer = schemas.parse_json_tolerant(result.content or "")
-            if strict.wrapped:
-                answer = schemas.unwrap(strict, answer)
-            answer = schemas.normalise(schema, answer, budget=budget)
-            errors = schemas.validate(schema, answer, budget=budget)
-        except (ValueError, KeyError, TypeError) as exc:
-            errors = [f"the answer is not valid JSON for the schema: {exc}"]
+        with telemetry.span(SPAN_VALIDATE) as span:
+            try:
+                answer = schemas.parse_json_tolerant(result.content or "")
+                if strict.wrapped:
+                    answer = schemas.unwrap(strict, answer)
+                answer = schemas.normalise(schema, answer, budget=budget)
+                errors = schemas.validate(schema, answer, budget=budget)
+            except (ValueError, KeyError, TypeError) as exc:
+                errors = [f"the answer is not valid JSON for the schema: {exc}"]
+            span.set_attribute(VLM_OUTCOME, OUTCOME_ERROR if errors else OUTCOME_OK)
         if not errors:
             return TaskOutput(result=answer, calls=calls)
         if attempt == 1:

@@ -14,7 +14,7 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from shared.results import record_names
-from tests.conftest import corpus
+from tests.conftest import corpus, wait_handled
 
 pytestmark = pytest.mark.integration
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".heic", ".heif", ".webp", ".gif", ".bmp", ".pdf"}
@@ -95,16 +95,17 @@ def test_drop_photos_and_orientations_every_blob_gets_one_record(stack, model_ad
     text = got[record_names("batch/notes.txt").error]
     assert text["status"] == "failed" and text["error"]["code"] == "unsupported_media_type"
     assert record_names("batch/notes.txt").success not in got
-    broken = [k for k in got if k.startswith("batch/broken/truncated.jpg")]
-    assert len(broken) == 1  # a result or a clear error, never neither, never both
-    if broken[0].endswith(".error.json"):
-        assert got[broken[0]]["error"]["code"] in {"invalid_request", "unsupported_media_type"}
+    # The corpus' truncated JPEG lacks only its last 24 of 2736 rows: the product decodes what is
+    # there (shared/images.py, MIN_TRUNCATED_FRACTION) and describes it, so one result and no error.
+    truncated = record_names("batch/broken/truncated.jpg")
+    assert truncated.error not in got, got.get(truncated.error)
+    assert got[truncated.success]["status"] == "succeeded"
 
     # the same files again: the recorded sha256 matches, so no model call at all
     before = model_admin.requests()
-    drop_folder(stack, corpus("photos"), "batch/photos/")
+    again = drop_folder(stack, corpus("photos"), "batch/photos/")
     upload(stack, "batch/notes.txt", b"this is not an image\n")
-    time.sleep(3)  # let the host see the new etags and run the function
+    wait_handled(stack, [*again, "batch/notes.txt"])  # the function has run for every new version
     after = records(stack, "batch/")
     assert model_admin.requests() == before
     assert {k: v["processed_at"] for k, v in after.items()} == {k: v["processed_at"] for k, v in got.items()}
@@ -227,7 +228,9 @@ def test_a_changed_task_json_makes_the_same_file_new_work(stack, model_admin):
     png = corpus("documents", "oyo.png").read_bytes()
     upload(stack, "retask/_task.json", json.dumps({"task": "describe"}).encode())
     upload(stack, "retask/r.png", png)
-    first = wait_for(stack, ["retask/r.png"], "retask/")[record_names("retask/r.png").success]
+    got = wait_for(stack, ["retask/r.png"], "retask/")
+    assert record_names("retask/r.png").success in got, got.get(record_names("retask/r.png").error)
+    first = got[record_names("retask/r.png").success]
     assert first["task"] == "describe"
     upload(stack, "retask/_task.json", json.dumps({"task": "ocr"}).encode())
     time.sleep(1)  # past the folder-config TTL the test stack sets

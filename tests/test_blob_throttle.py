@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from shared.clock import FakeClock
 from shared.errors import UpstreamThrottled
+from tests.fake_clock import FakeClock
 from tests.test_blob_job_units import processor
 
 
@@ -61,7 +61,7 @@ def _throttled_then_real(monkeypatch, times: int, retry_after_s: float) -> list[
 async def test_a_throttled_blob_waits_as_told_and_succeeds_in_the_same_invocation(monkeypatch) -> None:
     proc, blobs, scripted = processor()
     clock = FakeClock()
-    proc.deps.model.clock = clock
+    proc.app.model.clock = clock
     calls = _throttled_then_real(monkeypatch, times=2, retry_after_s=30.0)
     outcome = await _drive(clock, proc.process("a.png", _png(), "e1", None))
     assert outcome.status == "succeeded" and outcome.record["attempts"] == 1
@@ -73,7 +73,7 @@ async def test_a_throttled_blob_waits_as_told_and_succeeds_in_the_same_invocatio
 async def test_past_the_budget_the_429_goes_back_to_the_host_not_into_an_error_record(monkeypatch) -> None:
     proc, blobs, _ = processor()
     clock = FakeClock()
-    proc.deps.model.clock = clock
+    proc.app.model.clock = clock
     calls = _throttled_then_real(monkeypatch, times=100, retry_after_s=200.0)
     with pytest.raises(UpstreamThrottled):
         await _drive(clock, proc.process("a.png", _png(), "e1", None))
