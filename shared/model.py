@@ -469,14 +469,15 @@ class ModelRouter:
         estimated_prompt = request.text_tokens + calibration.image_estimate(request.image_tokens)
         tel = telemetry.current(self.settings)
         limiter = self.limiter(target)
+        waiting = time.perf_counter()
+        reservation = await limiter.acquire(estimated_prompt + budget)
+        tel.limiter_wait(target.deployment, (time.perf_counter() - waiting) * 1000)
         throttled = 0
-        while True:
-            waiting = time.perf_counter()
-            reservation = await limiter.acquire(estimated_prompt + budget)
-            tel.limiter_wait(target.deployment, (time.perf_counter() - waiting) * 1000)
-            with tel.model_call(target, kwargs) as span:
+        with tel.model_call(target, kwargs) as span:
+            while True:
                 try:
                     response = await self.client(target).chat.completions.create(**kwargs)
+                    break
                 except openai.RateLimitError as exc:
                     reservation.cancel()  # refused: the server charged nothing
                     paced = exc.response is not None and exc.response.headers.get(PACED_HEADER) == "1"
@@ -484,6 +485,7 @@ class ModelRouter:
                         # a 429 is retried here, through the limiter (paused until retry-after, FIFO), not by
                         # the SDK: see RateLimiter.httpx_response_hook(pace_retries=True)
                         throttled += 1
+                        reservation = await limiter.acquire(estimated_prompt + budget)
                         continue
                     raise map_openai_error(exc, target) from exc
                 except (openai.OpenAIError, ValueError) as exc:  # ValueError: a 200 whose body is not JSON
@@ -498,53 +500,53 @@ class ModelRouter:
                 except BaseException:  # also CancelledError: a call cancelled mid-flight gives its reservation back
                     reservation.cancel()
                     raise
-                usage = response.usage
-                prompt_tokens = usage.prompt_tokens if usage else 0
-                completion_tokens = usage.completion_tokens if usage else 0
-                # The quota is charged at admission with the prompt plus the completion budget, and a shorter answer
-                # is not refunded (Azure; the local model server does the same). Settle to that charge, correcting
-                # only our prompt estimate: settling to the billed usage would hand the unused budget back to the
-                # limiter, which would then admit calls the server refuses with 429.
-                reservation.settle(prompt_tokens + budget if usage else estimated_prompt + budget)
-                self.book.learn(target, response.model)
+            usage = response.usage
+            prompt_tokens = usage.prompt_tokens if usage else 0
+            completion_tokens = usage.completion_tokens if usage else 0
+            # The quota is charged at admission with the prompt plus the completion budget, and a shorter answer
+            # is not refunded (Azure; the local model server does the same). Settle to that charge, correcting
+            # only our prompt estimate: settling to the billed usage would hand the unused budget back to the
+            # limiter, which would then admit calls the server refuses with 429.
+            reservation.settle(prompt_tokens + budget if usage else estimated_prompt + budget)
+            self.book.learn(target, response.model)
+            if usage:
+                calibration.observe(prompt_tokens, request.text_tokens, request.image_tokens)
+            if not response.choices:
+                raise UpstreamError(
+                    f"{target.deployment} returned no choices", details={"deployment": target.deployment}
+                )
+            choice = response.choices[0]
+            message = choice.message
+            extra = {}
+            cfr = getattr(choice, "content_filter_results", None) or (choice.model_extra or {}).get(
+                "content_filter_results"
+            )
+            if cfr:
+                extra["content_filter_results"] = cfr
+            family = self.book.family(target)
+            reasoning_tokens = _detail(usage, "completion_tokens_details", "reasoning_tokens")
+            if span is not None:
+                span.response_model, span.response_id = response.model, response.id
+                span.finish_reason = choice.finish_reason
                 if usage:
-                    calibration.observe(prompt_tokens, request.text_tokens, request.image_tokens)
-                if not response.choices:
-                    raise UpstreamError(
-                        f"{target.deployment} returned no choices", details={"deployment": target.deployment}
-                    )
-                choice = response.choices[0]
-                message = choice.message
-                extra = {}
-                cfr = getattr(choice, "content_filter_results", None) or (choice.model_extra or {}).get(
-                    "content_filter_results"
-                )
-                if cfr:
-                    extra["content_filter_results"] = cfr
-                family = self.book.family(target)
-                reasoning_tokens = _detail(usage, "completion_tokens_details", "reasoning_tokens")
-                if span is not None:
-                    span.response_model, span.response_id = response.model, response.id
-                    span.finish_reason = choice.finish_reason
-                    if usage:
-                        span.input_tokens, span.output_tokens = prompt_tokens, completion_tokens
-                        span.reasoning_tokens = reasoning_tokens
-                return ChatResult(
-                    content=message.content,
-                    finish_reason=choice.finish_reason or "stop",
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    model=response.model or target.deployment,
-                    deployment=target.deployment,
-                    refusal=getattr(message, "refusal", None),
-                    extra=extra,
-                    reasoning_tokens=reasoning_tokens,
-                    cached_tokens=_detail(usage, "prompt_tokens_details", "cached_tokens"),
-                    estimated_prompt_tokens=estimated_prompt,
-                    family=family.family if family else None,
-                    identity=self.book.identity(target),
-                    completion_budget=budget,
-                )
+                    span.input_tokens, span.output_tokens = prompt_tokens, completion_tokens
+                    span.reasoning_tokens = reasoning_tokens
+            return ChatResult(
+                content=message.content,
+                finish_reason=choice.finish_reason or "stop",
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                model=response.model or target.deployment,
+                deployment=target.deployment,
+                refusal=getattr(message, "refusal", None),
+                extra=extra,
+                reasoning_tokens=reasoning_tokens,
+                cached_tokens=_detail(usage, "prompt_tokens_details", "cached_tokens"),
+                estimated_prompt_tokens=estimated_prompt,
+                family=family.family if family else None,
+                identity=self.book.identity(target),
+                completion_budget=budget,
+            )
 
     async def close(self) -> None:
         for client in self._clients.values():
