@@ -18,7 +18,15 @@ from typing import Any
 
 from .errors import ImageTooLarge, InternalError, InvalidRequest, VlmError
 from .names import MAX_BLOB_NAME, name_problem
-from .options import OPTION_KEYS, OptionLimits, RequestOptions, check_known_keys, loads_bounded, parse_options
+from .options import (
+    OPTION_KEYS,
+    OptionLimits,
+    RequestOptions,
+    check_known_keys,
+    loads_bounded,
+    parse_mode,
+    parse_options,
+)
 from .pipeline import AnalysisRequest, Dependencies, analyze
 from .results import ResultWriter, Source, now_iso, record_names
 
@@ -27,7 +35,8 @@ log = logging.getLogger(__name__)
 TASK_FILE = "_task.json"
 MANIFEST_FILE = "_manifest.json"
 CONTROL_FILES = (TASK_FILE, MANIFEST_FILE)
-TASK_KEYS = set(OPTION_KEYS)
+FOLDER_KEYS = (*OPTION_KEYS, "mode")  # `mode` is a folder's route, not a request option (HTTP refuses it)
+TASK_KEYS = set(FOLDER_KEYS)
 
 
 class InvalidTaskConfig(InvalidRequest):
@@ -57,7 +66,7 @@ class TaskConfig:
 
 @dataclass
 class BlobOutcome:
-    status: str  # "succeeded", "failed", "skipped"
+    status: str  # "succeeded", "failed", "skipped", "queued" (batch mode: waiting for batch_collect)
     record: dict[str, Any] | None = None
     reason: str = ""
 
@@ -128,6 +137,7 @@ class TaskResolver:
         if meta.get("task"):
             fields = {k: v for k, v in meta.items() if k in TASK_KEYS}
             options = config_options(fields, "metadata", self.limits)  # bad metadata fails here, first attempt
+            _mode(fields, "metadata")
             return TaskConfig(options.task, "metadata", fields)
         return TaskConfig(self.deps.settings.default_task, "default", {"task": self.deps.settings.default_task})
 
@@ -162,11 +172,27 @@ def _parse_task_file(raw: bytes, path: str, limits: OptionLimits | None = None) 
     if not isinstance(doc, dict) or not isinstance(doc.get("task"), str):
         raise InvalidTaskConfig(f'{path} must be an object with a "task" string', details={"task_file": path})
     try:
-        check_known_keys(doc, path)
+        check_known_keys(doc, path, FOLDER_KEYS)
+        _mode(doc, path)
     except InvalidRequest as err:
         raise InvalidTaskConfig(err.message, details={**err.details, "task_file": path}) from None
     doc["task"] = config_options(doc, path, limits).task  # normalised (" OCR " is "ocr" everywhere)
     return doc
+
+
+def _batchable(task: str) -> bool:
+    from .batch import ONE_CALL_TASKS
+
+    return task in ONE_CALL_TASKS
+
+
+def _mode(fields: dict[str, Any], source: str) -> str:
+    """The folder's route ("realtime" or "batch"); a bad value is an invalid_task_config on the first attempt."""
+    try:
+        return parse_mode(fields.get("mode"), source)
+    except VlmError as err:
+        where = {"source": "metadata"} if source == "metadata" else {"task_file": source}
+        raise InvalidTaskConfig(err.message, details={**err.details, **where}) from None
 
 
 def _is_transient(err: Exception) -> bool:
@@ -271,6 +297,7 @@ class BlobProcessor:
         task = settings.default_task
         job: str | None = None
         attempts = 1
+        mode = "realtime"
         try:
             problem = name_problem(name)
             if problem is not None:  # never walked for _task.json nor joined with manifest entries
@@ -289,7 +316,20 @@ class BlobProcessor:
                 log.info("skip %s: a record for this content and task exists", name)
                 return BlobOutcome("skipped", existing, reason="already processed")
             attempts += int((await self._attempts(name, etag)).get("failures", 0))
-            result = await analyze(await self._request(config, images), self.deps)
+            request = await self._request(config, images)
+            mode = _mode(config.fields, config.origin)
+            if mode == "batch" and _batchable(config.task):
+                from .batch_jobs import Queued, enqueue
+
+                queued = await enqueue(self, config, name, source, job, request)
+                if isinstance(queued, Queued):
+                    log.info("queue %s for the batch route: %s", name, "added" if queued.added else "already queued")
+                    if attempts > 1:
+                        await self._clear_attempts(name)
+                    return BlobOutcome("queued", reason=queued.custom_id)
+                result = queued  # a cache hit: answered at once
+            else:
+                result = await analyze(request, self.deps)
         except VlmError as err:
             if err.transient:
                 await self._note_failure(name, etag, err, task, job)
@@ -332,6 +372,9 @@ class BlobProcessor:
             "job": job,
             "processed_at": now_iso(),
         }
+        if mode == "batch":  # answered from the cache, or a task the batch route cannot carry (several calls)
+            record["mode"] = "realtime"
+            record["mode_note"] = "cache hit" if result.cached else f"task {config.task} makes several model calls"
         record.pop("model_calls", None)
         await self.writer.write_success(name, record)
         if attempts > 1:
