@@ -157,6 +157,10 @@ class Stack:
                 self.values["VLM_ENDPOINT"] = f"{self.model_url}/v1"
                 # the stand-in's catalog entry (zero prices) comes from an override, never the shipped catalog
                 self.values.setdefault("VLM_MODEL_CATALOG", str(c.root / "local" / "model_catalog.local.json"))
+            # the batch timers' function.json name their schedules: a local.settings.json older than them gets
+            # local ones (every 10 s; the stand-in needs no 60 s between polls) instead of a function in error
+            self.values.setdefault("BATCH_SUBMIT_SCHEDULE", "*/10 * * * * *")
+            self.values.setdefault("BATCH_COLLECT_SCHEDULE", "5/10 * * * * *")
             host_settings = c.data_dir / "host.settings.json"
             host_settings.write_text(json.dumps({"IsEncrypted": False, "Values": self.values}, indent=2))
             self.host = procs.start_process(

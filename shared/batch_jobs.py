@@ -415,3 +415,23 @@ def _error_code(body: Any) -> str:
         if isinstance(code, str):
             return code[:MAX_ERROR_CODE_CHARS]
     return ""
+
+
+_RUNNERS: dict[int, BatchRunner] = {}
+
+
+async def run_step(step: str) -> Any:
+    """A timer's work on this loop's processor: "submit" -> SubmitReport, "collect" -> counts;
+    None when batch mode is off (no VLM_BATCH_DEPLOYMENT)."""
+    import asyncio
+
+    from .blob_job import get_processor
+
+    processor = get_processor()
+    if not processor.deps.settings.vlm_batch_deployment:
+        return None
+    key = id(asyncio.get_running_loop())
+    runner = _RUNNERS.get(key)
+    if runner is None:
+        runner = _RUNNERS[key] = BatchRunner(processor)
+    return await (runner.submit() if step == "submit" else runner.collect())
