@@ -402,3 +402,21 @@ def test_the_catalog_prices_batch_at_half() -> None:
         if p.input and p.batch_input:
             half = Prices(input=p.batch_input, output=p.batch_output)
             assert price_usd(half, 1000, 1000) == pytest.approx(price_usd(p, 1000, 1000) / 2, rel=1e-6)
+
+
+async def test_local_drop_names_each_file_s_batch_request_as_the_service_does(
+    server: TestServer, admin: Any, tmp_path: Any
+) -> None:
+    from local.drop import DropOptions, _batch_ids, _Upload
+
+    stack = Stack(server, FakeBlobService())
+    options = DropOptions(tmp_path, task=" Describe ", mode="batch")
+    config = options.task_config()
+    stack.drop("d/", FILES, config)
+    uploads = []
+    for name, data in FILES.items():
+        (tmp_path / name).write_bytes(data)
+        etag = stack.blobs.blobs[f"{stack.settings.images_container}/d/{name}"].etag
+        uploads.append(_Upload(tmp_path / name, name, "d/" + name, "png", etag=etag))
+    queued = {u.blob: (await stack.deliver(u.blob)).reason for u in uploads}
+    assert _batch_ids(uploads, config) == queued
