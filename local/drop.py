@@ -366,10 +366,10 @@ async def _upload_one(container: ContainerClient, item: _Upload, sem: asyncio.Se
         try:
             data, item.sha256 = await asyncio.to_thread(_read_and_hash, item.path)
             content_type = "application/json" if item.kind == "task" else CONTENT_TYPES[item.kind]
-            sent = await container.upload_blob(
-                item.blob, data, overwrite=True, content_settings=ContentSettings(content_type=content_type)
+            sent = await container.get_blob_client(item.blob).upload_blob(  # the blob client's answer has the etag
+                data, overwrite=True, content_settings=ContentSettings(content_type=content_type)
             )
-            item.etag = (sent or {}).get("etag")
+            item.etag = sent.get("etag")
         except Exception as exc:  # any failure to upload is reported per file, not fatal for the rest
             item.row = Row(item.rel, item.blob, "failed", error_code="upload_failed")
             _say(f"upload failed: {item.rel}: {exc}")

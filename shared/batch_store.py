@@ -51,8 +51,13 @@ class BatchStore:
             pass
 
     async def _names(self, prefix: str) -> list[str]:
+        from azure.core.exceptions import ResourceNotFoundError
+
         container = await self._container()
-        return [b.name async for b in container.list_blobs(name_starts_with=prefix)]
+        try:
+            return [b.name async for b in container.list_blobs(name_starts_with=prefix)]
+        except ResourceNotFoundError:
+            return []  # no container yet: nothing was ever queued
 
     # --- pending requests ---
     async def add_item(self, item: dict[str, Any]) -> bool:
