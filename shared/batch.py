@@ -68,17 +68,20 @@ class DeferringBackend:
         raise Deferred(request)
 
 
-def line_body(request: ChatRequest, target: ModelTarget, book: Any) -> dict[str, Any]:
-    """The body the router would send online (same style, budget and effort; see ModelRouter._call_once),
-    addressed to the batch deployment ("the same Global Batch model deployment name ... on each line")."""
+def line_body(request: ChatRequest, primary: ModelTarget, deployment: str, book: Any) -> dict[str, Any]:
+    """The body the router would send the primary online (the same parameter style, completion budget
+    and effort as learned for the primary; see ModelRouter._call_once), addressed to the batch
+    deployment: it runs the same model, and "the same Global Batch model deployment name must be
+    present on each line" (docs/batch.md). A batch line cannot be re-sent in another style when the
+    deployment refuses one, so the style is the primary's: set VLM_MODEL so it is known up front."""
     from .deployments import choose_effort
 
-    style = book.style(target)
-    budget = book.completion_budget(target, request.max_tokens, style)
-    body: dict[str, Any] = {"model": target.deployment, "messages": request.messages, style.budget_param: budget}
+    style = book.style(primary)
+    budget = book.completion_budget(primary, request.max_tokens, style)
+    body: dict[str, Any] = {"model": deployment, "messages": request.messages, style.budget_param: budget}
     if style.temperature:
         body["temperature"] = 0
-    effort = choose_effort(request.reasoning_effort, book.family(target), style)
+    effort = choose_effort(request.reasoning_effort, book.family(primary), style)
     if effort is not None:
         body["reasoning_effort"] = effort
     if request.response_format is not None:
@@ -138,9 +141,12 @@ class ReplayBackend:
     """Answers the task's first call with the batch's answer; any further call (a re-ask) goes to the
     realtime route (`realtime`), and `calls` says which was which."""
 
-    def __init__(self, answer: BatchAnswer, target: ModelTarget, book: Any, realtime: Any, identity: str) -> None:
+    def __init__(
+        self, answer: BatchAnswer, target: ModelTarget, primary: ModelTarget, book: Any, realtime: Any, identity: str
+    ) -> None:
         self.answer = answer
         self.target = target
+        self.primary = primary
         self.identity = identity
         self.book = book
         self.realtime = realtime
@@ -153,8 +159,8 @@ class ReplayBackend:
 
         if not self.batch_calls and not self.realtime_calls:
             if request_digest(request.messages) == self.answer.digest:
-                style = self.book.style(self.target)
-                budget = self.book.completion_budget(self.target, request.max_tokens, style)
+                style = self.book.style(self.primary)
+                budget = self.book.completion_budget(self.primary, request.max_tokens, style)
                 result = chat_result(self.answer, self.target, self.book, budget, self.identity)
                 self.batch_calls.append(result)
                 return check_finish(result)

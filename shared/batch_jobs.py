@@ -78,7 +78,12 @@ async def enqueue(
         "fields": config.fields,
         "digest": request_digest(chat.messages),
         "tokens": chat.estimated_tokens,
-        "line": {"custom_id": cid, "method": "POST", "url": CHAT_URL, "body": line_body(chat, target, deps.book)},
+        "line": {
+            "custom_id": cid,
+            "method": "POST",
+            "url": CHAT_URL,
+            "body": line_body(chat, deps.settings.primary, target.deployment, deps.book),
+        },
         "queued_at": now_iso(),
         "tried": [],  # batch ids that ended without answering it
     }
@@ -333,6 +338,7 @@ class BatchRunner:
         replay = ReplayBackend(
             BatchAnswer(body, item["digest"], batch_id),
             self.target,
+            self.settings.primary,
             self.deps.book,
             self.deps.model,
             self.deps.book.identity(self.settings.primary),

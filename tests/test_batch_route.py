@@ -379,12 +379,14 @@ async def test_replay_sends_a_changed_request_or_a_reask_online(server: TestServ
     messages = [{"role": "user", "content": "x"}]
     body = {"model": "m", "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], "usage": {}}
     target = ModelTarget(settings.vlm_endpoint, BATCH_DEPLOYMENT)
-    replay = ReplayBackend(BatchAnswer(body, request_digest(messages), "batch_1"), target, book, online, "id")
+    replay = ReplayBackend(
+        BatchAnswer(body, request_digest(messages), "batch_1"), target, settings.primary, book, online, "id"
+    )
     assert (await replay.complete(ChatRequest(messages, 10))).content == "hi"
     with pytest.raises(HostStopped):  # the second call (a re-ask) goes to the realtime route
         await replay.complete(ChatRequest(messages, 10))
     assert replay.realtime_calls == 1 and len(online.calls) == 1
-    changed = ReplayBackend(BatchAnswer(body, "other", "batch_1"), target, book, online, "id")
+    changed = ReplayBackend(BatchAnswer(body, "other", "batch_1"), target, settings.primary, book, online, "id")
     with pytest.raises(HostStopped):
         await changed.complete(ChatRequest(messages, 10))
     assert changed.mismatch and not changed.batch_calls
