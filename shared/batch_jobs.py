@@ -40,6 +40,7 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 NOTHING_RAN = "token_limit_exceeded"  # a job failed on quota: none of its lines ran (docs/batch.md)
 MAX_LISTED_BATCHES = 1000  # how far back a resumed create looks for the job it may have created
 MAX_ERROR_CODE_CHARS = 64
+FILES_PER_JOB = 3  # input, output and error file, all counted by BATCH_MAX_FILES until deleted
 
 
 def store_for(deps: Any) -> BatchStore:
@@ -138,6 +139,8 @@ class BatchRunner:
                 return report
         quota = self.settings.batch_enqueued_tokens
         enqueued = sum(j.get("tokens", 0) for j in jobs if j["state"] == "created")
+        # Each job keeps up to three files on the resource (input, output, error) until it is collected.
+        files_free = self.settings.batch_max_files - FILES_PER_JOB * len(jobs)
         max_requests, max_bytes = self.settings.batch_max_requests_per_file, self.settings.batch_max_file_bytes
         group: list[dict[str, Any]] = []
         size = tokens = 0
@@ -156,7 +159,11 @@ class BatchRunner:
                 if not await self._seal(group, tokens, report):
                     return report
                 enqueued += tokens
+                files_free -= FILES_PER_JOB
                 group, size, tokens = [], 0, 0
+            if not group and files_free < FILES_PER_JOB:
+                report.blocked = "batch_max_files"  # the rest waits for jobs to be collected (files deleted)
+                break
             if quota and enqueued + t > quota:
                 report.blocked = "enqueued_tokens"  # the rest waits for running jobs to finish
                 break

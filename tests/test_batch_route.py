@@ -339,6 +339,16 @@ async def test_files_respect_the_requests_per_file_limit(server: TestServer, adm
     assert sorted(len(j["items"]) for j in stack.jobs()) == [1, 2]
 
 
+async def test_the_file_limit_holds_the_rest_back(server: TestServer, admin: Any) -> None:
+    stack = Stack(server, FakeBlobService(), BATCH_MAX_REQUESTS_PER_FILE="1", BATCH_MAX_FILES="6")
+    await drop_and_queue(stack)
+    report = await stack.runner.submit()  # two jobs of one request: six files (input, output, error) at most
+    assert (report.created, report.requests, report.blocked) == (2, 2, "batch_max_files")
+    await stack.until_ended()
+    await stack.runner.collect()  # collected: their files are deleted
+    assert (await stack.runner.submit()).requests == 1
+
+
 async def test_the_enqueued_token_quota_holds_the_rest_back(server: TestServer, admin: Any) -> None:
     stack = Stack(server, FakeBlobService())
     await drop_and_queue(stack)
