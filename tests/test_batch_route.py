@@ -432,3 +432,17 @@ async def test_local_drop_names_each_file_s_batch_request_as_the_service_does(
         uploads.append(_Upload(tmp_path / name, name, "d/" + name, "png", etag=etag))
     queued = {u.blob: (await stack.deliver(u.blob)).reason for u in uploads}
     assert _batch_ids(uploads, config) == queued
+
+
+async def test_batch_mode_without_a_batch_deployment_is_recorded_on_the_first_attempt(
+    server: TestServer, admin: Any
+) -> None:
+    stack = Stack(server, FakeBlobService())
+    stack.settings = Settings.from_env(
+        {"VLM_ENDPOINT": f"http://127.0.0.1:{server.port}/v1", "VlmStorage": "UseDevelopmentStorage=true"}
+    )
+    stack.processor = BlobProcessor(Dependencies(stack.settings, blobs=stack.blobs))
+    stack.drop("x/", {"a.png": FILES["p1.png"]}, {"task": "describe", "mode": "batch"})
+    outcome = await stack.deliver("x/a.png")
+    assert outcome.status == "failed" and "VLM_BATCH_DEPLOYMENT" in outcome.record["error"]["message"]
+    assert (await admin("/stats", method="GET"))["requests"] == 0
