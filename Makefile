@@ -1,12 +1,13 @@
 # Two commands do all set-up on a fresh machine (Python 3.11, Node 20, git):
 #   make run   - install, start Azurite + the local model server + the local Functions host
 #   make test  - install, lint, run every test
+#   make test-fast - the unit layer only: no Azurite, no model server, no host, no OCR (under 30 s)
 PY ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test test-fast lint format bench clean
 
 install: $(STAMP) node_modules/.installed
 
@@ -29,7 +30,14 @@ run: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# `integration` covers every test that needs a server or OCR (tests/conftest.py marks them by fixture
+# and fails an unmarked test that starts a process or loads OCR).
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -m "not integration" -n 2 -p no:schemathesis
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,4 +1,8 @@
-"""HTTP trigger: POST /api/analyze. Translates Functions types to and from shared.http_api."""
+"""HTTP trigger: POST /api/analyze. Translates Functions types to and from shared.http_api.
+
+The worker's App (shared.app.get_app) is fetched inside handle_analyze, so a configuration
+error answers with the JSON error shape like every other failure.
+"""
 
 from __future__ import annotations
 

@@ -89,9 +89,9 @@ def files(group: tuple[str, ...], limit: int | None) -> list[Path]:
 
 async def run_route(port: int, model: str, task: str, paths: list[Path], mode: str) -> list[dict[str, Any]]:
     """Drop the files into a folder of `mode` on fresh storage; -> their records."""
+    from shared.app import App
     from shared.batch_jobs import BatchRunner
     from shared.blob_job import BlobProcessor
-    from shared.pipeline import Dependencies
     from shared.results import record_names
     from shared.settings import Settings
     from tests.blob_fakes import FakeBlobService
@@ -105,7 +105,7 @@ async def run_route(port: int, model: str, task: str, paths: list[Path], mode: s
     }
     settings = Settings.from_env(env)
     blobs = FakeBlobService()
-    processor = BlobProcessor(Dependencies(settings, blobs=blobs))
+    processor = BlobProcessor(App.build(settings, blobs=blobs))
     folder = f"{mode}/"
     blobs.put(settings.images_container, folder + "_task.json", json.dumps({"task": task, "mode": mode}).encode())
     names = []
@@ -125,8 +125,7 @@ async def run_route(port: int, model: str, task: str, paths: list[Path], mode: s
                 break
             await asyncio.sleep(0.2)
         await runner.close()
-    if processor.deps._model is not None:
-        await processor.deps.model.close()
+    await processor.app.model.close()
     records = []
     for name in names:
         rn = record_names(name)

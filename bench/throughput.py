@@ -138,9 +138,10 @@ class Run:
 async def run_ours(
     url: str, images: list[bytes], tpm: int, rpm: int, concurrency: int, window_s: float = WINDOW_S
 ) -> Run:
+    from shared.app import App
     from shared.cache import MemoryLRU, ResultCache
     from shared.errors import VlmError
-    from shared.pipeline import AnalysisRequest, Dependencies, analyze
+    from shared.pipeline import AnalysisRequest, analyze
     from shared.settings import Settings
     from shared.tasks import TASKS
 
@@ -155,7 +156,7 @@ async def run_ours(
             "VLM_MAX_RETRIES": "3",
         }
     )
-    deps = Dependencies(settings, cache=ResultCache(MemoryLRU(0)))
+    deps = App.build(settings, cache=ResultCache(MemoryLRU(0)))
     run = Run(OURS, f"RateLimiter {rpm} RPM / {tpm} TPM, {window_s:g} s burst (the server's quota)", len(images))
     run.max_tokens = TASKS["describe"].max_tokens
     gate = asyncio.Semaphore(concurrency)

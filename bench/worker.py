@@ -52,15 +52,14 @@ class WorkerReport:
 
 
 def build_pipeline(settings: Any, blobs: Any = None) -> Any:
-    """The one place a worker builds what the pipeline talks to (an instance's dependencies).
+    """The one place a worker builds what the pipeline talks to: an instance's application object.
 
     Nothing is cached (every image costs a model call); `blobs` is the instance's blob store.
-    When shared/ replaces `pipeline.Dependencies` with an application object, only this changes.
     """
+    from shared.app import App
     from shared.cache import MemoryLRU, ResultCache
-    from shared.pipeline import Dependencies
 
-    return Dependencies(settings, cache=ResultCache(MemoryLRU(0)), blobs=blobs)
+    return App.build(settings, cache=ResultCache(MemoryLRU(0)), blobs=blobs)
 
 
 def worker_settings(cfg: WorkerConfig) -> Any:
@@ -111,7 +110,7 @@ class Worker:
     def __init__(self, cfg: WorkerConfig, report: WorkerReport) -> None:
         self.cfg = cfg
         self.report = report
-        self.deps: Any = None
+        self.app: Any = None
         self.processor: Any = None
         self.seed: Any = None
 
@@ -121,11 +120,11 @@ class Worker:
 
             self.seed = SeedClient(self.cfg.url, rpm=self.cfg.rpm, tpm=self.cfg.tpm, timeout_s=60)
             return
-        self.deps = build_pipeline(worker_settings(self.cfg), memory_blobs())
+        self.app = build_pipeline(worker_settings(self.cfg), memory_blobs())
         if self.cfg.path == "blob":
             from shared.blob_job import BlobProcessor
 
-            self.processor = BlobProcessor(self.deps)
+            self.processor = BlobProcessor(self.app)
         # Warm: what a running instance has loaded already (the seed's client builds its SDK client
         # and imports PIL in its constructor), so the timed run compares pacing, not imports.
         import shared.http_api
@@ -133,15 +132,15 @@ class Worker:
         import shared.schemas
         import shared.tasks  # noqa: F401
 
-        self.deps.model.client(self.deps.settings.primary)
+        self.app.model.client(self.app.settings.primary)
 
     async def close(self) -> None:
         if self.seed is not None:
             await self.seed.close()
-        if self.deps is not None:
-            limiter = self.deps.model.limiter(self.deps.settings.primary).stats()
+        if self.app is not None:
+            limiter = self.app.model.limiter(self.app.settings.primary).stats()
             self.report.limiter_pauses = int(limiter.get("throttles", 0))
-            await self.deps.close()
+            await self.app.close()
 
     async def handle(self, name: str, data: bytes) -> bool:
         """Blob path: raises what the host would retry. HTTP path: True for a 200."""
@@ -165,7 +164,7 @@ class Worker:
 
         out = await handle_analyze(
             HttpInput(method="POST", headers={"content-type": "image/png"}, params={"task": "describe"}, body=data),
-            self.deps,
+            self.app,
         )
         if out.status != 200:
             self._fail(f"http {out.status}")

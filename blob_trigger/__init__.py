@@ -21,7 +21,8 @@ import logging
 
 import azure.functions as func
 
-from shared.blob_job import get_processor
+from shared.app import get_app
+from shared.blob_job import BlobProcessor
 from shared.names import name_problem
 
 
@@ -31,14 +32,15 @@ def _split(path: str, container: str) -> str:
 
 
 async def main(blob: func.InputStream) -> None:
-    processor = get_processor()
-    settings = processor.deps.settings
+    app = get_app()
+    processor = BlobProcessor(app)
+    settings = app.settings
     name = _split(blob.name or "", settings.images_container)
     props = getattr(blob, "blob_properties", None) or {}
     etag = props.get("ETag") or props.get("Etag") or props.get("etag")
     metadata = getattr(blob, "metadata", None)
     if (etag is None or metadata is None) and name_problem(name) is None:  # an unsafe name is only recorded
-        container = await processor.deps.blobs.container(settings.images_container)
+        container = await app.blobs.container(settings.images_container)
         live = await container.get_blob_client(name).get_blob_properties()
         etag, metadata = etag or live.etag, metadata if metadata is not None else dict(live.metadata or {})
     # checked before read(): nothing copies, hashes or decodes an oversized blob (the host buffered it already)

@@ -4,7 +4,8 @@ Like the Functions timer extension: `schedule` is `{second} {minute} {hour} {day
 {day-of-week}` in UTC (https://learn.microsoft.com/azure/azure-functions/functions-bindings-timer#ncrontab-expressions),
 `%SETTING%` references are resolved from the settings, a run that is still going when the next
 occurrence comes skips it (the real host holds a singleton lock per timer function), and
-`runOnStartup: true` fires once when the host starts. The schedule is parsed by `croniter`.
+`runOnStartup: true` fires once when the host starts. The schedule is parsed by `cronsim`
+(which takes the seconds-first six-field form).
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ log = logging.getLogger("local.host")
 
 def next_fire(schedule: str, after: datetime) -> datetime:
     """The first occurrence of an NCRONTAB schedule strictly after `after` (UTC). ValueError when malformed."""
-    from croniter import croniter
+    from cronsim import CronSim, CronSimError
 
     fields = schedule.split()
-    if len(fields) != 6:
+    if len(fields) != 6:  # cronsim also takes five fields; NCRONTAB in function.json has six
         raise ValueError(f"timer schedule {schedule!r} must have six fields (seconds first)")
     try:
-        return croniter(schedule, after, second_at_beginning=True).get_next(datetime)
-    except (KeyError, ValueError) as e:  # croniter's CroniterError family are ValueErrors
+        return next(CronSim(schedule, after))
+    except (CronSimError, StopIteration) as e:
         raise ValueError(f"timer schedule {schedule!r} is not a valid NCRONTAB expression") from e
 
 

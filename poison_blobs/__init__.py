@@ -13,7 +13,8 @@ import logging
 
 import azure.functions as func
 
-from shared.blob_job import get_processor
+from shared.app import get_app
+from shared.blob_job import BlobProcessor
 
 
 async def main(msg: func.QueueMessage) -> None:
@@ -24,9 +25,9 @@ async def main(msg: func.QueueMessage) -> None:
     if not isinstance(body, dict) or not isinstance(body.get("BlobName"), str):
         logging.warning("poison message without a blob name ignored")  # retrying it would not help
         return
-    processor = get_processor()
-    if body.get("ContainerName") != processor.deps.settings.images_container:
+    app = get_app()
+    if body.get("ContainerName") != app.settings.images_container:
         logging.warning("poison message for another container ignored: %s", body)
         return
-    record = await processor.record_poison(body["BlobName"], body.get("ETag"))
+    record = await BlobProcessor(app).record_poison(body["BlobName"], body.get("ETag"))
     logging.error("blob %s poisoned: %s", body["BlobName"], record["error"]["message"])

@@ -11,7 +11,6 @@ realtime route) and the record are today's.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -169,14 +168,11 @@ class ReplayBackend:
         return await self.realtime.complete(request)
 
 
-def with_model(deps: Any, model: Any) -> Any:
-    """The same dependencies (settings, storage, cache, book) with another model and no shared in-flight map."""
-    clone = copy.copy(deps)
-    book = deps.book
-    clone._model = model
-    clone._book = book
-    clone.inflight = {}
-    return clone
+def with_model(app: Any, model: Any) -> Any:
+    """The same App (settings, storage, cache, book) with another model and an in-flight table of its own."""
+    import dataclasses
+
+    return dataclasses.replace(app, model=model, inflight={})
 
 
 def batch_discount(results: list[ChatResult], settings: Settings) -> float | None:

@@ -43,8 +43,8 @@ MAX_ERROR_CODE_CHARS = 64
 FILES_PER_JOB = 3  # input, output and error file, all counted by BATCH_MAX_FILES until deleted
 
 
-def store_for(deps: Any) -> BatchStore:
-    return BatchStore(deps.blobs, deps.settings.cache_container)
+def store_for(app: Any) -> BatchStore:
+    return BatchStore(app.blobs, app.settings.cache_container)
 
 
 @dataclass
@@ -60,10 +60,10 @@ async def enqueue(
 ) -> AnalysisResult | Queued:
     """The pipeline without the model: a cache hit answers at once (an AnalysisResult); otherwise the
     task's request is queued once per source blob + etag + job."""
-    deps = processor.deps
-    target = batch_target(deps.settings)  # no batch deployment: a permanent error, recorded on the first attempt
+    app = processor.app
+    target = batch_target(app.settings)  # no batch deployment: a permanent error, recorded on the first attempt
     try:
-        return await analyze(request, with_model(deps, DeferringBackend(deps.book)))
+        return await analyze(request, with_model(app, DeferringBackend(app.book)))
     except Deferred as deferred:
         chat = deferred.request
     cid = custom_id(name, source.etag, job)
@@ -83,12 +83,12 @@ async def enqueue(
             "custom_id": cid,
             "method": "POST",
             "url": CHAT_URL,
-            "body": line_body(chat, deps.settings.primary, target.deployment, deps.book),
+            "body": line_body(chat, app.settings.primary, target.deployment, app.book),
         },
         "queued_at": now_iso(),
         "tried": [],  # batch ids that ended without answering it
     }
-    return Queued(cid, await store_for(deps).add_item(item))
+    return Queued(cid, await store_for(app).add_item(item))
 
 
 def _line_bytes(item: dict[str, Any]) -> bytes:
@@ -110,9 +110,9 @@ class BatchRunner:
 
     def __init__(self, processor: Any, client: Any = None) -> None:
         self.processor = processor
-        self.deps = processor.deps
-        self.settings = processor.deps.settings
-        self.store = store_for(processor.deps)
+        self.app = processor.app
+        self.settings = processor.app.settings
+        self.store = store_for(processor.app)
         self.target = batch_target(self.settings)
         self._client = client
 
@@ -327,14 +327,14 @@ class BatchRunner:
         """Replay the pipeline with the batch's answer as the first call: today's validation and record."""
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
-        from .blob_job import MANIFEST_FILE, TaskConfig, _download_unchanged
+        from .blob_job import MANIFEST_FILE, TaskConfig, _download_unchanged, blob_record
 
         p = self.processor
         source = Source(self.settings.images_container, item["name"], item["etag"], item["sha256"], item["size"])
         if await p.writer.existing_for(item["name"], item["sha256"], item["job"], item["etag"]) is not None:
             await self.store.drop_item(item["custom_id"])  # written before the host stopped
             return
-        container = await self.deps.blobs.container(self.settings.images_container)
+        container = await self.app.blobs.container(self.settings.images_container)
         try:
             data = await _download_unchanged(container, item["name"], item["etag"])
         except (ResourceNotFoundError, ResourceModifiedError):
@@ -346,16 +346,16 @@ class BatchRunner:
             BatchAnswer(body, item["digest"], batch_id),
             self.target,
             self.settings.primary,
-            self.deps.book,
-            self.deps.model,
-            self.deps.book.identity(self.settings.primary),
+            self.app.book,
+            self.app.model,
+            self.app.book.identity(self.settings.primary),
         )
         try:
             if item["name"].rsplit("/", 1)[-1] == MANIFEST_FILE:
                 config, images = await p._manifest(item["name"], data)
             else:
                 images = [data]
-            result = await analyze(await p._request(config, images), with_model(self.deps, replay))
+            result = await analyze(await p._request(config, images), with_model(self.app, replay))
         except VlmError as err:
             if err.transient:
                 raise  # the job stays: the next collect reads its output again
@@ -369,21 +369,17 @@ class BatchRunner:
         if not result.cached and replay.batch_calls:
             discount = batch_discount(replay.batch_calls, self.settings)
             cost = None if cost is None or discount is None else round(max(0.0, cost + discount), 6)
-        record = {
-            "status": "succeeded",
-            **result.to_dict(),
-            "cost_usd": cost,
-            "source": source.to_dict(),
-            "attempts": 1 + len(item["tried"]),
-            "task_config": item["task_config"],
-            "job": item["job"],
-            "mode": "batch",
-            "batch_id": batch_id,
-            "processed_at": now_iso(),
-        }
+        record = blob_record(
+            "succeeded",
+            source,
+            result={**result.to_dict(), "cost_usd": cost},
+            task_config=item["task_config"],
+            job=item["job"],
+            attempts=1 + len(item["tried"]),
+        )
+        record |= {"mode": "batch", "batch_id": batch_id}
         if replay.realtime_calls:
             record["reask"] = {"route": "realtime", "calls": replay.realtime_calls, "request_changed": replay.mismatch}
-        record.pop("model_calls", None)
         await p.writer.write_success(item["name"], record)
         await self.store.drop_item(item["custom_id"])
 
@@ -402,18 +398,13 @@ class BatchRunner:
     async def _write_error(
         self, item: dict[str, Any], error: dict[str, Any], batch_id: str | None, reask: bool = False
     ) -> None:
+        from .blob_job import blob_record
+
         source = Source(self.settings.images_container, item["name"], item["etag"], item["sha256"], item["size"])
-        record = {
-            "status": "failed",
-            "error": error,
-            "source": source.to_dict(),
-            "task": item["task"],
-            "job": item["job"],
-            "attempts": 1 + len(item["tried"]),
-            "mode": "batch",
-            "batch_id": batch_id,
-            "processed_at": now_iso(),
-        }
+        record = blob_record(
+            "failed", source, error=error, task=item["task"], job=item["job"], attempts=1 + len(item["tried"])
+        )
+        record |= {"mode": "batch", "batch_id": batch_id}
         if reask:
             record["reask"] = {"route": "realtime"}
         await self.processor.writer.write_error(item["name"], record)
@@ -438,13 +429,14 @@ async def run_step(step: str) -> Any:
     None when batch mode is off (no VLM_BATCH_DEPLOYMENT)."""
     import asyncio
 
-    from .blob_job import get_processor
+    from .app import get_app
+    from .blob_job import BlobProcessor
 
-    processor = get_processor()
-    if not processor.deps.settings.vlm_batch_deployment:
+    app = get_app()
+    if not app.settings.vlm_batch_deployment:
         return None
     key = id(asyncio.get_running_loop())
     runner = _RUNNERS.get(key)
     if runner is None:
-        runner = _RUNNERS[key] = BatchRunner(processor)
+        runner = _RUNNERS[key] = BatchRunner(BlobProcessor(app))
     return await (runner.submit() if step == "submit" else runner.collect())

@@ -1,10 +1,18 @@
 """The blob path: one dropped blob -> exactly one result or error record.
 
 Task resolution: the nearest `_task.json` in the blob's folder or a parent folder
-(cached briefly per instance), else blob metadata, else DEFAULT_TASK. Permanent
-failures become `.error.json` records; transient ones raise so the host retries, and
-each transient failure is noted under `attempts/` in the cache container so the
-attempt count (and, after poisoning, the last error) survives across instances.
+(cached per worker: TASK_CONFIG_CACHE_ITEMS folders for TASK_CONFIG_TTL_S), else blob metadata,
+else DEFAULT_TASK. Permanent failures become `.error.json` records; transient ones raise so the
+host retries.
+
+Attempt counters: each transient failure is noted in `<cache container>/attempts/<stem>.json`
+(`record_names(name).attempts`; the stem is the record's, see shared/results.py), holding the
+blob's etag, the failure count, the task, the job and the last error. They live in the cache
+container, not next to the records, because the results container holds records only (every
+`.json` there is a record to tools that list it); like the rest of that container they are
+worker state, safe to delete. A record (success, failure or poison) removes the note; the
+poison record quotes its count and last error. `AttemptLog` is the one place that reads and
+writes them, and `blob_record` the one place that builds a record.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ImageTooLarge, InternalError, InvalidRequest, VlmError
 from .names import MAX_BLOB_NAME, name_problem
@@ -27,8 +35,12 @@ from .options import (
     parse_mode,
     parse_options,
 )
-from .pipeline import AnalysisRequest, Dependencies, analyze
+from .pipeline import AnalysisRequest, analyze
 from .results import ResultWriter, Source, now_iso, record_names
+
+if TYPE_CHECKING:
+    from .app import App, BlobContainers
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -97,24 +109,31 @@ def is_control_file(name: str) -> bool:
     return name.rsplit("/", 1)[-1] in CONTROL_FILES
 
 
-class TaskResolver:
-    """Finds the nearest `_task.json`; remembers look-ups (including misses) for a short TTL."""
+_MISSING = object()
 
-    def __init__(self, deps: Dependencies) -> None:
-        self.deps = deps
-        self.ttl_s = deps.settings.task_config_ttl_s
-        self.limits = OptionLimits.from_settings(deps.settings)
-        self._cache: dict[str, tuple[float, dict[str, Any] | InvalidTaskConfig | None]] = {}
+
+class TaskResolver:
+    """Finds the nearest `_task.json`; remembers look-ups (including misses) for TASK_CONFIG_TTL_S,
+    for at most TASK_CONFIG_CACHE_ITEMS folders (least recently used go first)."""
+
+    def __init__(self, settings: Settings, blobs: BlobContainers) -> None:
+        from cachetools import TTLCache
+
+        self.settings = settings
+        self.blobs = blobs
+        self.limits = OptionLimits.from_settings(settings)
+        self._cache: TTLCache[str, dict[str, Any] | InvalidTaskConfig | None] = TTLCache(
+            maxsize=max(1, settings.task_config_cache_items), ttl=settings.task_config_ttl_s, timer=time.monotonic
+        )
 
     async def _load(self, folder: str) -> dict[str, Any] | InvalidTaskConfig | None:
-        now = time.monotonic()
-        hit = self._cache.get(folder)
-        if hit and now - hit[0] < self.ttl_s:
-            return hit[1]
+        hit = self._cache.get(folder, _MISSING)
+        if hit is not _MISSING:
+            return hit  # type: ignore[return-value]
         from azure.core.exceptions import ResourceNotFoundError
 
         path = folder + TASK_FILE
-        container = await self.deps.blobs.container(self.deps.settings.images_container)
+        container = await self.blobs.container(self.settings.images_container)
         value: dict[str, Any] | InvalidTaskConfig | None
         try:
             raw = await (await container.download_blob(path)).readall()
@@ -123,7 +142,8 @@ class TaskResolver:
             value = None
         except InvalidTaskConfig as err:
             value = err
-        self._cache[folder] = (now, value)
+        if self.settings.task_config_ttl_s > 0:
+            self._cache[folder] = value
         return value
 
     async def resolve(self, name: str, metadata: dict[str, str] | None) -> TaskConfig:
@@ -139,7 +159,7 @@ class TaskResolver:
             options = config_options(fields, "metadata", self.limits)  # bad metadata fails here, first attempt
             _mode(fields, "metadata")
             return TaskConfig(options.task, "metadata", fields)
-        return TaskConfig(self.deps.settings.default_task, "default", {"task": self.deps.settings.default_task})
+        return TaskConfig(self.settings.default_task, "default", {"task": self.settings.default_task})
 
 
 def config_options(
@@ -208,13 +228,95 @@ def _is_transient(err: Exception) -> bool:
     return isinstance(err, (AzureError, aiohttp.ClientError, OSError, TimeoutError))
 
 
-class BlobProcessor:
-    """Processes blobs for one event loop; keeps the task resolver's short-lived cache."""
+def blob_record(
+    status: str,
+    source: Source,
+    *,
+    attempts: int,
+    task: str | None = None,
+    job: str | None = None,
+    error: dict[str, Any] | None = None,
+    result: dict[str, Any] | None = None,
+    task_config: str | None = None,
+) -> dict[str, Any]:
+    """The one shape of a blob record: a success carries the analysis result, a failure its error."""
+    if status == "succeeded":
+        assert result is not None
+        body = {k: v for k, v in result.items() if k != "model_calls"}
+        return {
+            "status": status,
+            **body,
+            "source": source.to_dict(),
+            "attempts": attempts,
+            "task_config": task_config,
+            "job": job,
+            "processed_at": now_iso(),
+        }
+    return {
+        "status": status,
+        "error": error,
+        "source": source.to_dict(),
+        "task": task,
+        "job": job,
+        "attempts": attempts,
+        "processed_at": now_iso(),
+    }
 
-    def __init__(self, deps: Dependencies) -> None:
-        self.deps = deps
-        self.resolver = TaskResolver(deps)
-        self.writer = ResultWriter(deps.blobs, deps.settings.results_container)
+
+class AttemptLog:
+    """Transient failures of one blob version, noted across instances (see the module docstring)."""
+
+    def __init__(self, blobs: BlobContainers, container: str) -> None:
+        self.blobs = blobs
+        self.container = container
+
+    async def read(self, name: str, etag: str | None) -> dict[str, Any]:
+        """The note for this etag; a fresh one (no failures) when there is none or it is for another version."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        fresh = {"etag": etag, "failures": 0}
+        client = await self.blobs.container(self.container)
+        try:
+            doc = json.loads(await (await client.download_blob(record_names(name).attempts)).readall())
+        except (ResourceNotFoundError, json.JSONDecodeError):
+            return fresh
+        return doc if isinstance(doc, dict) and doc.get("etag") == etag else fresh
+
+    async def note(self, name: str, etag: str | None, err: Exception, task: str, job: str | None) -> None:
+        try:
+            doc = await self.read(name, etag)
+            doc["failures"] = int(doc.get("failures", 0)) + 1
+            doc["task"], doc["job"] = task, job
+            doc["last_error"] = (
+                err.to_dict()["error"]
+                if isinstance(err, VlmError)
+                else {"code": "transient_error", "message": f"{type(err).__name__} (details in the logs)"}
+            )
+            doc["at"] = now_iso()
+            client = await self.blobs.container(self.container)
+            await client.upload_blob(record_names(name).attempts, json.dumps(doc).encode(), overwrite=True)
+        except Exception as exc:  # bookkeeping only; the host still retries
+            log.warning("could not record the failed attempt for %s: %s", name[:300], type(exc).__name__)
+
+    async def clear(self, name: str) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        client = await self.blobs.container(self.container)
+        try:
+            await client.delete_blob(record_names(name).attempts)
+        except ResourceNotFoundError:
+            pass
+
+
+class BlobProcessor:
+    """Processes blobs with the worker's App (the resolver's cache lives there, shared by every blob)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.settings = app.settings
+        self.resolver = app.resolver
+        self.writer = ResultWriter(app.blobs, app.settings.results_container)
+        self.attempts = AttemptLog(app.blobs, app.settings.cache_container)
 
     async def _schema(self, ref: Any, origin: str) -> dict[str, Any] | None:
         """An inline schema, or one named in the schemas container: the name checked, the blob's size from its properties."""
@@ -228,8 +330,8 @@ class BlobProcessor:
             raise InvalidTaskConfig(f"{origin}: the schema name {problem}", details=details)
         from azure.core.exceptions import ResourceNotFoundError
 
-        limit = self.deps.settings.max_schema_blob_bytes
-        container = await self.deps.blobs.container(self.deps.settings.schemas_container)
+        limit = self.settings.max_schema_blob_bytes
+        container = await self.app.blobs.container(self.settings.schemas_container)
         for candidate in (ref, ref + ".json"):
             try:
                 size, raw = await read_within(container, candidate, limit)
@@ -248,47 +350,12 @@ class BlobProcessor:
                 raise InvalidTaskConfig(f"schema blob {candidate} must hold a JSON object", details=details)
             return schema
         raise InvalidTaskConfig(
-            f"{origin} names schema {ref!r}, which is not in the {self.deps.settings.schemas_container} container",
+            f"{origin} names schema {ref!r}, which is not in the {self.settings.schemas_container} container",
             details={**details, "schema": ref},
         )
 
-    async def _attempts(self, name: str, etag: str | None) -> dict[str, Any]:
-        from azure.core.exceptions import ResourceNotFoundError
-
-        container = await self.deps.blobs.container(self.deps.settings.cache_container)
-        try:
-            doc = json.loads(await (await container.download_blob(record_names(name).attempts)).readall())
-        except (ResourceNotFoundError, json.JSONDecodeError):
-            return {"etag": etag, "failures": 0}
-        return doc if doc.get("etag") == etag else {"etag": etag, "failures": 0}
-
-    async def _note_failure(self, name: str, etag: str | None, err: Exception, task: str, job: str | None) -> None:
-        try:
-            doc = await self._attempts(name, etag)
-            doc["failures"] = int(doc.get("failures", 0)) + 1
-            doc["task"], doc["job"] = task, job
-            doc["last_error"] = (
-                err.to_dict()["error"]
-                if isinstance(err, VlmError)
-                else {"code": "transient_error", "message": f"{type(err).__name__} (details in the logs)"}
-            )
-            doc["at"] = now_iso()
-            container = await self.deps.blobs.container(self.deps.settings.cache_container)
-            await container.upload_blob(record_names(name).attempts, json.dumps(doc).encode(), overwrite=True)
-        except Exception as exc:  # bookkeeping only; the host still retries
-            log.warning("could not record the failed attempt for %s: %s", name, exc)
-
-    async def _clear_attempts(self, name: str) -> None:
-        from azure.core.exceptions import ResourceNotFoundError
-
-        container = await self.deps.blobs.container(self.deps.settings.cache_container)
-        try:
-            await container.delete_blob(record_names(name).attempts)
-        except ResourceNotFoundError:
-            pass
-
     async def process(self, name: str, data: bytes, etag: str | None, metadata: dict[str, str] | None) -> BlobOutcome:
-        settings = self.deps.settings
+        settings = self.settings
         basename = name.rsplit("/", 1)[-1]
         if basename == TASK_FILE:
             return BlobOutcome("skipped", reason="control file")
@@ -315,7 +382,7 @@ class BlobProcessor:
             if existing is not None:
                 log.info("skip %s: a record for this content and task exists", name)
                 return BlobOutcome("skipped", existing, reason="already processed")
-            attempts += int((await self._attempts(name, etag)).get("failures", 0))
+            attempts += int((await self.attempts.read(name, etag)).get("failures", 0))
             request = await self._request(config, images)
             mode = _mode(config.fields, config.origin)
             if mode == "batch" and _batchable(config.task):
@@ -325,81 +392,44 @@ class BlobProcessor:
                 if isinstance(queued, Queued):
                     log.info("queue %s for the batch route: %s", name, "added" if queued.added else "already queued")
                     if attempts > 1:
-                        await self._clear_attempts(name)
+                        await self.attempts.clear(name)
                     return BlobOutcome("queued", reason=queued.custom_id)
                 result = queued  # a cache hit: answered at once
             else:
-                result = await analyze(request, self.deps)
-        except VlmError as err:
-            if err.transient:
-                await self._note_failure(name, etag, err, task, job)
-                raise
-            record = {
-                "status": "failed",
-                "error": err.to_dict()["error"],
-                "source": source.to_dict(),
-                "task": task,
-                "job": job,
-                "attempts": attempts,
-                "processed_at": now_iso(),
-            }
-            await self.writer.write_error(name, record)
-            await self._clear_attempts(name)
-            return BlobOutcome("failed", record)
+                result = await analyze(request, self.app)
         except Exception as err:
-            if _is_transient(err):
-                await self._note_failure(name, etag, err, task, job)
+            transient = err.transient if isinstance(err, VlmError) else _is_transient(err)
+            if transient:
+                await self.attempts.note(name, etag, err, task, job)
                 raise
-            internal = InternalError.logged(log, f"unexpected error processing {name[:300]}")
-            record = {
-                "status": "failed",
-                "error": internal.to_dict()["error"],
-                "source": source.to_dict(),
-                "task": task,
-                "job": job,
-                "attempts": attempts,
-                "processed_at": now_iso(),
-            }
+            if not isinstance(err, VlmError):
+                err = InternalError.logged(log, f"unexpected error processing {name[:300]}")
+            record = blob_record("failed", source, error=err.to_dict()["error"], task=task, job=job, attempts=attempts)
             await self.writer.write_error(name, record)
-            await self._clear_attempts(name)
+            await self.attempts.clear(name)
             return BlobOutcome("failed", record)
-        record = {
-            "status": "succeeded",
-            **result.to_dict(),
-            "source": source.to_dict(),
-            "attempts": attempts,
-            "task_config": config.origin,
-            "job": job,
-            "processed_at": now_iso(),
-        }
+        record = blob_record(
+            "succeeded", source, result=result.to_dict(), task_config=config.origin, job=job, attempts=attempts
+        )
         if mode == "batch":  # answered from the cache, or a task the batch route cannot carry (several calls)
             record["mode"] = "realtime"
             record["mode_note"] = "cache hit" if result.cached else f"task {config.task} makes several model calls"
-        record.pop("model_calls", None)
         await self.writer.write_success(name, record)
         if attempts > 1:
-            await self._clear_attempts(name)
+            await self.attempts.clear(name)
         return BlobOutcome("succeeded", record)
 
     async def too_large(self, name: str, etag: str | None, size: int) -> BlobOutcome:
         """A blob over MAX_IMAGE_BYTES is refused before it is read into memory."""
-        limit = self.deps.settings.max_image_bytes
+        limit = self.settings.max_image_bytes
         err = ImageTooLarge(f"the blob is {size} bytes, over MAX_IMAGE_BYTES ({limit})", details={"limit": limit})
-        source = Source(self.deps.settings.images_container, name, etag, "", size)
-        record = {
-            "status": "failed",
-            "error": err.to_dict()["error"],
-            "source": source.to_dict(),
-            "task": None,
-            "job": None,
-            "attempts": 1,
-            "processed_at": now_iso(),
-        }
+        source = Source(self.settings.images_container, name, etag, "", size)
+        record = blob_record("failed", source, error=err.to_dict()["error"], attempts=1)
         await self.writer.write_error(name, record)
         return BlobOutcome("failed", record)
 
     async def _request(self, config: TaskConfig, images: list[bytes]) -> AnalysisRequest:
-        settings = self.deps.settings
+        settings = self.settings
         options = config_options(
             config.fields,
             config.origin,
@@ -429,7 +459,7 @@ class BlobProcessor:
         """
         from azure.core.exceptions import ResourceNotFoundError
 
-        settings = self.deps.settings
+        settings = self.settings
         try:
             doc = json.loads(data)
         except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -443,7 +473,7 @@ class BlobProcessor:
             fields = {**inherited.fields, **fields, "task": inherited.task}
         else:
             _parse_task_file(json.dumps(fields).encode(), name)  # same checks as _task.json
-        container = await self.deps.blobs.container(settings.images_container)
+        container = await self.app.blobs.container(settings.images_container)
         cap = settings.max_manifest_images
         listed = doc.get("images")
         if listed is None:
@@ -499,32 +529,32 @@ class BlobProcessor:
         """After the host gave up on a blob: an `.error.json` with the last error seen, so nothing is lost silently."""
         from azure.core.exceptions import ResourceNotFoundError
 
-        container = await self.deps.blobs.container(self.deps.settings.images_container)
+        container = await self.app.blobs.container(self.settings.images_container)
         size, data = 0, None
         if name_problem(name) is None:  # an unsafe name is recorded (under a hashed name) but never read
             try:
-                size, data = await read_within(container, name, self.deps.settings.max_image_bytes)
+                size, data = await read_within(container, name, self.settings.max_image_bytes)
             except ResourceNotFoundError:
                 pass  # deleted since: still record that it was given up on
         sha = hashlib.sha256(data).hexdigest() if data else ""  # "" when absent or too large to hash
-        previous = await self._attempts(name, etag)
+        previous = await self.attempts.read(name, etag)
         last = previous.get("last_error") or {"code": "unknown", "message": "no failure was recorded"}
-        record = {
-            "status": "failed",
-            "error": {
-                "code": "poison",
-                "message": f"gave up after {previous.get('failures', 0) or 'repeated'} failed attempts; "
-                f"last error: {last.get('code')}: {last.get('message')}",
-                "details": {"last_error": last},
-            },
-            "source": Source(self.deps.settings.images_container, name, etag, sha, size).to_dict(),
-            "task": previous.get("task"),
-            "job": previous.get("job"),
-            "attempts": previous.get("failures", 0),
-            "processed_at": now_iso(),
+        error = {
+            "code": "poison",
+            "message": f"gave up after {previous.get('failures', 0) or 'repeated'} failed attempts; "
+            f"last error: {last.get('code')}: {last.get('message')}",
+            "details": {"last_error": last},
         }
+        record = blob_record(
+            "failed",
+            Source(self.settings.images_container, name, etag, sha, size),
+            error=error,
+            task=previous.get("task"),
+            job=previous.get("job"),
+            attempts=previous.get("failures", 0),
+        )
         await self.writer.write_error(name, record)
-        await self._clear_attempts(name)
+        await self.attempts.clear(name)
         return record
 
 
@@ -566,17 +596,3 @@ async def _folder_images(container: Any, folder: str, cap: int) -> list[str]:
                 details={"manifest": folder + MANIFEST_FILE, "field": "images", "limit": cap},
             )
     return sorted(names)
-
-
-_PROCESSORS: dict[int, BlobProcessor] = {}
-
-
-def get_processor() -> BlobProcessor:
-    import asyncio
-
-    from .pipeline import get_dependencies
-
-    key = id(asyncio.get_running_loop())
-    if key not in _PROCESSORS:
-        _PROCESSORS[key] = BlobProcessor(get_dependencies())
-    return _PROCESSORS[key]

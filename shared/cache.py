@@ -5,7 +5,14 @@ detail, schema, the deployment and model that answer, max_tokens and the optimis
 image bytes), so it doubles as the result id and a duplicate image anywhere never
 costs a second model call. v2: keyed on who answered (deployment and model family),
 so a fallback's answer is never served as the primary's (v1 keys were the primary's).
-Only successes are stored. Storage trouble makes the cache miss, never fail a request.
+
+Two kinds of record, kept apart by type and by place:
+- `CachedAnswer` (model, deployment, result) under the key over the optimised bytes:
+  `<cache>/<kk>/<key>.json`. Only answers are stored: a request that fails stores nothing.
+- `RawAlias` (the answer's key and the image facts) under the key over the bytes as received:
+  `<cache>/aliases/<kk>/<key>.json`, so a repeat of the very same bytes skips decoding.
+Storage trouble makes the cache miss, never fail a request. A record that does not have the
+shape of its kind (an older layout, a damaged blob) is a miss too.
 """
 
 from __future__ import annotations
@@ -15,7 +22,11 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, Protocol
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .app import BlobContainers
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +62,33 @@ def cache_key(
     return h.hexdigest()
 
 
-class CacheBackend(Protocol):
-    async def get(self, key: str) -> dict[str, Any] | None: ...
-    async def put(self, key: str, value: dict[str, Any]) -> None: ...
+@dataclass(frozen=True)
+class CachedAnswer:
+    """A validated answer and who gave it."""
+
+    model: str
+    deployment: str
+    result: Any
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> CachedAnswer | None:
+        if not isinstance(doc, dict) or not {"model", "deployment", "result"} <= doc.keys():
+            return None
+        return cls(str(doc["model"]), str(doc["deployment"]), doc["result"])
+
+
+@dataclass(frozen=True)
+class RawAlias:
+    """Where the answer for a request's bytes as received lives, and the facts of its optimised images."""
+
+    key: str
+    images: list[dict[str, Any]]
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> RawAlias | None:
+        if not isinstance(doc, dict) or not isinstance(doc.get("key"), str) or not isinstance(doc.get("images"), list):
+            return None
+        return cls(doc["key"], doc["images"])
 
 
 class MemoryLRU:
@@ -82,6 +117,9 @@ class MemoryLRU:
         return len(self._items)
 
 
+ALIAS_PREFIX = "aliases/"
+
+
 def blob_name(key: str) -> str:
     return f"{key[:2]}/{key}.json"
 
@@ -89,12 +127,24 @@ def blob_name(key: str) -> str:
 class ResultCache:
     """Memory first, then the cache container; writes go to both."""
 
-    def __init__(self, memory: MemoryLRU, blobs: Any | None = None, container: str = "cache") -> None:
+    def __init__(self, memory: MemoryLRU, blobs: BlobContainers | None = None, container: str = "cache") -> None:
         self.memory = memory
         self.blobs = blobs  # a shared.storage.BlobStore, or None for memory only
         self.container = container
 
-    async def get(self, key: str) -> dict[str, Any] | None:
+    async def get_result(self, key: str) -> CachedAnswer | None:
+        return CachedAnswer.from_dict(await self._get(blob_name(key)))
+
+    async def put_result(self, key: str, answer: CachedAnswer) -> None:
+        await self._put(blob_name(key), asdict(answer))
+
+    async def get_alias(self, raw_key: str) -> RawAlias | None:
+        return RawAlias.from_dict(await self._get(ALIAS_PREFIX + blob_name(raw_key)))
+
+    async def put_alias(self, raw_key: str, alias: RawAlias) -> None:
+        await self._put(ALIAS_PREFIX + blob_name(raw_key), asdict(alias))
+
+    async def _get(self, key: str) -> dict[str, Any] | None:
         hit = self.memory.get(key)
         if hit is not None or self.blobs is None:
             return hit
@@ -102,7 +152,7 @@ class ResultCache:
 
         try:
             container = await self.blobs.container(self.container)
-            downloader = await container.download_blob(blob_name(key))
+            downloader = await container.download_blob(key)
             value = json.loads(await downloader.readall())
         except ResourceNotFoundError:
             return None
@@ -112,7 +162,7 @@ class ResultCache:
         self.memory.put(key, value)
         return value
 
-    async def put(self, key: str, value: dict[str, Any]) -> None:
+    async def _put(self, key: str, value: dict[str, Any]) -> None:
         self.memory.put(key, value)
         if self.blobs is None:
             return
@@ -121,7 +171,7 @@ class ResultCache:
 
             container = await self.blobs.container(self.container)
             await container.upload_blob(
-                blob_name(key),
+                key,
                 json.dumps(value, ensure_ascii=False).encode(),
                 overwrite=True,
                 content_settings=ContentSettings(content_type="application/json"),

@@ -1,9 +1,13 @@
 """One error hierarchy for the whole service.
 
 Each error knows its HTTP status, its stable `code`, and whether it is transient
-(worth retrying later by the host or the caller). Entry points map these to HTTP
-responses or `.error.json` records in exactly one place each (`http_api.error_response`
-and the blob processor's record); the error classes carry the status codes.
+(worth retrying later by the host or the caller). The status lives on the class: the
+classes here and the few subclasses kept next to the code that raises them
+(`blob_job.InvalidTaskConfig`, `InvalidBlobName`, `ManifestIncomplete`,
+`model.ResponseFormatRejected`). They become HTTP responses in one place
+(`http_api.error_response`) and blob records in one place (`blob_job.blob_record`). The
+Functions host answers some requests itself before our code runs (routing, auth, its own
+body limits); those statuses are not decided here.
 """
 
 from __future__ import annotations

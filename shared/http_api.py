@@ -13,11 +13,14 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, ImageTooLarge, InternalError, InvalidRequest, VlmError
 from .options import OPTION_KEYS, OptionLimits, loads_bounded, parse_options
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .app import App
 
 log = logging.getLogger(__name__)
 
@@ -303,16 +306,18 @@ def parse_request(inp: HttpInput, settings: Settings) -> Any:
     )
 
 
-async def handle_analyze(inp: HttpInput, deps: Any = None) -> HttpOutput:
-    """POST /api/analyze: the whole request, every error mapped here."""
+async def handle_analyze(inp: HttpInput, app: App | None = None) -> HttpOutput:
+    """POST /api/analyze: the whole request, every error mapped here (None: the worker's App, built here
+    so that a configuration error is mapped too)."""
     try:
-        from .pipeline import analyze, get_dependencies
+        from .app import get_app
+        from .pipeline import analyze
 
-        deps = deps or get_dependencies()
-        settings = deps.settings
+        app = app or get_app()
+        settings = app.settings
         req = parse_request(inp, settings)
         req.budget_s = settings.request_budget_s
-        result = await analyze(req, deps)
+        result = await analyze(req, app)
         return HttpOutput(200, result.to_dict())
     except VlmError as err:
         if isinstance(err, ConfigurationError):

@@ -41,14 +41,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .clock import Clock, MonotonicClock
 
 if TYPE_CHECKING:
-    from .settings import Settings
+    pass
 
 REMAINING_REQUESTS = "x-ratelimit-remaining-requests"
 REMAINING_TOKENS = "x-ratelimit-remaining-tokens"
 RETRY_AFTER_MS = "retry-after-ms"
 RETRY_AFTER = "retry-after"
 
-# A 429 without a usable retry-after still pauses everyone briefly (the SDK backs off 0.5-8 s).
+# A 429 without a usable retry-after still pauses everyone briefly (the SDK backs off 0.5-8 s); the
+# same default is the Retry-After a caller is given for such a 429 (shared/model.py).
 DEFAULT_RETRY_AFTER_S = 1.0
 # Same ceiling as the openai SDK's MAX_RETRY_AFTER_DELAY: beyond it the SDK gives up anyway,
 # and a bogus HTTP date must not freeze the instance.
@@ -154,10 +155,6 @@ class RateLimiter:
         rate = per_minute / 60.0
         capacity = rate * self.window_s
         return _Bucket(capacity=capacity, rate=rate, level=capacity, last=now)
-
-    @classmethod
-    def from_settings(cls, settings: Settings, clock: Clock | None = None, window_s: float = 60.0) -> RateLimiter:
-        return cls(settings.vlm_rpm, settings.vlm_tpm, clock=clock, window_s=window_s)
 
     @property
     def enabled(self) -> bool:

@@ -179,8 +179,12 @@ def map_openai_error(exc: Exception, target: ModelTarget) -> VlmError:
         param = str(body.get("param") or "")
         retry_after = _retry_after(exc.response.headers) if exc.response is not None else None
         if status == 429:
+            from .limiter import DEFAULT_RETRY_AFTER_S
+
             return UpstreamThrottled(
-                f"{target.deployment} is throttled: {message}", details=where, retry_after_s=retry_after or 10.0
+                f"{target.deployment} is throttled: {message}",
+                details=where,
+                retry_after_s=DEFAULT_RETRY_AFTER_S if retry_after is None else retry_after,
             )
         if status == 400 and code == "content_filter":
             return ContentFiltered(
@@ -239,14 +243,13 @@ def _style_rejection(exc: Exception) -> StyleRejected | None:
 
 
 def _retry_after(headers: Any) -> float | None:
-    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value:
-            try:
-                return float(value) / divisor
-            except ValueError:
-                continue
-    return None
+    """The one Retry-After parser (shared.limiter.parse_retry_after: -ms, seconds or an HTTP date);
+    None when the response does not say (a 429 then advises DEFAULT_RETRY_AFTER_S, as the limiter pauses)."""
+    import time
+
+    from .limiter import parse_retry_after
+
+    return parse_retry_after(headers, time.time())
 
 
 def filtered_categories(body: dict[str, Any]) -> dict[str, Any]:

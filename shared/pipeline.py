@@ -11,10 +11,13 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import InvalidRequest, UpstreamTimeout, VlmError
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .app import App
 
 T = TypeVar("T")
 
@@ -88,83 +91,6 @@ class PrepareSlots:
         return await asyncio.shield(future)
 
 
-class Dependencies:
-    """What the pipeline talks to, created lazily once per event loop and injectable in tests."""
-
-    def __init__(self, settings: Settings, model: Any = None, cache: Any = None, blobs: Any = None) -> None:
-        self.settings = settings
-        self._model = model
-        self._cache = cache
-        self._blobs = blobs
-        self._book: Any = None
-        self.inflight: dict[str, asyncio.Future[Any]] = {}  # cache key -> the one model run for it
-        self._prepare_slots: PrepareSlots | None = None
-
-    @property
-    def prepare_slots(self) -> PrepareSlots:
-        if self._prepare_slots is None:
-            self._prepare_slots = PrepareSlots(self.settings.prepare_concurrency)
-        return self._prepare_slots
-
-    @property
-    def blobs(self) -> Any:
-        if self._blobs is None:
-            from .storage import BlobStore
-
-            self._blobs = BlobStore(self.settings)
-        return self._blobs
-
-    @property
-    def model(self) -> Any:
-        if self._model is None:
-            from .model import ModelRouter
-
-            self._model = ModelRouter(self.settings)
-        return self._model
-
-    @property
-    def book(self) -> Any:
-        """What this worker learned per deployment (the router's, when the model is a ModelRouter)."""
-        book = getattr(self.model, "book", None)
-        if book is None:  # a plain ChatBackend (tests): a book of its own, kept for the worker's life
-            if self._book is None:
-                from .deployments import DeploymentBook
-
-                self._book = DeploymentBook(self.settings)
-            book = self._book
-        return book
-
-    @property
-    def cache(self) -> Any:
-        if self._cache is None:
-            from .cache import MemoryLRU, ResultCache
-
-            self._cache = ResultCache(
-                MemoryLRU(self.settings.cache_memory_items), self.blobs, self.settings.cache_container
-            )
-        return self._cache
-
-    async def close(self) -> None:
-        if self._model is not None and hasattr(self._model, "close"):
-            await self._model.close()
-        if self._blobs is not None:
-            await self._blobs.close()
-
-
-_DEPS: dict[int, Dependencies] = {}
-
-
-def get_dependencies() -> Dependencies:
-    """The process's dependencies for the running event loop (aio clients are loop-bound)."""
-    from .settings import get_settings
-
-    loop_id = id(asyncio.get_running_loop())
-    deps = _DEPS.get(loop_id)
-    if deps is None:
-        deps = _DEPS[loop_id] = Dependencies(get_settings())
-    return deps
-
-
 def validate_request(req: AnalysisRequest, settings: Settings) -> Any:
     """Everything checkable before any image is decoded (the task's image count and required fields,
     the schema); -> the caller's schema in strict form (`schemas.StrictSchema`), or None."""
@@ -221,18 +147,18 @@ def _prepare_all(req: AnalysisRequest, settings: Settings, image_spec: Any = Non
     return prepared
 
 
-async def analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
+async def analyze(req: AnalysisRequest, app: App) -> AnalysisResult:
     if req.budget_s:
         try:
             async with asyncio.timeout(req.budget_s):
-                return await _analyze(req, deps)
+                return await _analyze(req, app)
         except TimeoutError:
             raise UpstreamTimeout(
                 f"no answer within the request budget of {req.budget_s:.0f} s; try again later",
                 details={"budget_s": req.budget_s},
                 retry_after_s=10.0,
             ) from None
-    return await _analyze(req, deps)
+    return await _analyze(req, app)
 
 
 def _key(req: AnalysisRequest, identity: str, images: list[bytes], stage: str, effort: str | None) -> str:
@@ -258,25 +184,26 @@ def _key(req: AnalysisRequest, identity: str, images: list[bytes], stage: str, e
     )
 
 
-async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
+async def _analyze(req: AnalysisRequest, app: App) -> AnalysisResult:
+    from .cache import CachedAnswer, RawAlias
     from .schemas import SchemaBudget
     from .tasks import TaskInput, run_task
 
-    settings = deps.settings
+    settings = app.settings
     t0 = time.perf_counter()
     strict = validate_request(req, settings)
-    book = deps.book
+    book = app.book
     identity = book.identity(settings.primary)
     effort = req.reasoning_effort or settings.reasoning_effort_for(req.task)
 
-    def reused(key: str, hit: dict[str, Any], facts: list[dict[str, Any]], t_prepared: float) -> AnalysisResult:
+    def reused(key: str, hit: CachedAnswer, facts: list[dict[str, Any]], t_prepared: float) -> AnalysisResult:
         """An answer paid for earlier (cache) or by an identical request in flight: no usage, no cost."""
         return AnalysisResult(
             id=key,
             task=req.task,
-            model=hit["model"],
-            deployment=hit["deployment"],
-            result=hit["result"],
+            model=hit.model,
+            deployment=hit.deployment,
+            result=hit.result,
             cached=True,
             usage=Usage(estimated_image_tokens=sum(f["estimated_tokens"] for f in facts)),
             cost_usd=0.0,
@@ -287,29 +214,24 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
     # A repeat of the very same bytes skips decoding: the raw request's address points at the answer.
     raw_key = _key(req, identity, req.images, "raw", effort)
     if req.use_cache:
-        alias = await deps.cache.get(raw_key)
-        hit = await deps.cache.get(alias["key"]) if alias and "key" in alias else None
-        if hit is not None:
-            return reused(alias["key"], hit, alias["images"], t0)
+        alias = await app.cache.get_alias(raw_key)
+        hit = await app.cache.get_result(alias.key) if alias is not None else None
+        if alias is not None and hit is not None:
+            return reused(alias.key, hit, alias.images, t0)
 
-    images = await deps.prepare_slots.run(_prepare_all, req, settings, book.image_tokens(settings.primary))
+    images = await app.prepare_slots.run(_prepare_all, req, settings, book.image_tokens(settings.primary))
     t_prepared = time.perf_counter()
     facts = [i.facts.to_dict() for i in images]
     sent = [i.data for i in images]
     key = _key(req, identity, sent, "sent", effort)
-    alias = {"key": key, "images": facts}
     if req.use_cache:
-        hit = await deps.cache.get(key)
+        hit = await app.cache.get_result(key)
         if hit is None:
-            shared = await _join_inflight(deps, key)
+            shared = await _join_inflight(app, key)
             if shared is not None:
-                hit = {
-                    "model": shared.calls[-1].model,
-                    "deployment": shared.calls[-1].deployment,
-                    "result": shared.result,
-                }
+                hit = CachedAnswer(shared.calls[-1].model, shared.calls[-1].deployment, shared.result)
         if hit is not None:
-            await deps.cache.put(raw_key, alias)
+            await app.cache.put_alias(raw_key, RawAlias(key, facts))
             return reused(key, hit, facts, t_prepared)
 
     task_input = TaskInput(
@@ -323,15 +245,14 @@ async def _analyze(req: AnalysisRequest, deps: Dependencies) -> AnalysisResult:
         reasoning_effort=effort,
         schema_budget=SchemaBudget.from_settings(settings),
     )
-    out = await _run_once(deps, key, task_input, run_task)
+    out = await _run_once(app, key, task_input, run_task)
     answered_by = _answered_by(out, identity)
     if answered_by != identity:  # a fallback (or a model learned only now) answered: its own address
         key = _key(req, answered_by, sent, "sent", effort)
         raw_key = _key(req, answered_by, req.images, "raw", effort)
-        alias = {"key": key, "images": facts}
     result = _priced(req, settings, key, out, facts, _timings(t0, t_prepared, time.perf_counter()))
-    await deps.cache.put(key, {"model": result.model, "deployment": result.deployment, "result": result.result})
-    await deps.cache.put(raw_key, alias)
+    await app.cache.put_result(key, CachedAnswer(result.model, result.deployment, result.result))
+    await app.cache.put_alias(raw_key, RawAlias(key, facts))
     return result
 
 
@@ -341,12 +262,12 @@ def _answered_by(out: Any, asked: str) -> str:
     return identities[0] if len(identities) == 1 else "+".join(identities)
 
 
-async def _run_once(deps: Dependencies, key: str, task_input: Any, run_task: Any) -> Any:
+async def _run_once(app: App, key: str, task_input: Any, run_task: Any) -> Any:
     """Run the task, publishing the outcome to identical requests that arrive meanwhile."""
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    deps.inflight[key] = future
+    app.inflight[key] = future
     try:
-        out = await run_task(task_input, deps.model)
+        out = await run_task(task_input, app.model)
     except Exception as exc:
         future.set_exception(exc)
         future.exception()  # mark retrieved: nobody may be waiting
@@ -357,8 +278,8 @@ async def _run_once(deps: Dependencies, key: str, task_input: Any, run_task: Any
     else:
         future.set_result(out)
     finally:
-        if deps.inflight.get(key) is future:
-            del deps.inflight[key]
+        if app.inflight.get(key) is future:
+            del app.inflight[key]
     return out
 
 
@@ -402,9 +323,9 @@ def _priced(
     )
 
 
-async def _join_inflight(deps: Dependencies, key: str) -> Any:
+async def _join_inflight(app: App, key: str) -> Any:
     """Wait for an identical request already at the model; None if there is none or it failed."""
-    shared = deps.inflight.get(key)
+    shared = app.inflight.get(key)
     if shared is None:
         return None
     try:

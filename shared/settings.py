@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 from .errors import ConfigurationError
@@ -36,8 +36,12 @@ class ModelTarget:
 
     @property
     def is_azure(self) -> bool:
+        """Azure OpenAI, or the optional API Management gateway in front of it (`useApim`): both take
+        the v1 path `/openai/v1/` and an Entra ID token."""
         host = self.endpoint.split("://", 1)[-1].split("/", 1)[0].lower()
-        return host.endswith((".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com"))
+        return host.endswith(
+            (".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com", ".azure-api.net")
+        )
 
     @property
     def label(self) -> str:
@@ -85,6 +89,7 @@ class Settings:
     cache_memory_items: int = 256
     sequence_concurrency: int = 4
     task_config_ttl_s: float = 30.0
+    task_config_cache_items: int = 1024  # folders whose `_task.json` (or its absence) a worker remembers
     # --- image work budget (shared/images.py; README "Settings") ---
     # One image's pixels held at once: the decoded frame plus any full-size conversion
     # (bytes per pixel as Pillow stores the mode: 16-bit grey 2, RGB/RGBA 4, 16-bit -> 8-bit adds 8).
@@ -141,7 +146,6 @@ class Settings:
     schema_max_validation_steps: int = 25_000  # keyword evaluations (and pruning steps) per answer check, ~1 s
     answer_max_nodes: int = 20_000  # JSON values in one structured answer
     answer_max_depth: int = 40  # JSON nesting of one structured answer
-    extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def primary(self) -> ModelTarget:
@@ -197,6 +201,7 @@ class Settings:
             cache_memory_items=r.integer("CACHE_MEMORY_ITEMS", 256),
             sequence_concurrency=r.integer("SEQUENCE_CONCURRENCY", 4, minimum=1),
             task_config_ttl_s=r.number("TASK_CONFIG_TTL_S", 30.0),
+            task_config_cache_items=r.integer("TASK_CONFIG_CACHE_ITEMS", 1024, minimum=1),
             # image work budget
             max_decoded_bytes=r.integer("MAX_DECODED_BYTES", 256 * MIB, minimum=1),
             max_request_decoded_bytes=r.integer("MAX_REQUEST_DECODED_BYTES", 1024 * MIB, minimum=1),

@@ -21,12 +21,12 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 
 from local.model_server import SERVER_KEY, ModelServerConfig, build_app
+from shared.app import App
 from shared.batch import BatchAnswer, ReplayBackend, request_digest
 from shared.batch_jobs import BatchRunner
 from shared.blob_job import BlobProcessor, InvalidTaskConfig, _parse_task_file
 from shared.catalog import Prices, load_catalog
 from shared.model import ChatRequest
-from shared.pipeline import Dependencies
 from shared.results import record_names
 from shared.settings import ModelTarget, Settings
 from shared.tokens import price_usd
@@ -89,7 +89,7 @@ class Stack:
         self.restart()
 
     def restart(self) -> None:
-        self.processor = BlobProcessor(Dependencies(self.settings, blobs=self.blobs))
+        self.processor = BlobProcessor(App.build(self.settings, blobs=self.blobs))
         self.runner = BatchRunner(self.processor)
 
     def drop(self, folder: str, files: dict[str, bytes], task: dict[str, Any]) -> None:
@@ -384,7 +384,7 @@ class Online:
 
 async def test_replay_sends_a_changed_request_or_a_reask_online(server: TestServer) -> None:
     settings = settings_for(server)
-    book = Dependencies(settings).book
+    book = App.build(settings).book
     online = Online()
     messages = [{"role": "user", "content": "x"}]
     body = {"model": "m", "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], "usage": {}}
@@ -441,7 +441,7 @@ async def test_batch_mode_without_a_batch_deployment_is_recorded_on_the_first_at
     stack.settings = Settings.from_env(
         {"VLM_ENDPOINT": f"http://127.0.0.1:{server.port}/v1", "VlmStorage": "UseDevelopmentStorage=true"}
     )
-    stack.processor = BlobProcessor(Dependencies(stack.settings, blobs=stack.blobs))
+    stack.processor = BlobProcessor(App.build(stack.settings, blobs=stack.blobs))
     stack.drop("x/", {"a.png": FILES["p1.png"]}, {"task": "describe", "mode": "batch"})
     outcome = await stack.deliver("x/a.png")
     assert outcome.status == "failed" and "VLM_BATCH_DEPLOYMENT" in outcome.record["error"]["message"]

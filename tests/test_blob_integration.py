@@ -14,7 +14,7 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from shared.results import record_names
-from tests.conftest import corpus
+from tests.conftest import corpus, wait_handled
 
 pytestmark = pytest.mark.integration
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".heic", ".heif", ".webp", ".gif", ".bmp", ".pdf"}
@@ -95,16 +95,17 @@ def test_drop_photos_and_orientations_every_blob_gets_one_record(stack, model_ad
     text = got[record_names("batch/notes.txt").error]
     assert text["status"] == "failed" and text["error"]["code"] == "unsupported_media_type"
     assert record_names("batch/notes.txt").success not in got
-    broken = [k for k in got if k.startswith("batch/broken/truncated.jpg")]
-    assert len(broken) == 1  # a result or a clear error, never neither, never both
-    if broken[0].endswith(".error.json"):
-        assert got[broken[0]]["error"]["code"] in {"invalid_request", "unsupported_media_type"}
+    # The corpus' truncated JPEG lacks only its last 24 of 2736 rows: the product decodes what is
+    # there (shared/images.py, MIN_TRUNCATED_FRACTION) and describes it, so one result and no error.
+    truncated = record_names("batch/broken/truncated.jpg")
+    assert truncated.error not in got, got.get(truncated.error)
+    assert got[truncated.success]["status"] == "succeeded"
 
     # the same files again: the recorded sha256 matches, so no model call at all
     before = model_admin.requests()
-    drop_folder(stack, corpus("photos"), "batch/photos/")
+    again = drop_folder(stack, corpus("photos"), "batch/photos/")
     upload(stack, "batch/notes.txt", b"this is not an image\n")
-    time.sleep(3)  # let the host see the new etags and run the function
+    wait_handled(stack, [*again, "batch/notes.txt"])  # the function has run for every new version
     after = records(stack, "batch/")
     assert model_admin.requests() == before
     assert {k: v["processed_at"] for k, v in after.items()} == {k: v["processed_at"] for k, v in got.items()}

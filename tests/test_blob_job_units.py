@@ -7,10 +7,10 @@ from collections import defaultdict
 import pytest
 from azure.core.exceptions import ResourceNotFoundError, ServiceRequestError
 
+from shared.app import App
 from shared.blob_job import BlobProcessor, InvalidTaskConfig, _parse_task_file, folders_up, is_control_file
 from shared.cache import MemoryLRU, ResultCache
 from shared.model import ModelRouter
-from shared.pipeline import Dependencies
 from shared.settings import Settings
 from tests.fakes import ScriptedModel
 
@@ -98,7 +98,7 @@ def processor(files: dict[str, bytes] | None = None) -> tuple[BlobProcessor, Mem
     scripted, blobs = ScriptedModel(), MemoryBlobs()
     blobs.containers["images"].update(files or {})
     model = ModelRouter(settings, client_factory=scripted.client_factory())
-    deps = Dependencies(settings, model=model, cache=ResultCache(MemoryLRU(4)), blobs=blobs)
+    deps = App.build(settings, model=model, cache=ResultCache(MemoryLRU(4)), blobs=blobs)
     return BlobProcessor(deps), blobs, scripted
 
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from shared.breaker import BreakerBoard, BreakerState, CircuitBreaker
-from shared.clock import FakeClock
 from shared.settings import Settings
+from tests.fake_clock import FakeClock
 
 
 @pytest.fixture(autouse=True)

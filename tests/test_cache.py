@@ -1,8 +1,10 @@
-"""Cache keys are content addresses; the LRU is bounded; only what is put comes back."""
+"""Cache keys are content addresses; the LRU is bounded; only what is put comes back, as the kind it was put."""
 
 import asyncio
+import json
 
-from shared.cache import MemoryLRU, ResultCache, blob_name, cache_key
+from shared.cache import CachedAnswer, MemoryLRU, RawAlias, ResultCache, blob_name, cache_key
+from tests.blob_fakes import FakeBlobService
 
 BASE = dict(task="describe", prompt=None, detail="auto", schema=None, answered_by="gpt-4o|gpt-4o", max_tokens=None)
 
@@ -55,11 +57,43 @@ def test_memory_only_cache_round_trip():
     cache = ResultCache(MemoryLRU(4))
 
     async def go():
-        assert await cache.get("k") is None
-        await cache.put("k", {"result": "x"})
-        return await cache.get("k")
+        assert await cache.get_result("k") is None
+        await cache.put_result("k", CachedAnswer("m", "d", {"x": 1}))
+        return await cache.get_result("k")
 
-    assert asyncio.run(go()) == {"result": "x"}
+    assert asyncio.run(go()) == CachedAnswer("m", "d", {"x": 1})
+
+
+def test_results_and_aliases_are_kept_apart_by_kind():
+    """An alias is never served as an answer (nor an answer as an alias), even under the same key."""
+    blobs = FakeBlobService()
+    cache = ResultCache(MemoryLRU(4), blobs, "cache")
+
+    async def go():
+        await cache.put_alias("k", RawAlias("other", [{"estimated_tokens": 1}]))
+        assert await cache.get_result("k") is None
+        await cache.put_result("k", CachedAnswer("m", "d", "answer"))
+        alias, answer = await cache.get_alias("k"), await cache.get_result("k")
+        cold = ResultCache(MemoryLRU(4), blobs, "cache")  # another instance: read back from storage
+        return alias, answer, await cold.get_alias("k"), await cold.get_result("k")
+
+    alias, answer, cold_alias, cold_answer = asyncio.run(go())
+    assert alias == cold_alias == RawAlias("other", [{"estimated_tokens": 1}])
+    assert answer == cold_answer == CachedAnswer("m", "d", "answer")
+    assert sorted(blobs.blobs) == [f"cache/aliases/{blob_name('k')}", f"cache/{blob_name('k')}"]
+
+
+def test_a_record_of_the_wrong_shape_is_a_miss():
+    """An older layout (an alias stored where answers live) or a damaged blob is a miss, not an answer."""
+    blobs = FakeBlobService()
+    blobs.put("cache", blob_name("k"), json.dumps({"key": "x", "images": []}).encode())
+    blobs.put("cache", "aliases/" + blob_name("k"), json.dumps({"key": 3}).encode())
+    cache = ResultCache(MemoryLRU(4), blobs, "cache")
+
+    async def go():
+        return await cache.get_result("k"), await cache.get_alias("k")
+
+    assert asyncio.run(go()) == (None, None)
 
 
 def test_blob_names_are_sharded():

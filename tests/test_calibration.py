@@ -10,10 +10,11 @@ import random
 
 from PIL import Image
 
+from shared.app import App
 from shared.cache import MemoryLRU, ResultCache
 from shared.calibration import Calibration
 from shared.model import ModelRouter
-from shared.pipeline import AnalysisRequest, Dependencies, analyze
+from shared.pipeline import AnalysisRequest, analyze
 from shared.settings import Settings
 from tests.fakes import Reply, ScriptedModel, completion
 
@@ -56,7 +57,7 @@ def photo(w: int, h: int, seed: int) -> bytes:
 async def test_an_unknown_model_is_estimated_within_5_percent_after_20_calls():
     settings = Settings.from_env({**ENV, "VLM_DEPLOYMENT": "vision"})
     scripted = ScriptedModel(default=ForeignCounter())
-    deps = Dependencies(
+    deps = App.build(
         settings,
         model=ModelRouter(settings, client_factory=scripted.client_factory()),
         cache=ResultCache(MemoryLRU(4)),
@@ -92,8 +93,9 @@ async def test_the_same_holds_for_a_family_whose_catalog_formula_is_wrong(tmp_pa
     path.write_text(json.dumps(override))
     settings = Settings.from_env({**ENV, "VLM_MODEL": "acme-vision-7", "VLM_MODEL_CATALOG": str(path)})
     scripted = ScriptedModel(default=ForeignCounter())
-    deps = Dependencies(settings, model=ModelRouter(settings, client_factory=scripted.client_factory()))
-    deps._cache = ResultCache(MemoryLRU(4))
+    deps = App.build(
+        settings, model=ModelRouter(settings, client_factory=scripted.client_factory()), cache=ResultCache(MemoryLRU(4))
+    )
     for n in range(20):
         result = await analyze(AnalysisRequest(images=[photo(1200 + 40 * n, 900, n)], task="describe"), deps)
     assert abs(result.usage.estimated_prompt_tokens - result.usage.prompt_tokens) / result.usage.prompt_tokens < 0.05

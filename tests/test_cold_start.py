@@ -4,6 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.subprocess  # a fresh interpreter, so imports are measured from zero
 ROOT = Path(__file__).resolve().parents[1]
 
 

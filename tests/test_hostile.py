@@ -85,6 +85,7 @@ class Guard:
     def _restart_model(self) -> None:
         """Stack has no restart for the model server; this is the same start with the same command."""
         from local import procs
+        from local.model_admin import read_token
 
         old = self.stack.model
         old.stop()
@@ -92,6 +93,8 @@ class Guard:
             old.cmd, name="model-server", log_path=old.log_path, cwd=self.stack.config.root
         )
         procs.wait_for_http(f"{self.stack.model_url}/health", timeout_s=60, proc=self.stack.model)
+        # a new start writes a new admin token: later tests' model_admin must use it, not get 401s
+        self.stack.model_admin_token = read_token(self.stack.model_admin_token_file)
         self.saved[self.stack.model.pid] = _limit(self.stack.model.pid)
 
     def ready(self) -> None:

@@ -9,9 +9,9 @@ import logging
 
 import pytest
 
+from shared.app import App
 from shared.errors import ALL_ERRORS, ImageTooLarge, InvalidRequest, InvalidSchema, UpstreamThrottled, VlmError
 from shared.http_api import HttpInput, error_response, handle_analyze, parse_request
-from shared.pipeline import Dependencies
 from shared.settings import Settings, StorageSettings
 
 SETTINGS = Settings(vlm_endpoint="http://model.test/v1", storage=StorageSettings(connection_string="x"))
@@ -266,7 +266,7 @@ async def test_an_unexpected_error_is_a_500_with_an_error_id_that_is_also_logged
 
     monkeypatch.setattr("shared.pipeline.analyze", broken)
     caplog.set_level(logging.ERROR, logger="shared.http_api")
-    out = await handle_analyze(inp(b"\xff\xd8\xff", "image/jpeg"), Dependencies(SETTINGS))
+    out = await handle_analyze(inp(b"\xff\xd8\xff", "image/jpeg"), App.build(SETTINGS))
     assert out.status == 500 and out.body["error"]["code"] == "internal_error"
     error_id = out.body["error"]["details"]["error_id"]
     assert len(error_id) == 12 and "secret" not in out.json_bytes().decode()

@@ -365,7 +365,7 @@ async def test_prepare_slots_hold_until_the_decode_finishes_even_when_the_caller
 
 
 async def test_the_pipeline_prepares_through_the_dependencies_slots(monkeypatch) -> None:
-    from shared.pipeline import Dependencies
+    from shared.app import App
 
     settings = Settings.from_env(
         {
@@ -374,7 +374,7 @@ async def test_the_pipeline_prepares_through_the_dependencies_slots(monkeypatch)
             "PREPARE_CONCURRENCY": "3",
         }
     )
-    deps = Dependencies(settings)
+    deps = App.build(settings)
     assert deps.prepare_slots is deps.prepare_slots and deps.prepare_slots.size == 3
 
 
@@ -432,6 +432,7 @@ def test_ocr_input_is_padded_to_a_bounded_aspect() -> None:
     assert ocr_canvas(view) is view
 
 
+@pytest.mark.integration  # loads RapidOCR
 def test_ocr_reads_a_view_one_pixel_high_without_blowing_up() -> None:
     """RapidOCR alone would scale a 2048x1 view to 61440x7680 on the way in (~23 GB): padded, it is tiny."""
     from local.ocr_engine import OcrEngine

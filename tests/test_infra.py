@@ -26,6 +26,7 @@ import pytest
 import tree_sitter_bicep
 from tree_sitter import Language, Node, Parser, Tree
 
+pytestmark = pytest.mark.subprocess  # the hook scripts run under sh and bash
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 MAIN = INFRA / "main.bicep"

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import openai
 import pytest
 
-from shared.clock import Clock, FakeClock, MonotonicClock
+from shared.clock import Clock, MonotonicClock
 from shared.limiter import (
     DEFAULT_RETRY_AFTER_S,
     MAX_PAUSE_S,
@@ -25,6 +25,7 @@ from shared.limiter import (
     Reservation,
     parse_retry_after,
 )
+from tests.fake_clock import FakeClock
 
 try:  # the openai SDK 3.x ships httpx2; older SDKs use httpx (same API)
     import httpx2 as httpx

@@ -79,8 +79,17 @@ TOYS: dict[str, tuple[dict[str, Any], str]] = {
         import asyncio, json
         import azure.functions as func
 
+        _arrived: dict[str, int] = {}
+
         async def main(req: func.HttpRequest) -> func.HttpResponse:
-            await asyncio.sleep(float(req.params.get("sleep", "0")))
+            meet = req.params.get("meet")
+            if meet:  # wait (up to 10 s) until `n` requests with this tag are in here at the same time
+                _arrived[meet] = _arrived.get(meet, 0) + 1
+                for _ in range(1000):
+                    if _arrived[meet] >= int(req.params["n"]):
+                        break
+                    await asyncio.sleep(0.01)
+                return func.HttpResponse(json.dumps({"met": _arrived[meet] >= int(req.params["n"])}))
             doc = {
                 "method": req.method,
                 "body": req.get_body().decode(),
@@ -108,11 +117,22 @@ TOYS: dict[str, tuple[dict[str, Any], str]] = {
             ]
         },
         """
-        import os, time, threading
+        import os, threading
         import azure.functions as func
 
+        _barriers: dict[str, threading.Barrier] = {}
+        _lock = threading.Lock()
+
         def main(req: func.HttpRequest) -> func.HttpResponse:  # sync on purpose: runs in a thread
-            time.sleep(float(req.params.get("sleep", "0")))
+            meet = req.params.get("meet")
+            if meet:  # `n` threads must be in here at the same time, else the barrier breaks after 10 s
+                with _lock:
+                    barrier = _barriers.setdefault(meet, threading.Barrier(int(req.params["n"]), timeout=10))
+                try:
+                    barrier.wait()
+                except threading.BrokenBarrierError:
+                    return func.HttpResponse("not met")
+                return func.HttpResponse("met")
             return func.HttpResponse("hello " + os.environ.get("TOY_GREETING", "?") + " from " + threading.current_thread().name)
         """,
     ),
@@ -325,6 +345,15 @@ def blob_calls(app: tuple[Path, Path], prefix: str) -> list[dict[str, Any]]:
     return [c for c in read_jsonl(app[1] / "blob.jsonl") if c["name"].startswith(f"{CONTAINER}/{prefix}")]
 
 
+async def host_caught_up(svc: BlobServiceClient, app: tuple[Path, Path]) -> None:
+    """The positive control for "nothing more happens": two sentinel blobs, the second dropped only
+    after the first was handled, so a whole poll has run after everything the test did before."""
+    for _ in range(2):
+        prefix = f"sentinel-{uuid.uuid4().hex[:6]}/"
+        await upload(svc, prefix + "s.txt", b"s")
+        await wait_until(lambda p=prefix: blob_calls(app, p), what="a sentinel blob")
+
+
 async def upload(svc: BlobServiceClient, name: str, data: bytes, **kw: Any) -> str:
     result = await svc.get_blob_client(CONTAINER, name).upload_blob(data, overwrite=True, **kw)
     return str(result["etag"])
@@ -458,17 +487,21 @@ async def test_http_unhandled_exception_is_500_json(host: LocalHost, http: aioht
 
 
 async def test_http_requests_run_concurrently(host: LocalHost, http: aiohttp.ClientSession) -> None:
-    async def slow_async() -> int:
-        async with http.post(f"{host.url}/api/echo?sleep=0.6", headers={"x-functions-key": KEY}) as r:
-            return r.status
+    """Two async and two sync requests must be inside their functions at the same time: each pair
+    waits for the other (a rendezvous that gives up after 10 s), so serial handling answers 'not met'."""
+    tag = uuid.uuid4().hex[:8]
 
-    async def slow_sync() -> int:
-        async with http.get(f"{host.url}/api/hello?sleep=0.6") as r:
-            return r.status
+    async def meet_async() -> bool:
+        url = f"{host.url}/api/echo?meet=a{tag}&n=2"
+        async with http.post(url, headers={"x-functions-key": KEY}) as r:
+            return bool((await r.json(content_type=None))["met"])
 
-    started = time.monotonic()
-    assert await asyncio.gather(slow_async(), slow_async(), slow_sync(), slow_sync()) == [200] * 4
-    assert time.monotonic() - started < 1.1  # serial would take 2.4 s
+    async def meet_sync() -> str:
+        async with http.get(f"{host.url}/api/hello?meet=s{tag}&n=2") as r:
+            return await r.text()
+
+    met = await asyncio.gather(meet_async(), meet_async(), meet_sync(), meet_sync())
+    assert met == [True, True, "met", "met"]
 
 
 # --- blob trigger ---------------------------------------------------------------------------------
@@ -480,7 +513,7 @@ async def test_blob_once_then_again_on_change(
     prefix = f"once-{uuid.uuid4().hex[:6]}/"
     etag1 = await upload(blob_service, prefix + "a.txt", b"first", metadata={"task": "ocr"})
     calls = await wait_until(lambda: blob_calls(app, prefix), what="first invocation")
-    await asyncio.sleep(POLL_S * 5)  # several more polls: no second call for the same version
+    await host_caught_up(blob_service, app)  # polls after it: no second call for the same version
     calls = blob_calls(app, prefix)
     assert len(calls) == 1
     c = calls[0]
@@ -512,7 +545,7 @@ async def test_restart_skips_receipted_blobs(
     finally:
         await host.start()  # "restarted"
     await wait_until(lambda: len(blob_calls(app, prefix)) == 3, what="the blob dropped while down")
-    await asyncio.sleep(POLL_S * 8)
+    await host_caught_up(blob_service, app)
     names = sorted(c["name"].rsplit("/", 1)[-1] for c in blob_calls(app, prefix))
     assert names == ["one.txt", "three.txt", "two.txt"]  # nothing done twice, nothing left behind
 
@@ -540,7 +573,7 @@ async def test_failing_blob_goes_to_poison_queue(
     assert len(blob_calls(app, prefix)) == 5  # poisonBlobThreshold attempts, then no more
     receipt = receipt_blob_name(host.host_id, "Host.Functions.blob_record", etag, CONTAINER, name)
     assert await blob_service.get_blob_client(RECEIPTS_CONTAINER, receipt).exists()
-    await asyncio.sleep(POLL_S * 5)
+    await host_caught_up(blob_service, app)
     assert len(blob_calls(app, prefix)) == 5 and len(poisoned()) == 1
 
 
@@ -685,14 +718,13 @@ async def test_cli_subprocess(app: tuple[Path, Path], values: dict[str, str], tm
             async with s.post(f"http://127.0.0.1:{port}/api/echo", headers={"x-functions-key": KEY}) as r:
                 assert r.status == 200
     finally:
-        started = time.monotonic()
         code = await asyncio.to_thread(proc.stop, 10.0)
-    assert code == 0, proc.tail()
-    assert time.monotonic() - started < 5
+    assert code == 0, proc.tail()  # it stopped on SIGTERM by itself: a SIGKILL after the grace would be -9
     log = proc.tail(200)
     assert "Executed 'Functions.secure_post' (Succeeded" in log and "Host stopped" in log
 
 
+@pytest.mark.subprocess
 def test_procs_errors_carry_the_log_tail(tmp_path: Path) -> None:
     proc = procs.start_process(
         [sys.executable, "-c", "print('about to fail', flush=True); raise SystemExit(3)"],

@@ -129,7 +129,7 @@ async def test_connection_failure_everywhere_is_503():
 
 async def test_the_limiter_is_settled_to_what_the_quota_charged():
     """Azure charges prompt + max_tokens at admission and refunds nothing: so does our limiter."""
-    from shared.clock import FakeClock
+    from tests.fake_clock import FakeClock
 
     model = ScriptedModel()
     r = ModelRouter(
@@ -276,7 +276,7 @@ async def test_a_call_cancelled_mid_flight_gives_its_reservation_back():
 
     from openai import AsyncOpenAI
 
-    from shared.clock import FakeClock
+    from tests.fake_clock import FakeClock
 
     arrived = asyncio.Event()
 
@@ -332,3 +332,23 @@ def test_fallback_entries_may_name_their_model():
             Settings.from_env({**ENV, "VLM_FALLBACK_DEPLOYMENTS": bad})
     with pytest.raises(ConfigurationError):
         Settings.from_env({**ENV, "VLM_REASONING_EFFORT": "extreme"})
+
+
+async def test_a_retry_after_http_date_is_honoured_and_a_missing_one_uses_the_limiters_default():
+    """One Retry-After parser (shared.limiter.parse_retry_after) for the limiter and the caller's advice."""
+    from shared.limiter import DEFAULT_RETRY_AFTER_S
+
+    dated = ScriptedModel(
+        default=lambda body: Reply(
+            429,
+            {"error": {"code": "429", "message": "x"}},
+            {"retry-after": "Wed, 21 Oct 2026 07:28:30 GMT", "date": "Wed, 21 Oct 2026 07:28:00 GMT"},
+        )
+    )
+    with pytest.raises(UpstreamThrottled) as info:
+        await router(dated).complete(REQ)
+    assert info.value.retry_after_s == 30.0
+    silent = ScriptedModel(default=lambda body: Reply(429, {"error": {"code": "429", "message": "x"}}))
+    with pytest.raises(UpstreamThrottled) as info:
+        await router(silent).complete(REQ)
+    assert info.value.retry_after_s == DEFAULT_RETRY_AFTER_S

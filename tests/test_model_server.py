@@ -955,6 +955,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration  # starts the server as a process
 async def test_cli_starts_fast_and_detects_a_client_leaving(tiny: bytes, tmp_path: Path) -> None:
     port = _free_port()
     token_file = tmp_path / "admin" / "token"
@@ -1268,6 +1269,7 @@ def test_spend_puts_reasoning_first() -> None:
     assert spend("abcdefgh", 2, 99, 100, 4) == Completion("abcd", 100, 99, "length")
 
 
+@pytest.mark.integration  # starts the server as a process
 async def test_cli_plays_a_reasoning_model_behind_named_deployments(tiny: bytes, tmp_path: Path) -> None:
     port = _free_port()
     token_file = tmp_path / "admin-token"

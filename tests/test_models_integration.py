@@ -16,7 +16,6 @@ import io
 import json
 import random
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +34,29 @@ HOST_ARGS = ["--poll-interval", "0.2", "--retry-base-delay", "0.05"]
 NO_CACHE = {"Cache-Control": "no-cache"}
 
 
-@contextmanager
-def stack_playing(tmp: Path, *model_args: str) -> Iterator[Any]:
-    """One stack per test (never two alive at once on a shared machine), deployment `vision`, no VLM_MODEL."""
+@pytest.fixture(scope="module")
+def models_stack(tmp_path_factory) -> Iterator[Any]:
+    """One stack for the module, deployment `vision`, no VLM_MODEL; each test sets the model it plays."""
     s = make_stack(
-        tmp,
-        model_args=["--mode", "facts", "--deployments", "vision", "--log-level", "WARNING", *model_args],
+        tmp_path_factory.mktemp("models"),
+        model_args=["--mode", "facts", "--deployments", "vision", "--log-level", "WARNING"],
         host_args=HOST_ARGS,
         VLM_DEPLOYMENT="vision",
         VLM_MODEL="",  # unset: the service learns the model from the first answer
         VLM_FALLBACK_DEPLOYMENTS="",
     )
-    try:
-        yield s
-    finally:
-        s.stop()
+    yield s
+    s.stop()
+
+
+def playing(stack: Any, **model: Any) -> ModelAdmin:
+    """The server plays `model` from a reset (stats, faults, quota), and a restarted host has learned
+    nothing yet: as a fresh stack would, at the cost of a host start rather than a stack start."""
+    admin = stack.model_admin()
+    admin.reset()
+    admin.model(**model)
+    stack.restart_host()
+    return admin
 
 
 def catalog_prices(model: str) -> dict[str, float]:
@@ -93,32 +100,32 @@ def every_task() -> list[tuple[str, Any]]:
     ]
 
 
-def test_a_reasoning_model_behind_vision_answers_every_task_first_time(tmp_path):
-    with stack_playing(tmp_path, "--reasoning", "--model-name", DATED) as stack:
-        admin = ModelAdmin(stack.model_url)
-        prices = catalog_prices(DATED)
-        refusals_after_first: int | None = None
-        for task, fields in every_task():
-            status, body, _ = call(stack, fields=fields, headers=NO_CACHE)
-            assert status == 200, (task, body)  # the user never sees the 400 a chat-style request gets
-            assert body["task"] == task and body["model"] == DATED and body["deployment"] == "vision", body
-            usage = body["usage"]
-            assert usage["reasoning_tokens"] > 0, (task, usage)
-            assert usage["completion_tokens"] >= usage["reasoning_tokens"], usage
-            # cost_usd prices reasoning as output: prompt at input, every completion token at output
-            full = (usage["prompt_tokens"] * prices["input"] + usage["completion_tokens"] * prices["output"]) / 1e6
-            visible = full - usage["reasoning_tokens"] * prices["output"] / 1e6
-            assert body["cost_usd"] == pytest.approx(full, abs=2e-6), (task, body["cost_usd"], full)
-            assert body["cost_usd"] > visible, task
-            stats = admin.stats()
-            if refusals_after_first is None:
-                refusals_after_first = stats["requests"] - stats["completed"]
+def test_a_reasoning_model_behind_vision_answers_every_task_first_time(models_stack):
+    stack = models_stack
+    admin = playing(stack, model_name=DATED, reasoning=True)
+    prices = catalog_prices(DATED)
+    refusals_after_first: int | None = None
+    for task, fields in every_task():
+        status, body, _ = call(stack, fields=fields, headers=NO_CACHE)
+        assert status == 200, (task, body)  # the user never sees the 400 a chat-style request gets
+        assert body["task"] == task and body["model"] == DATED and body["deployment"] == "vision", body
+        usage = body["usage"]
+        assert usage["reasoning_tokens"] > 0, (task, usage)
+        assert usage["completion_tokens"] >= usage["reasoning_tokens"], usage
+        # cost_usd prices reasoning as output: prompt at input, every completion token at output
+        full = (usage["prompt_tokens"] * prices["input"] + usage["completion_tokens"] * prices["output"]) / 1e6
+        visible = full - usage["reasoning_tokens"] * prices["output"] / 1e6
+        assert body["cost_usd"] == pytest.approx(full, abs=2e-6), (task, body["cost_usd"], full)
+        assert body["cost_usd"] > visible, task
         stats = admin.stats()
-        # at most one extra upstream call for the one deployment, and only while learning (the first task)
-        extra = stats["requests"] - stats["completed"]
-        assert extra <= 1 and extra == refusals_after_first, stats
-        assert set(stats["by_model"]) == {"vision"} and set(stats["by_status"]) <= {"200", "400"}, stats
-        assert stats["reasoning_tokens"] > 0
+        if refusals_after_first is None:
+            refusals_after_first = stats["requests"] - stats["completed"]
+    stats = admin.stats()
+    # at most one extra upstream call for the one deployment, and only while learning (the first task)
+    extra = stats["requests"] - stats["completed"]
+    assert extra <= 1 and extra == refusals_after_first, stats
+    assert set(stats["by_model"]) == {"vision"} and set(stats["by_status"]) <= {"200", "400"}, stats
+    assert stats["reasoning_tokens"] > 0
 
 
 def photo_like(seed: int, size: tuple[int, int] = (1024, 768)) -> bytes:
@@ -136,18 +143,19 @@ def photo_like(seed: int, size: tuple[int, int] = (1024, 768)) -> bytes:
     return buf.getvalue()
 
 
-def test_patch_counting_under_an_unknown_name_is_estimated_within_5_percent_after_20_calls(tmp_path, capsys):
-    with stack_playing(tmp_path, "--model-name", UNKNOWN, "--image-tokens", "patch:1.9") as stack:
-        errors: list[float] = []
-        for i in range(20):
-            fields = {"file": (f"f{i}.jpg", photo_like(i), "image/jpeg"), "detail": "high"}
-            status, body, _ = call(stack, fields=fields, headers=NO_CACHE)
-            assert status == 200, body
-            assert body["model"] == UNKNOWN
-            usage = body["usage"]
-            errors.append(usage["estimated_prompt_tokens"] / usage["prompt_tokens"] - 1)
-        with capsys.disabled():
-            print(f"\nestimate error per call, patch x1.9 under {UNKNOWN} (figure):")
-            print("  " + " ".join(f"{e:+.1%}" for e in errors))
-        assert abs(errors[0]) > 0.10  # the catalog does not know this model: there was a gap to close
-        assert abs(errors[-1]) <= 0.05, errors
+def test_patch_counting_under_an_unknown_name_is_estimated_within_5_percent_after_20_calls(models_stack, capsys):
+    stack = models_stack
+    playing(stack, model_name=UNKNOWN, image_tokens="patch:1.9")
+    errors: list[float] = []
+    for i in range(20):
+        fields = {"file": (f"f{i}.jpg", photo_like(i), "image/jpeg"), "detail": "high"}
+        status, body, _ = call(stack, fields=fields, headers=NO_CACHE)
+        assert status == 200, body
+        assert body["model"] == UNKNOWN
+        usage = body["usage"]
+        errors.append(usage["estimated_prompt_tokens"] / usage["prompt_tokens"] - 1)
+    with capsys.disabled():
+        print(f"\nestimate error per call, patch x1.9 under {UNKNOWN} (figure):")
+        print("  " + " ".join(f"{e:+.1%}" for e in errors))
+    assert abs(errors[0]) > 0.10  # the catalog does not know this model: there was a gap to close
+    assert abs(errors[-1]) <= 0.05, errors

@@ -11,12 +11,12 @@ import json
 import pytest
 from PIL import Image
 
+from shared.app import App
 from shared.blob_job import BlobProcessor, InvalidTaskConfig, folders_up
 from shared.cache import MemoryLRU, ResultCache
 from shared.errors import ImageTooLarge
 from shared.model import ModelRouter
 from shared.names import MAX_BLOB_NAME, is_safe_name, name_problem
-from shared.pipeline import Dependencies
 from shared.results import ResultWriter, record_names
 from shared.settings import Settings
 from tests.blob_fakes import FakeBlobService
@@ -35,7 +35,7 @@ def processor(blobs: FakeBlobService, scripted: ScriptedModel | None = None, **e
     settings = Settings.from_env({**ENV, **env})
     scripted = scripted or ScriptedModel()
     model = ModelRouter(settings, client_factory=scripted.client_factory())
-    return BlobProcessor(Dependencies(settings, model=model, cache=ResultCache(MemoryLRU(16)), blobs=blobs))
+    return BlobProcessor(App.build(settings, model=model, cache=ResultCache(MemoryLRU(16)), blobs=blobs))
 
 
 def record(blobs: FakeBlobService, blob: str) -> dict:
@@ -323,7 +323,7 @@ async def test_blob_trigger_never_looks_up_an_unsafe_name(monkeypatch: pytest.Mo
     blobs = FakeBlobService()
     blobs.put("cache", "x.png", png())
     p = processor(blobs)
-    monkeypatch.setattr(blob_trigger, "get_processor", lambda: p)
+    monkeypatch.setattr(blob_trigger, "get_app", lambda: p.app)
     stream = func.blob.InputStream(data=png(), name="images/../cache/x.png", length=len(png()))
     await blob_trigger.main(stream)
     assert blobs.calls and not any(key == "cache/x.png" for _, key in blobs.calls)
@@ -338,7 +338,7 @@ async def test_blob_trigger_records_an_oversized_blob_without_reading_it(monkeyp
     blobs = FakeBlobService()
     blobs.put("images", "big.png", b"\0" * 500)
     p = processor(blobs, MAX_IMAGE_BYTES="100")
-    monkeypatch.setattr(blob_trigger, "get_processor", lambda: p)
+    monkeypatch.setattr(blob_trigger, "get_app", lambda: p.app)
     stream = func.blob.InputStream(data=b"\0" * 500, name="images/big.png", length=500, blob_properties={"ETag": '"e"'})
     stream.read = lambda *a: pytest.fail("read() of an oversized blob")  # type: ignore[method-assign]
     await blob_trigger.main(stream)

@@ -9,11 +9,12 @@ import json
 import pytest
 from PIL import Image
 
+from shared.app import App
 from shared.cache import MemoryLRU, ResultCache
 from shared.errors import InvalidRequest, UpstreamTimeout
 from shared.http_api import HttpInput, handle_analyze
 from shared.model import ChatRequest, ChatResult, ModelRouter
-from shared.pipeline import AnalysisRequest, Dependencies, analyze
+from shared.pipeline import AnalysisRequest, analyze
 from shared.settings import Settings
 from tests.fakes import Reply, ScriptedModel, completion
 
@@ -36,9 +37,9 @@ def _text_estimate(sent: dict) -> int:
     return prompt_tokens(texts, messages=len(sent["messages"]))
 
 
-def deps_with(model, **env) -> Dependencies:
+def deps_with(model, **env) -> App:
     settings = Settings.from_env({**ENV, **env})
-    return Dependencies(settings, model=model, cache=ResultCache(MemoryLRU(16)))
+    return App.build(settings, model=model, cache=ResultCache(MemoryLRU(16)))
 
 
 def router(scripted: ScriptedModel, **env) -> ModelRouter:
@@ -159,11 +160,11 @@ async def test_fallback_deployment_is_recorded_in_the_result():
 # --- the model behind a deployment, reasoning models, cache identity (issue 11) ----------------
 
 
-def stack(scripted: ScriptedModel, **env) -> Dependencies:
+def stack(scripted: ScriptedModel, **env) -> App:
     """One settings object for the router and the pipeline, as in a worker."""
     settings = Settings.from_env({**ENV, **env})
     model = ModelRouter(settings, client_factory=scripted.client_factory())
-    return Dependencies(settings, model=model, cache=ResultCache(MemoryLRU(16)))
+    return App.build(settings, model=model, cache=ResultCache(MemoryLRU(16)))
 
 
 def reasoning_body(model: str, prompt: int, completion_tokens: int, reasoning: int, content="ok", finish="stop"):

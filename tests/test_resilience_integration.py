@@ -7,9 +7,10 @@ import io
 import pytest
 from PIL import Image
 
+from shared.app import App
 from shared.errors import ContentFiltered, OutputTruncated
 from shared.model import ModelRouter
-from shared.pipeline import AnalysisRequest, Dependencies, analyze
+from shared.pipeline import AnalysisRequest, analyze
 from shared.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -21,7 +22,7 @@ def png() -> bytes:
     return buf.getvalue()
 
 
-def deps(stack, **env) -> Dependencies:
+def deps(stack, **env) -> App:
     from shared.cache import MemoryLRU, ResultCache
 
     settings = Settings.from_env(
@@ -34,7 +35,7 @@ def deps(stack, **env) -> Dependencies:
             **env,
         }
     )
-    return Dependencies(settings, model=ModelRouter(settings), cache=ResultCache(MemoryLRU(0)))
+    return App.build(settings, model=ModelRouter(settings), cache=ResultCache(MemoryLRU(0)))
 
 
 @pytest.fixture

@@ -86,3 +86,20 @@ def test_only_settings_reads_the_environment():
         if re.search(r"os\.environ|getenv\(", path.read_text()):
             offenders.append(str(path.relative_to(root)))
     assert offenders == []
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "azure"),
+    [
+        ("https://x.openai.azure.com", True),
+        ("https://vlm-gw.azure-api.net", True),  # the API Management gateway (useApim): v1 path, Entra ID
+        ("http://127.0.0.1:8089/v1", False),
+        ("https://azure-api.net.example.com", False),
+    ],
+)
+def test_azure_endpoints_and_the_gateway_get_the_v1_path_and_entra_id(endpoint, azure):
+    from shared.model import base_url_for
+
+    target = Settings.from_env({**BASE, "VLM_ENDPOINT": endpoint}).primary
+    assert target.is_azure is azure
+    assert base_url_for(target).endswith("/openai/v1/") is azure

@@ -26,7 +26,7 @@ import urllib3
 from azure.storage.blob import BlobServiceClient
 
 from shared.results import record_names as names_of
-from tests.conftest import make_stack
+from tests.conftest import make_stack, wait_handled
 
 pytestmark = pytest.mark.soak
 
@@ -201,9 +201,9 @@ def test_soak_mixed_faults_tight_quota_nothing_lost_no_500_bounded_calls(soak_st
         if time.monotonic() > deadline:
             pytest.fail(f"{len(missing)} blobs have no record after {RECORD_TIMEOUT_S} s, e.g. {sorted(missing)[:5]}")
         assert not stack.dead(), f"a stack process died: {stack.dead()}"
-        time.sleep(2.0)
+        time.sleep(0.5)
     wall_s = time.monotonic() - t0
-    time.sleep(2.0)  # anything still running for a blob (a duplicate delivery) would write now
+    wait_handled(stack, names)  # every function run has ended, so a duplicate delivery would have written by now
     records = _records(stack)
     stats = admin.stats()
 

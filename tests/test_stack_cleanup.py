@@ -85,6 +85,7 @@ def test_sigkill_to_the_supervisor_group_leaves_no_process_and_the_next_run_star
     assert not (tmp_path / "data" / "stack.pids.json").exists(), "a clean stop removes the pid file"
 
 
+@pytest.mark.subprocess  # sleepers it stops itself
 def test_a_recorded_leftover_is_stopped_and_a_reused_pid_is_left_alone(tmp_path: Path) -> None:
     sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
     leftover = procs.start_process(sleeper, name="model-server", log_path=tmp_path / "a.log", die_with_parent=False)
