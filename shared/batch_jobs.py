@@ -421,22 +421,18 @@ def _error_code(body: Any) -> str:
     return ""
 
 
-_RUNNERS: dict[int, BatchRunner] = {}
-
-
 async def run_step(step: str) -> Any:
-    """A timer's work on this loop's processor: "submit" -> SubmitReport, "collect" -> counts;
-    None when batch mode is off (no VLM_BATCH_DEPLOYMENT)."""
-    import asyncio
-
+    """A timer's work on this worker's App: "submit" -> SubmitReport, "collect" -> counts; None when
+    batch mode is off (no VLM_BATCH_DEPLOYMENT). The Batch API client lives for one run (a timer
+    fires every few minutes) and is closed after it, so no connection outlives its loop."""
     from .app import get_app
     from .blob_job import BlobProcessor
 
     app = get_app()
     if not app.settings.vlm_batch_deployment:
         return None
-    key = id(asyncio.get_running_loop())
-    runner = _RUNNERS.get(key)
-    if runner is None:
-        runner = _RUNNERS[key] = BatchRunner(BlobProcessor(app))
-    return await (runner.submit() if step == "submit" else runner.collect())
+    runner = BatchRunner(BlobProcessor(app))
+    try:
+        return await (runner.submit() if step == "submit" else runner.collect())
+    finally:
+        await runner.close()
