@@ -10,6 +10,7 @@ read, and every `<folder>/function.json` becomes a function:
 - blobTrigger  -> the container is polled in storage (Azurite); receipts, retries, poison queue
                   (Azure pushes blob events through Event Grid; polling is the local stand-in)
 - queueTrigger -> the queue is polled; retries by dequeue count, then `<queue>-poison`
+- timerTrigger -> its NCRONTAB `schedule` (six fields, `%SETTING%` resolved), one run at a time
 
 GET /admin/host/status (with the function key) answers {"state": "Running", ...} for health checks. One log line per
 invocation goes to stdout; SIGINT / SIGTERM stop it cleanly (in-flight work gets a grace period).
@@ -50,6 +51,7 @@ from local.host_http import HttpFrontEnd, HttpRoute
 from local.host_loader import LoadedFunction, load_function, make_executor
 from local.host_queue import QueueTriggerListener
 from local.host_storage import ConnectionPool
+from local.host_timer import TimerTriggerListener
 
 log = logging.getLogger("local.host")
 
@@ -128,7 +130,7 @@ class LocalHost:
         self.errors: list[str] = []  # functions that failed to load (the host runs the others)
         self.host_id = ""
         self._pool: ConnectionPool | None = None
-        self._listeners: list[BlobTriggerListener | QueueTriggerListener] = []
+        self._listeners: list[BlobTriggerListener | QueueTriggerListener | TimerTriggerListener] = []
         self._runner: web.AppRunner | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._started_at = 0.0
@@ -246,7 +248,7 @@ class LocalHost:
         fn = load_function(self.root, spec, self._executor)
         kind = spec.trigger_type
         line: str
-        listener: BlobTriggerListener | QueueTriggerListener | None = None
+        listener: BlobTriggerListener | QueueTriggerListener | TimerTriggerListener | None = None
         if kind == "httpTrigger":
             route = HttpRoute.from_function(fn, self.host_json.route_prefix)
             http_routes.append(route)
@@ -258,6 +260,16 @@ class LocalHost:
         elif kind == "queueTrigger":
             listener = queue = self._queue_listener(fn, spec, timeout_s)
             line = f"    {spec.name}: queueTrigger ({queue.queue_name})"
+        elif kind == "timerTrigger":
+            trig = spec.trigger
+            schedule = resolve_setting_refs(str(trig.get("schedule", "")), self._environ)
+            try:
+                listener = TimerTriggerListener(
+                    fn, schedule, bool(trig.get("runOnStartup")), timeout_s, log_invocation=log_invocation
+                )
+            except ValueError as e:
+                raise HostConfigError(f"function {spec.name}: {e}") from e
+            line = f"    {spec.name}: timerTrigger ({schedule})"
         else:
             raise HostConfigError(f"function {spec.name}: trigger {kind} is not supported by the local host")
         for out in spec.unsupported_outputs:

@@ -23,7 +23,7 @@ DEFAULT_MAX_DEGREE_OF_PARALLELISM = 8
 DEFAULT_MAX_DEQUEUE_COUNT = 5
 DEFAULT_QUEUE_BATCH_SIZE = 16
 DEFAULT_FUNCTION_TIMEOUT_S = 600.0  # the "00:10:00" host.json default we ship
-TRIGGER_TYPES = ("httpTrigger", "blobTrigger", "queueTrigger")
+TRIGGER_TYPES = ("httpTrigger", "blobTrigger", "queueTrigger", "timerTrigger")
 
 
 class HostConfigError(ValueError):

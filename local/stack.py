@@ -159,6 +159,10 @@ class Stack:
                 self.values.setdefault("VLM_MODEL_CATALOG", str(c.root / "local" / "model_catalog.local.json"))
             # issue 14: spans and metrics as JSON lines through the OpenTelemetry SDK's exporters
             self.values.setdefault("VLM_TELEMETRY_DIR", str(c.data_dir / "telemetry"))
+            # the batch timers' function.json name their schedules: a local.settings.json older than them gets
+            # local ones (every 10 s; the stand-in needs no 60 s between polls) instead of a function in error
+            self.values.setdefault("BATCH_SUBMIT_SCHEDULE", "*/10 * * * * *")
+            self.values.setdefault("BATCH_COLLECT_SCHEDULE", "5/10 * * * * *")
             host_settings = c.data_dir / "host.settings.json"
             host_settings.write_text(json.dumps({"IsEncrypted": False, "Values": self.values}, indent=2))
             self.host = procs.start_process(

@@ -28,7 +28,15 @@ from . import telemetry
 from .clock import MonotonicClock
 from .errors import ImageTooLarge, InternalError, InvalidRequest, UpstreamThrottled, VlmError
 from .names import MAX_BLOB_NAME, name_problem
-from .options import OPTION_KEYS, OptionLimits, RequestOptions, check_known_keys, loads_bounded, parse_options
+from .options import (
+    OPTION_KEYS,
+    OptionLimits,
+    RequestOptions,
+    check_known_keys,
+    loads_bounded,
+    parse_mode,
+    parse_options,
+)
 from .pipeline import AnalysisRequest, analyze
 from .results import ResultWriter, Source, now_iso, record_names
 from .telemetry_names import ENTRY_BLOB, SPAN_POISON, VLM_ERROR_CODE, VLM_TASK
@@ -43,7 +51,8 @@ THROTTLE_MIN_WAIT_S = 1.0  # a 429 without retry-after still waits this long bef
 TASK_FILE = "_task.json"
 MANIFEST_FILE = "_manifest.json"
 CONTROL_FILES = (TASK_FILE, MANIFEST_FILE)
-TASK_KEYS = set(OPTION_KEYS)
+FOLDER_KEYS = (*OPTION_KEYS, "mode")  # `mode` is a folder's route, not a request option (HTTP refuses it)
+TASK_KEYS = set(FOLDER_KEYS)
 
 
 class InvalidTaskConfig(InvalidRequest):
@@ -73,7 +82,7 @@ class TaskConfig:
 
 @dataclass
 class BlobOutcome:
-    status: str  # "succeeded", "failed", "skipped"
+    status: str  # "succeeded", "failed", "skipped", "queued" (batch mode: waiting for batch_collect)
     record: dict[str, Any] | None = None
     reason: str = ""
 
@@ -152,6 +161,7 @@ class TaskResolver:
         if meta.get("task"):
             fields = {k: v for k, v in meta.items() if k in TASK_KEYS}
             options = config_options(fields, "metadata", self.limits)  # bad metadata fails here, first attempt
+            _mode(fields, "metadata")
             return TaskConfig(options.task, "metadata", fields)
         return TaskConfig(self.settings.default_task, "default", {"task": self.settings.default_task})
 
@@ -186,11 +196,27 @@ def _parse_task_file(raw: bytes, path: str, limits: OptionLimits | None = None) 
     if not isinstance(doc, dict) or not isinstance(doc.get("task"), str):
         raise InvalidTaskConfig(f'{path} must be an object with a "task" string', details={"task_file": path})
     try:
-        check_known_keys(doc, path)
+        check_known_keys(doc, path, FOLDER_KEYS)
+        _mode(doc, path)
     except InvalidRequest as err:
         raise InvalidTaskConfig(err.message, details={**err.details, "task_file": path}) from None
     doc["task"] = config_options(doc, path, limits).task  # normalised (" OCR " is "ocr" everywhere)
     return doc
+
+
+def _batchable(task: str) -> bool:
+    from .tasks import task_spec
+
+    return task_spec(task).one_call
+
+
+def _mode(fields: dict[str, Any], source: str) -> str:
+    """The folder's route ("realtime" or "batch"); a bad value is an invalid_task_config on the first attempt."""
+    try:
+        return parse_mode(fields.get("mode"), source)
+    except VlmError as err:
+        where = {"source": "metadata"} if source == "metadata" else {"task_file": source}
+        raise InvalidTaskConfig(err.message, details={**err.details, **where}) from None
 
 
 def _is_transient(err: Exception) -> bool:
@@ -361,6 +387,7 @@ class BlobProcessor:
         task = settings.default_task
         job: str | None = None
         attempts = 1
+        mode = "realtime"
         try:
             problem = name_problem(name)
             if problem is not None:  # never walked for _task.json nor joined with manifest entries
@@ -379,8 +406,21 @@ class BlobProcessor:
                 log.info("skip %s: a record for this content and task exists", name)
                 return BlobOutcome("skipped", existing, reason="already processed")
             attempts += int((await self.attempts.read(name, etag)).get("failures", 0))
-            with telemetry.entry(ENTRY_BLOB):
-                result = await self._analyze_through_throttling(await self._request(config, images))
+            request = await self._request(config, images)
+            mode = _mode(config.fields, config.origin)
+            if mode == "batch" and _batchable(config.task):
+                from .batch_jobs import Queued, enqueue
+
+                queued = await enqueue(self, config, name, source, job, request)
+                if isinstance(queued, Queued):
+                    log.info("queue %s for the batch route: %s", name, "added" if queued.added else "already queued")
+                    if attempts > 1:
+                        await self.attempts.clear(name)
+                    return BlobOutcome("queued", reason=queued.custom_id)
+                result = queued  # a cache hit: answered at once
+            else:
+                with telemetry.entry(ENTRY_BLOB):
+                    result = await self._analyze_through_throttling(request)
         except Exception as err:
             transient = err.transient if isinstance(err, VlmError) else _is_transient(err)
             if transient:
@@ -395,6 +435,9 @@ class BlobProcessor:
         record = blob_record(
             "succeeded", source, result=result.to_dict(), task_config=config.origin, job=job, attempts=attempts
         )
+        if mode == "batch":  # answered from the cache, or a task the batch route cannot carry (several calls)
+            record["mode"] = "realtime"
+            record["mode_note"] = "cache hit" if result.cached else f"task {config.task} makes several model calls"
         await self.writer.write_success(name, record)
         if attempts > 1:
             await self.attempts.clear(name)

@@ -20,6 +20,7 @@ from .errors import InvalidRequest, InvalidSchema, VlmError
 from .settings import DETAILS
 
 OPTION_KEYS = ("task", "prompt", "detail", "schema", "labels", "max_tokens", "pages", "strips", "reasoning_effort")
+MODES = ("realtime", "batch")  # a folder's route: answered now, or queued for the Batch API (shared/batch.py)
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
@@ -309,3 +310,8 @@ def parse_options(
         if _absent(fields.get("reasoning_effort"))
         else _choice("reasoning_effort", fields["reasoning_effort"], REASONING_EFFORTS, source),
     )
+
+
+def parse_mode(raw: Any, source: str) -> str:
+    """A folder config's `mode`: "realtime" (default) or "batch"; only `_task.json` and metadata take it."""
+    return "realtime" if _absent(raw) else _choice("mode", raw, MODES, source)

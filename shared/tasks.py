@@ -81,8 +81,13 @@ class TaskSpec:
     image_label: str | None = "Page"  # "[Page N]" before each image when there are several; None: no labels
     strips: bool = True  # strips=True may be asked (tasks that label or judge whole images say no)
     waits_for_manifest: bool = False  # blob path: files are not analysed one by one, a _manifest.json runs the job
-    item_prompt: str | None = None  # sequence: the per-image prompt ...
+    item_prompt: str | None = None  # sequence: the per-image prompt (a task with one makes a call per image) ...
     item_max_tokens: int | None = None  # ... and its completion budget
+
+    @property
+    def one_call(self) -> bool:
+        """Answered by one model call per job (a re-ask aside): what a Batch API line can carry."""
+        return self.item_prompt is None
 
     @property
     def structured(self) -> bool:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_importing_the_functions_loads_no_sdk_and_reads_no_settings():
     code = (
-        "import sys, analyze_http, blob_trigger, openapi_http, poison_blobs\n"
+        "import sys, analyze_http, batch_collect, batch_submit, blob_trigger, openapi_http, poison_blobs\n"
         "from shared.settings import get_settings\n"
         "heavy = [m for m in ('openai', 'PIL', 'azure.storage.blob', 'azure.identity', 'pypdfium2', 'jsonschema',"
         " 'opentelemetry', 'azure.monitor.opentelemetry')"

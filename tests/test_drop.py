@@ -282,6 +282,16 @@ def test_parse_args() -> None:
 def test_progress_line() -> None:
     p = d.Progress(50, io.StringIO(), interval=0)
     assert p.line(23, 2).startswith("[=============>                ] 23/50 done, 2 failed, ")
+    states = {"pending": 5, "submitted": 12, "in progress": 10}
+    assert "] 5 pending, 12 submitted, 10 in progress, 23/50 done, 2 failed" in p.line(23, 2, states)
+
+
+def test_mode_goes_into_the_task_file() -> None:
+    o = d.parse_args(["f", "--task", "invoice", "--mode", "batch"])
+    assert o.task_config() == {"task": "invoice", "mode": "batch"}
+    for bad in (["f", "--mode", "batch"], ["f", "--task", "ocr", "--mode", "later"]):
+        with pytest.raises(SystemExit):
+            d.parse_args(bad)  # a mode needs a task; only the two routes exist
 
 
 # --------------------------------------------------------------------------- end to end on Azurite
