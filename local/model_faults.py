@@ -154,7 +154,16 @@ def error_body(
 def throttled_body(retry_after_s: int, reason: str, model: str) -> dict[str, Any]:
     """Azure's 429 body: code "429", the operation name and the whole-second wait in the message."""
     what = "call rate limit" if reason == "requests" else "token rate limit"
-    if reason == "too_large":
+    if reason == "capacity":
+        # Not the quota: Azure's capacity throttling on a shared pool, which its docs list under
+        # "System is experiencing high demand" / "temporarily unable to process your request"
+        # (learn.microsoft.com, "Manage Azure OpenAI quota"; summarised at
+        # developersdigest.tech/errors/api/azure-openai/429-system-capacity-throttling).
+        message = (
+            f"The service is temporarily unable to process your request: the system is experiencing high demand "
+            f"(local model server, deployment {model}). Please retry after {retry_after_s} seconds."
+        )
+    elif reason == "too_large":
         message = (
             f"Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded "
             f"token rate limit of your current pricing tier for deployment {model}: this single request needs more "

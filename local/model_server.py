@@ -580,16 +580,17 @@ class ModelServer:
         return self._json(429, throttled_body(d.retry_after_header, d.reason, model), d.headers())
 
     def _injected_429(self, model: str) -> web.Response:
-        """A 429 that is not the quota's doing (a noisy neighbour): same body and headers, the fault's wait."""
-        limits = self.quota.peek(model)
+        """A 429 that is not the quota's doing (capacity on a busy region): the capacity message, the
+        fault's wait, and the quota's true x-ratelimit-remaining-* (the quota was not used up)."""
+        quota = self.quota.peek(model)
         d = QuotaDecision(
             False,
-            "tokens",
+            "capacity",
             self.faults.settings.retry_after_ms / 1000,
-            limits.limit_requests,
-            limits.limit_tokens,
-            0 if limits.limit_requests else None,
-            0 if limits.limit_tokens else None,
+            quota.limit_requests,
+            quota.limit_tokens,
+            quota.remaining_requests,
+            quota.remaining_tokens,
         )
         return self._throttled(d, model)
 

@@ -210,6 +210,7 @@ class RateLimiter:
         self._last_cut = -math.inf
         self._latency_s = 0.0  # running mean from admission to settle: when an answer's headers were computed
         self._call_tokens = 0.0  # running mean of a call's charge, for the AIMD step
+        self._unexplained_429 = False  # the last 429 reported room: see _throttle_reports_room
         self._acquired = 0
         self._throttles = 0
         self._total_wait_s = 0.0
@@ -383,6 +384,9 @@ class RateLimiter:
         if not self.enabled:
             return
         self._window.expire(now)
+        if throttled and self._throttle_reports_room(headers):
+            self._unexplained_429 = True  # on_throttled pauses for retry-after, without a cut or a full window
+            return
         scale = self.window_s / 60.0
         seen: dict[str, float] = {}
         own_requests, own_tokens = self._window.held_at(now - self._latency_s)
@@ -416,6 +420,21 @@ class RateLimiter:
             # additive increase, as TCP's 1/cwnd per ack: about one call's worth per window of our calls
             self.share = min(1.0, self.share + unit * min(1.0, unit / self.share))
 
+    def _throttle_reports_room(self, headers: Mapping[str, str]) -> bool:
+        """True when a 429's own `x-ratelimit-remaining-*` leave room for two more calls in every
+        dimension it reports: the quota did not refuse this call (a busy region, a noisy neighbour),
+        so it says nothing about congestion. Cutting the share on such 429s (a few percent of calls)
+        would shrink an instance far below its quota, as random loss does to TCP."""
+        checks = 0
+        for name, need in ((REMAINING_TOKENS, 2 * max(1.0, self._call_tokens)), (REMAINING_REQUESTS, 2.0)):
+            remaining = _number(_header(headers, name))
+            if remaining is None or remaining < 0:
+                continue
+            if remaining < need:
+                return False
+            checks += 1
+        return checks > 0
+
     def on_throttled(self, retry_after_s: float) -> None:
         """A 429: pause every caller until now + retry_after_s and halve the share (once per pause).
 
@@ -428,6 +447,10 @@ class RateLimiter:
         now = self._clock.now()
         pause = DEFAULT_RETRY_AFTER_S if math.isnan(retry_after_s) else min(max(0.0, retry_after_s), MAX_PAUSE_S)
         self._throttles += 1
+        if self._unexplained_429:  # see _throttle_reports_room: wait as told, nothing more
+            self._unexplained_429 = False
+            self._paused_until = max(self._paused_until, now + pause)
+            return
         if now >= self._paused_until:  # one cut per congestion event, not per 429 of a burst
             self._last_cut = now
             self.share = max(MIN_SHARE, self.share * DECREASE_ON_429)

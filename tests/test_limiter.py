@@ -624,3 +624,31 @@ async def test_one_instance_keeps_the_whole_quota() -> None:
     assert (admitted, refused) == (90, 0)
     assert elapsed == pytest.approx(128.0)  # 4 in flight, 1 s each: 30 calls in 0-7 s, 60-67 s, 120-127 s
     assert shares == [1.0]
+
+
+async def test_a_429_that_reports_room_pauses_as_told_without_a_cut_or_a_full_window() -> None:
+    """A few percent of 429s that are not the quota's doing (a busy region: their own remaining-headers
+    show room) must not shrink an instance: the soak's injected 429s collapsed the share before."""
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=600, tpm=60_000, clock=clock)
+    (await limiter.acquire(1000)).settle(1000)
+    not_quota = {
+        "x-ratelimit-remaining-tokens": "50000",
+        "x-ratelimit-remaining-requests": "500",
+        "retry-after-ms": "300",
+    }
+    for _ in range(20):
+        limiter.observe_headers(not_quota, throttled=True)
+        limiter.on_throttled(0.3)
+        await clock.run(limiter.acquire(1000))  # each goes when its pause ends, not a window later
+    assert limiter.share == 1.0
+    assert clock.now() == pytest.approx(20 * 0.3)
+
+    # A 429 whose headers show the window full is the quota: a cut, and a wait past the pause.
+    quota = {"x-ratelimit-remaining-tokens": "500", "x-ratelimit-remaining-requests": "500", "retry-after-ms": "300"}
+    limiter.observe_headers(quota, throttled=True)
+    limiter.on_throttled(0.3)
+    assert limiter.share == pytest.approx(0.5)
+    started = clock.now()
+    await clock.run(limiter.acquire(1000))
+    assert clock.now() - started > 10.0

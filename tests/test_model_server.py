@@ -787,6 +787,7 @@ async def test_each_fault_kind_is_visible_to_the_sdk(kind: str, base: str, admin
                 assert err.value.status_code == (int(kind) if kind.isdigit() else 400)
             if kind == "429":
                 assert err.value.response.headers["retry-after-ms"] == "150"
+                assert "high demand" in err.value.message  # capacity, not the quota (whose headers it leaves alone)
             if kind == "content_filter_prompt":
                 assert err.value.code == "content_filter"
                 body = err.value.body
