@@ -155,7 +155,7 @@ class Stack:
                 procs.wait_for_http(f"{self.model_url}/health", timeout_s=60, proc=self.model)
                 self.model_admin_token = read_token(self.model_admin_token_file)  # written before the port opened
                 self.values["VLM_ENDPOINT"] = f"{self.model_url}/v1"
-                # the stand-in's catalog entry (zero prices) comes from an override, never the shipped catalog
+                # the stand-in's entry (priced as the default deployed model) comes from an override, not the shipped catalog
                 self.values.setdefault("VLM_MODEL_CATALOG", str(c.root / "local" / "model_catalog.local.json"))
             # issue 14: spans and metrics as JSON lines through the OpenTelemetry SDK's exporters
             self.values.setdefault("VLM_TELEMETRY_DIR", str(c.data_dir / "telemetry"))

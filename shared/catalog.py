@@ -15,7 +15,7 @@ the per-deployment calibration (shared/calibration.py) then corrects from usage.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ FAMILY_FIELDS = {
     "parameters",
     "reasoning_efforts",
     "price_usd_per_mtok",
+    "priced_as",
     "context_window",
     "max_output_tokens",
     "versions",
@@ -103,6 +104,7 @@ class Family:
     parameters: str | None = None  # "chat" or "reasoning"; None: learned from the endpoint's answers
     reasoning_efforts: tuple[str, ...] = ()
     prices: Prices = field(default_factory=Prices)
+    priced_as: str | None = None  # another family whose prices these are (the local stand-in's)
     context_window: int | None = None
     max_output_tokens: int | None = None
     versions: dict[str, dict[str, str | None]] = field(default_factory=dict)
@@ -204,9 +206,28 @@ def merge(base: Catalog, override: Catalog) -> Catalog:
 def load_catalog(override_path: str | None = None) -> Catalog:
     """The shipped catalog, merged with the override file if one is named; read once per worker."""
     catalog = parse_catalog(_read(SHIPPED), str(SHIPPED.name))
+    source = str(SHIPPED.name)
     if override_path:
         catalog = merge(catalog, parse_catalog(_read(Path(override_path)), "VLM_MODEL_CATALOG"))
-    return catalog
+        source = "VLM_MODEL_CATALOG"
+    return resolve_priced_as(catalog, source)
+
+
+def resolve_priced_as(catalog: Catalog, source: str) -> Catalog:
+    """Give each family that names `priced_as` the prices of that family (one level, no chains).
+
+    The local stand-in uses it: its answers stay labelled as the stand-in's, while local records
+    cost what the model infra deploys by default would charge, so cost figures (and batch's half
+    price) mean something locally without copying prices that would go stale."""
+    out = []
+    for fam in catalog.families:
+        if fam.priced_as is not None:
+            model = catalog.named(fam.priced_as)
+            if model is None or model.priced_as is not None:
+                raise _bad(source, f"priced_as names {fam.priced_as!r}, which is not a priced family", fam.family)
+            fam = replace(fam, prices=model.prices)
+        out.append(fam)
+    return Catalog(tuple(out), catalog.checked_on)
 
 
 def _read(path: Path) -> Any:
@@ -257,12 +278,24 @@ def _family(entry: Any, source: str, index: int) -> Family:
         parameters=parameters,
         reasoning_efforts=tuple(e for e in EFFORTS if e in efforts),
         prices=Prices(**{k: _number(entry.get("price_usd_per_mtok") or {}, k, source, name) for k in PRICE_FIELDS}),
+        priced_as=_priced_as(entry, source, name),
         context_window=_count(entry, "context_window", source, name),
         max_output_tokens=_count(entry, "max_output_tokens", source, name),
         versions=_versions(entry.get("versions", {}), source, name),
         sources=_strings(entry.get("sources", {}), "sources", source, name),
         notes=entry.get("notes", "") if isinstance(entry.get("notes", ""), str) else "",
     )
+
+
+def _priced_as(entry: dict[str, Any], source: str, name: str) -> str | None:
+    value = entry.get("priced_as")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or value == name:
+        raise _bad(source, "priced_as must name another family", name)
+    if entry.get("price_usd_per_mtok"):
+        raise _bad(source, "give either price_usd_per_mtok or priced_as, not both", name)
+    return value
 
 
 def _image_tokens(raw: Any, source: str, name: str | None = None) -> ImageTokens:

@@ -66,7 +66,24 @@ def test_the_local_stand_in_has_its_entry_only_through_the_override():
     assert load_catalog().lookup("local-ocr-rapidocr") is None
     cat = load_catalog(str(ROOT / "local" / "model_catalog.local.json"))
     fam = cat.lookup("local-ocr-rapidocr")
-    assert fam is not None and fam.prices.input == 0 and fam.prices.output == 0
+    assert fam is not None and fam.priced_as is not None
+    assert fam.prices == cat.named(fam.priced_as).prices and fam.prices.batch_input == fam.prices.input / 2
+
+
+def test_priced_as_borrows_another_familys_prices_and_refuses_what_it_cannot_resolve(tmp_path):
+    def load(entry: dict) -> object:
+        path = tmp_path / f"c{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps(doc(entry)))
+        return load_catalog(str(path))
+
+    borrower = {k: v for k, v in ENTRY.items() if k != "price_usd_per_mtok"} | {"priced_as": "gpt-4o"}
+    cat = load(borrower)
+    assert cat.lookup("acme-vl-2").prices == cat.named("gpt-4o").prices and cat.named("gpt-4o").prices.input
+    for bad in ({"priced_as": "no-such-family"}, {"priced_as": "acme-vl"}, {"priced_as": 3}):
+        with pytest.raises(CatalogError):
+            load(borrower | bad)
+    with pytest.raises(CatalogError):
+        load(ENTRY | {"priced_as": "gpt-4o"})  # prices and priced_as: which one holds?
 
 
 def _broken(path: str, value) -> dict:

@@ -961,6 +961,13 @@ def test_catalog_has_the_contract_shape():
             assert family.get("sources"), f"{family['family']}: no sources"
 
 
+def test_the_local_stand_in_is_priced_as_the_model_infra_deploys_by_default():
+    """Local cost figures (and batch's half price) are those of the default deployment, not $0."""
+    local = json.loads((ROOT / "local" / "model_catalog.local.json").read_text())
+    (stand_in,) = local["families"]
+    assert stand_in["priced_as"] == param_default(MAIN, "openAiModelName")
+
+
 @pytest.mark.parametrize("label", ["primary", "fallback"])
 def test_default_model_version_is_in_the_catalog_and_not_retired(label: str):
     catalog = json.loads(CATALOG.read_text())
