@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from .images import PreparedImage
     from .schema_guard import SchemaBudget
     from .schemas import StrictSchema
+
+log = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
     "You are a careful vision assistant. Answer only from what is visible in the images. "
@@ -332,8 +335,11 @@ async def structured_call(
                     answer = schemas.unwrap(strict, answer)
                 answer = schemas.normalise(schema, answer, budget=budget)
                 errors = schemas.validate(schema, answer, budget=budget)
+            except schemas.AnswerNotJson as exc:
+                errors = [str(exc)]  # our own words (see AnswerNotJson)
             except (ValueError, KeyError, TypeError) as exc:
-                errors = [f"the answer is not valid JSON for the schema: {exc}"]
+                log.warning("%s: the answer could not be checked: %s: %s", label, type(exc).__name__, str(exc)[:300])
+                errors = ["the answer could not be read as JSON matching the schema"]
             span.set_attribute(VLM_OUTCOME, OUTCOME_ERROR if errors else OUTCOME_OK)
         if not errors:
             return TaskOutput(result=answer, calls=calls)
