@@ -63,8 +63,8 @@ class StorageSettings:
 class Settings:
     vlm_endpoint: str
     storage: StorageSettings
+    vlm_deployment: str  # required: no model or deployment name is assumed in code
     vlm_api_key: str | None = None
-    vlm_deployment: str = "gpt-4o"
     vlm_model: str | None = None  # the model behind the primary deployment; None: learned from answers
     vlm_fallback_deployments: tuple[ModelTarget, ...] = ()
     vlm_rpm: int = 0
@@ -185,7 +185,9 @@ class Settings:
         return cls(
             vlm_endpoint=endpoint,
             vlm_api_key=api_key,
-            vlm_deployment=r.optional("VLM_DEPLOYMENT") or "gpt-4o",
+            vlm_deployment=r.required(
+                "VLM_DEPLOYMENT", "the name of the deployment the app calls (azd sets it; locally: local.settings.json)"
+            ),
             vlm_model=r.optional("VLM_MODEL"),
             vlm_fallback_deployments=_parse_fallbacks(r.optional("VLM_FALLBACK_DEPLOYMENTS"), endpoint, api_key),
             vlm_rpm=r.integer("VLM_RPM", 0),
@@ -275,10 +277,11 @@ class _Reader:
         value = self.env.get(name)
         return value.strip() if value and value.strip() else None
 
-    def required(self, name: str) -> str:
+    def required(self, name: str, what: str = "") -> str:
         value = self.optional(name)
         if value is None:
-            raise ConfigurationError(f"setting {name} is required but not set", details={"variable": name})
+            hint = f": {what}" if what else ""
+            raise ConfigurationError(f"setting {name} is required but not set{hint}", details={"variable": name})
         return value
 
     def integer(self, name: str, default: int, minimum: int = 0) -> int:

@@ -15,9 +15,15 @@ from shared.model import ChatRequest, ChatResult
 from shared.pipeline import AnalysisRequest, validate_request
 from shared.settings import Settings
 from shared.tasks import JSON_OBJECT, JSON_SCHEMA, TASKS, TaskInput, run_task, task_spec
+from tests.constants import TEST_DEPLOYMENT, TEST_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {"VLM_ENDPOINT": "http://model.test/v1", "VlmStorage": "UseDevelopmentStorage=true", "VLM_MODEL": "gpt-4o"}
+ENV = {
+    "VLM_ENDPOINT": "http://model.test/v1",
+    "VlmStorage": "UseDevelopmentStorage=true",
+    "VLM_MODEL": TEST_MODEL,
+    "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
+}
 NOT_AN_IMAGE = b"this is not an image: nothing here can be decoded"
 # The product's modules: the shared library and the Functions entry points (not local/, bench/, tests/).
 PRODUCT = [ROOT / "shared", *(p.parent for p in ROOT.glob("*/function.json")), ROOT / "openapi_http"]
@@ -185,7 +191,7 @@ class Recorder:
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         self.requests.append(request)
-        return ChatResult(self.content, "stop", 10, 5, "gpt-4o", "gpt-4o")
+        return ChatResult(self.content, "stop", 10, 5, TEST_DEPLOYMENT, TEST_DEPLOYMENT)
 
 
 @pytest.mark.parametrize("name", [n for n, s in TASKS.items() if s.structured and n != "sequence"])
