@@ -153,11 +153,11 @@ def _absent(raw: Any) -> bool:
     return raw is None or (isinstance(raw, str) and not raw.strip())
 
 
-def _task(raw: Any, has_schema: bool, default_task: str, source: str) -> str:
-    from .tasks import TASKS
+def _task(raw: Any, present: set[str], default_task: str, source: str) -> str:
+    from .tasks import TASKS, implied_task
 
     if _absent(raw):
-        return "schema" if has_schema else default_task
+        return implied_task(present, default_task)
     if not isinstance(raw, str) or len(raw) > MAX_TASK_CHARS or raw.strip().lower() not in TASKS:
         named = f" {raw!r}" if isinstance(raw, str) and len(raw) <= MAX_TASK_CHARS else ""  # short: safe to show
         raise _bad("task", f"names an unknown task{named}; use one of: {', '.join(TASKS)}", source, tasks=list(TASKS))
@@ -296,7 +296,7 @@ def parse_options(
     """
     schema = _schema(fields.get("schema"), limits, source)
     return RequestOptions(
-        task=_task(fields.get("task"), schema is not None, default_task, source),
+        task=_task(fields.get("task"), {k for k, v in fields.items() if not _absent(v)}, default_task, source),
         prompt=_prompt(fields.get("prompt"), limits, source),
         detail=default_detail
         if _absent(fields.get("detail"))

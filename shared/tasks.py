@@ -86,6 +86,7 @@ class TaskSpec:
     waits_for_manifest: bool = False  # blob path: files are not analysed one by one, a _manifest.json runs the job
     item_prompt: str | None = None  # sequence: the per-image prompt (a task with one makes a call per image) ...
     item_max_tokens: int | None = None  # ... and its completion budget
+    implied_by: str | None = None  # a request field that selects this task when the request names none
 
     @property
     def one_call(self) -> bool:
@@ -127,7 +128,7 @@ TASKS: dict[str, TaskSpec] = {
         ),
         _structured("invoice", images=DOCUMENT_IMAGES, max_tokens=4000),
         _structured("table", images=DOCUMENT_IMAGES, max_tokens=4000, max_images=1, image_label=None),
-        _structured("schema", images=DOCUMENT_IMAGES, max_tokens=4000, requires=("schema",)),
+        _structured("schema", images=DOCUMENT_IMAGES, max_tokens=4000, requires=("schema",), implied_by="schema"),
         TaskSpec(
             "compare",
             PHOTO_IMAGES,
@@ -157,6 +158,13 @@ TASKS: dict[str, TaskSpec] = {
         ),
     )
 }
+
+
+def implied_task(present: set[str], default: str) -> str:
+    """The task of a request that names none: the one a field it carries implies, else `default`."""
+    return next((t.name for t in TASKS.values() if t.implied_by in present), default)
+
+
 REQUIRED_FIELD_HELP = {
     "labels": "a list or comma-separated string",
     "schema": "a JSON Schema object",

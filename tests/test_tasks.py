@@ -132,6 +132,25 @@ def test_the_name_check_catches_the_forms_it_names() -> None:
     assert sorted(line for line, _ in found) == [1, 3, 4, 6]
 
 
+def test_the_task_a_field_implies_comes_from_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from shared.options import OptionLimits, parse_options
+
+    def parse(fields: dict[str, Any]) -> str:
+        return parse_options(
+            fields, source="http", default_task="ocr", default_detail="auto", limits=OptionLimits()
+        ).task
+
+    schema = '{"type": "object", "properties": {"n": {"type": "integer"}}}'
+    implied = [name for name, spec in TASKS.items() if spec.implied_by == "schema"]
+    assert [parse({"schema": schema})] == implied and parse({"prompt": "x"}) == "ocr"
+    # the spec decides: a table whose schema task implies nothing falls back to the default
+    without = {n: dataclasses.replace(s, implied_by=None) for n, s in TASKS.items()}
+    monkeypatch.setattr("shared.tasks.TASKS", without)
+    assert parse({"schema": schema}) == "ocr"
+
+
 # --- checks before any image is decoded -------------------------------------------------
 
 
