@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field, fields
 from functools import lru_cache
+from typing import Any, TypeVar
 
 from .errors import ConfigurationError
 
@@ -390,6 +391,25 @@ def _storage(r: _Reader) -> StorageSettings:
         credential=r.optional(f"{STORAGE_CONNECTION}__credential"),
         client_id=r.optional(f"{STORAGE_CONNECTION}__clientId"),
     )
+
+
+_L = TypeVar("_L")
+
+
+def mirror(setting: str) -> Any:
+    """A field of a limits dataclass (OptionLimits, SchemaBudget, ImageLimits) that is `Settings.<setting>`:
+    its default is that setting's default, and `from_settings` fills it. Each limit's default lives in
+    one place (the Settings field) and no class copies settings field by field."""
+    default = Settings.__dataclass_fields__[setting].default
+    if isinstance(default, Field) or default is None:  # dataclasses' MISSING, or a setting without a value
+        raise TypeError(f"Settings.{setting} has no default to mirror")
+    return field(default=default, metadata={"setting": setting})
+
+
+def from_settings(cls: type[_L], settings: Settings, **computed: Any) -> _L:
+    """An instance of a limits dataclass: every `mirror` field from its setting, the rest from `computed`."""
+    mirrored = {f.name: getattr(settings, f.metadata["setting"]) for f in fields(cls) if "setting" in f.metadata}  # type: ignore[arg-type]
+    return cls(**mirrored, **computed)
 
 
 @lru_cache(maxsize=1)
