@@ -374,14 +374,11 @@ def _with_guidance(prompt: str, inp: TaskInput) -> str:
     return prompt + (f"\n\n{inp.prompt}" if inp.prompt else "")
 
 
-async def _invoice(inp: TaskInput, model: ChatBackend) -> TaskOutput:
-    from . import task_schemas
-
-    strict = _builtin(task_schemas.INVOICE_SCHEMA, "invoice")
-    prompt = _with_guidance(task_schemas.INVOICE_PROMPT, inp)
+async def _ask(inp: TaskInput, model: ChatBackend, strict: StrictSchema, prompt: str) -> TaskOutput:
+    """One structured call for a task: the caller's guidance appended; its budget, page labels and fallback."""
     return await structured_call(
         model,
-        prompt,
+        _with_guidance(prompt, inp),
         inp.images,
         strict,
         _max_tokens(inp),
@@ -390,24 +387,18 @@ async def _invoice(inp: TaskInput, model: ChatBackend) -> TaskOutput:
         inp.schema_budget,
         TASKS[inp.task].fallback_format,
     )
+
+
+async def _invoice(inp: TaskInput, model: ChatBackend) -> TaskOutput:
+    from . import task_schemas
+
+    return await _ask(inp, model, _builtin(task_schemas.INVOICE_SCHEMA, "invoice"), task_schemas.INVOICE_PROMPT)
 
 
 async def _table(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     from . import task_schemas
 
-    strict = _builtin(task_schemas.TABLE_SCHEMA, "table")
-    prompt = _with_guidance(task_schemas.TABLE_PROMPT, inp)
-    return await structured_call(
-        model,
-        prompt,
-        inp.images,
-        strict,
-        _max_tokens(inp),
-        _label(inp),
-        inp.reasoning_effort,
-        inp.schema_budget,
-        TASKS[inp.task].fallback_format,
-    )
+    return await _ask(inp, model, _builtin(task_schemas.TABLE_SCHEMA, "table"), task_schemas.TABLE_PROMPT)
 
 
 async def _classify(inp: TaskInput, model: ChatBackend) -> TaskOutput:
@@ -416,18 +407,7 @@ async def _classify(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     check_required(TASKS[inp.task], {"labels": inp.labels})
     assert inp.labels is not None
     strict = _builtin(task_schemas.classify_schema(inp.labels), "classification")
-    prompt = _with_guidance(task_schemas.classify_prompt(inp.labels), inp)
-    return await structured_call(
-        model,
-        prompt,
-        inp.images,
-        strict,
-        _max_tokens(inp),
-        _label(inp),
-        inp.reasoning_effort,
-        inp.schema_budget,
-        TASKS[inp.task].fallback_format,
-    )
+    return await _ask(inp, model, strict, task_schemas.classify_prompt(inp.labels))
 
 
 async def _schema(inp: TaskInput, model: ChatBackend) -> TaskOutput:
@@ -435,18 +415,7 @@ async def _schema(inp: TaskInput, model: ChatBackend) -> TaskOutput:
 
     check_required(TASKS[inp.task], {"schema": inp.schema})
     assert inp.schema is not None
-    prompt = _with_guidance(task_schemas.SCHEMA_PROMPT, inp)
-    return await structured_call(
-        model,
-        prompt,
-        inp.images,
-        inp.schema,
-        _max_tokens(inp),
-        _label(inp),
-        inp.reasoning_effort,
-        inp.schema_budget,
-        TASKS[inp.task].fallback_format,
-    )
+    return await _ask(inp, model, inp.schema, task_schemas.SCHEMA_PROMPT)
 
 
 async def _sequence(inp: TaskInput, model: ChatBackend) -> TaskOutput:
