@@ -252,6 +252,15 @@ def resolve_storage(options: DropOptions) -> tuple[str | None, str | None]:
     return dev_connection_string(), None
 
 
+def add_storage_flags(p: argparse.ArgumentParser) -> None:
+    """--connection-string / --account-url, as local.drop and local.report both take them."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--connection-string", help="storage connection string (default: local.settings.json, Azurite)")
+    where.add_argument(
+        "--account-url", help="https://ACCOUNT.blob.core.windows.net, signed in with DefaultAzureCredential"
+    )
+
+
 @asynccontextmanager
 async def blob_service(options: DropOptions) -> AsyncIterator[BlobServiceClient]:
     """The storage `resolve_storage` names, open: a connection string, or an account URL signed in with
@@ -661,11 +670,7 @@ def parse_args(argv: list[str] | None = None) -> DropOptions:
         default=Path("drop-results"),
         help="folder for the <timestamp>.jsonl/.csv results table, or a .jsonl/.csv path (default drop-results/)",
     )
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--connection-string", help="storage connection string (default: local.settings.json, Azurite)")
-    where.add_argument(
-        "--account-url", help="https://ACCOUNT.blob.core.windows.net, signed in with DefaultAzureCredential"
-    )
+    add_storage_flags(p)
     p.add_argument("--images-container", default="images")
     p.add_argument("--results-container", default="results")
     p.add_argument("--cache-container", default="cache", help="where the service keeps batch jobs (--mode batch)")

@@ -568,6 +568,8 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> ReportOptions:
+    from local.drop import add_storage_flags
+
     p = argparse.ArgumentParser(
         prog="python -m local.report",
         description="Sum the result records: files, tokens, cost, cache hits, latency and errors per task and model.",
@@ -576,11 +578,7 @@ def parse_args(argv: list[str] | None = None) -> ReportOptions:
     p.add_argument("--since", type=parse_when, help="processed_at on or after this ISO date/date-time (UTC)")
     p.add_argument("--until", type=parse_when, help="processed_at before this ISO date/date-time (UTC)")
     p.add_argument("--html", type=Path, help="also write a self-contained HTML page with charts to this file")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--connection-string", help="storage connection string (default: local.settings.json, Azurite)")
-    where.add_argument(
-        "--account-url", help="https://ACCOUNT.blob.core.windows.net, signed in with DefaultAzureCredential"
-    )
+    add_storage_flags(p)
     p.add_argument("--results-container", default="results")
     p.add_argument(
         "--max-record-bytes",
