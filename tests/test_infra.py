@@ -1060,10 +1060,26 @@ def test_preprovision_hooks_default_to_the_parameters_file_defaults(hook: Path):
         ("AZURE_OPENAI_FALLBACK_SKU", "fallbackDeploymentSkuName"),
     ]:
         expected = azd_default(param)
-        if hook.suffix == ".sh":
-            assert f"${{{env}:-{expected}}}" in source, f"{hook.name}: {env} default is not {expected}"
+        if hook.suffix == ".sh":  # read from main.parameters.json by azd_env.sh, not copied
+            assert f"${{{env}:-$(azd_default {env})}}" in source, f"{hook.name}: {env} default is not read"
+            assert sh_azd_default(env) == expected, f"azd_default {env} is not {expected}"
         else:
             assert f"Setting '{env}' '{expected}'" in source, f"{hook.name}: {env} default is not {expected}"
+
+
+def sh_azd_default(name: str) -> str:
+    """What infra/hooks/azd_env.sh's azd_default answers for an azd variable."""
+    script = f'HOOKS_DIR="{AZD_ENV_SH.parent}"; HOOK=t; . "{AZD_ENV_SH}"; azd_default {name}'
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_sh_azd_default_reads_the_parameters_file_and_fails_on_a_missing_name():
+    assert sh_azd_default("VLM_DEPLOYMENT") == azd_default("openAiDeploymentName")
+    script = f'HOOKS_DIR="{AZD_ENV_SH.parent}"; HOOK=t; . "{AZD_ENV_SH}"; azd_default NO_SUCH_VARIABLE'
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "gives NO_SUCH_VARIABLE no default" in result.stderr
 
 
 @pytest.mark.parametrize("shell", ["bash", "sh"])

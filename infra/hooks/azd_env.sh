@@ -6,6 +6,8 @@
 #   . "$(dirname "$0")/azd_env.sh"
 #   load_azd_env NAME1 NAME2 ...
 
+HOOKS_DIR=${HOOKS_DIR:-$(dirname "$0")}
+
 say() { printf '%s: %s\n' "$HOOK" "$*"; }
 fail() {
     printf '%s: ERROR: %s\n' "$HOOK" "$*" >&2
@@ -31,4 +33,12 @@ load_azd_env() {
     done <<EOF
 $values
 EOF
+}
+
+# The default infra/main.parameters.json gives an azd variable ("${NAME=default}"): the hooks use the
+# deployment's own defaults, read from that one file, instead of keeping a copy of them here.
+azd_default() {
+    value=$(sed -n "s/.*\"\${$1=\([^}]*\)}\".*/\1/p" "$HOOKS_DIR/../main.parameters.json" | head -n 1)
+    [ -n "$value" ] || fail "infra/main.parameters.json gives $1 no default"
+    printf '%s' "$value"
 }

@@ -28,15 +28,15 @@ if [ -n "${AZURE_OPENAI_EXISTING_ENDPOINT:-}" ]; then
     exit 0
 fi
 
-# The same defaults as infra/main.parameters.json (tests/test_infra.py keeps them equal).
+# Unset: the defaults of infra/main.parameters.json (azd_default).
 region=${AZURE_OPENAI_LOCATION:-${AZURE_LOCATION:-}}
-model=${AZURE_OPENAI_MODEL:-gpt-5.4-mini}
-version=${AZURE_OPENAI_MODEL_VERSION:-2026-03-17}
-sku=${AZURE_OPENAI_DEPLOYMENT_SKU:-GlobalStandard}
+model=${AZURE_OPENAI_MODEL:-$(azd_default AZURE_OPENAI_MODEL)}
+version=${AZURE_OPENAI_MODEL_VERSION:-$(azd_default AZURE_OPENAI_MODEL_VERSION)}
+sku=${AZURE_OPENAI_DEPLOYMENT_SKU:-$(azd_default AZURE_OPENAI_DEPLOYMENT_SKU)}
 deploy_fallback=${AZURE_OPENAI_DEPLOY_FALLBACK:-false}
-fallback_model=${AZURE_OPENAI_FALLBACK_MODEL:-gpt-5.4-nano}
-fallback_version=${AZURE_OPENAI_FALLBACK_MODEL_VERSION:-2026-03-17}
-fallback_sku=${AZURE_OPENAI_FALLBACK_SKU:-GlobalStandard}
+fallback_model=${AZURE_OPENAI_FALLBACK_MODEL:-$(azd_default AZURE_OPENAI_FALLBACK_MODEL)}
+fallback_version=${AZURE_OPENAI_FALLBACK_MODEL_VERSION:-$(azd_default AZURE_OPENAI_FALLBACK_MODEL_VERSION)}
+fallback_sku=${AZURE_OPENAI_FALLBACK_SKU:-$(azd_default AZURE_OPENAI_FALLBACK_SKU)}
 
 if [ -z "$region" ]; then
     say "no region chosen yet (AZURE_LOCATION / AZURE_OPENAI_LOCATION): not checking model availability"
