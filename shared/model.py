@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ log = logging.getLogger(__name__)
 AZURE_SCOPE = "https://cognitiveservices.azure.com/.default"
 JSON_SCHEMA_REPROBE_S = 600.0  # an endpoint without strict mode is asked again after this (it may be upgraded)
 FALLBACK_ERRORS = (UpstreamThrottled, UpstreamError, UpstreamUnavailable, UpstreamTimeout)
+# What of an upstream body may reach a caller: content-filter category names and severities that look
+# like identifiers (Azure's are hate, self_harm, ..., safe/low/medium/high), and a bounded refusal.
+_CATEGORY = re.compile(r"[a-z][a-z_]{0,39}")
+MAX_FILTER_CATEGORIES = 16
+MAX_REFUSAL_CHARS = 500
 MAX_UPSTREAM_MESSAGE = 300  # an upstream message is logged up to this (it never reaches the caller)
 # Azure's 400 when json_schema itself is not available (model or API version), as opposed to a 400
 # for an invalid schema, which also names response_format: "Invalid parameter: 'response_format' of
@@ -278,19 +284,29 @@ def _retry_after(headers: Any) -> float | None:
 def filtered_categories(body: dict[str, Any]) -> dict[str, Any]:
     """The categories that tripped, from Azure's `innererror.content_filter_result` (prompt side)
     or `content_filter_results` (completion side)."""
-    inner = body.get("innererror") or {}
+    inner = body.get("innererror") if isinstance(body.get("innererror"), dict) else {}
     results = inner.get("content_filter_result") or body.get("content_filter_results") or {}
-    return {
-        name: {"severity": r.get("severity"), "filtered": True}
+    if not isinstance(results, dict):
+        return {}
+    tripped = [
+        (name, r.get("severity"))
         for name, r in results.items()
-        if isinstance(r, dict) and r.get("filtered")
+        if isinstance(r, dict) and r.get("filtered") and isinstance(name, str) and _CATEGORY.fullmatch(name)
+    ]
+    return {
+        name: {
+            "severity": severity if isinstance(severity, str) and _CATEGORY.fullmatch(severity) else None,
+            "filtered": True,
+        }
+        for name, severity in tripped[:MAX_FILTER_CATEGORIES]
     }
 
 
 def check_finish(result: ChatResult) -> ChatResult:
     """A completed call can still be unusable: refused, filtered or cut short. Never retried or fallen back."""
     if result.refusal:
-        raise Refused(f"the model refused: {result.refusal}", details={"deployment": result.deployment})
+        refusal = result.refusal[:MAX_REFUSAL_CHARS] + ("…" if len(result.refusal) > MAX_REFUSAL_CHARS else "")
+        raise Refused(f"the model refused: {refusal}", details={"deployment": result.deployment})
     if result.finish_reason == "content_filter":
         raise ContentFiltered(
             "the answer was blocked by the content filter",

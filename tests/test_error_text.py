@@ -110,3 +110,36 @@ def test_a_schema_the_meta_schema_refuses_is_described_without_quoting_it(schema
         schemas.to_strict(schema)
     assert SECRET not in _body(info.value) and "-7" not in _body(info.value)
     assert info.value.details["path"] == path and info.value.details["reason"] == reason
+
+
+async def test_content_filter_details_carry_only_identifier_like_categories() -> None:
+    results = {
+        "violence": {"filtered": True, "severity": "medium"},
+        "hate": {"filtered": False, "severity": "safe"},
+        f"Weird {SECRET}": {"filtered": True, "severity": "high"},
+        "self_harm": {"filtered": True, "severity": f"x {SECRET}"},
+        **{f"c{i:03d}": {"filtered": True, "severity": "low"} for i in range(500)},
+    }
+    body = {"error": {"message": SECRET, "code": "content_filter", "innererror": {"content_filter_result": results}}}
+    model = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(400, body)]})
+    router = ModelRouter(Settings.from_env(ENV), client_factory=model.client_factory())
+    with pytest.raises(VlmError) as info:
+        await router.complete(REQ)
+    categories = info.value.details["categories"]
+    assert SECRET not in _body(info.value)
+    assert categories["violence"] == {"severity": "medium", "filtered": True}
+    assert categories["self_harm"] == {"severity": None, "filtered": True}
+    assert "hate" not in categories and len(categories) <= 16
+
+
+async def test_a_refusal_is_quoted_bounded() -> None:
+    from shared.errors import Refused
+    from tests.fakes import completion
+
+    body = completion(None, refusal="I can't help with that. " * 2000)
+    model = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(200, body)]})
+    router = ModelRouter(Settings.from_env(ENV), client_factory=model.client_factory())
+    with pytest.raises(Refused) as info:
+        await router.complete(REQ)
+    assert info.value.message.startswith("the model refused: I can't help with that.")
+    assert len(info.value.message) < 600
