@@ -131,3 +131,13 @@ def test_limits_classes_mirror_their_settings_in_one_place(limits: str) -> None:
     assert cls.from_settings(defaults) == cls()
     bumped = dataclasses.replace(defaults, **{s: getattr(defaults, s) + 7 for s in mirrored.values()})
     assert cls.from_settings(bumped) == cls(**{f: getattr(defaults, s) + 7 for f, s in mirrored.items()})
+
+
+def test_from_env_defaults_are_the_dataclass_defaults() -> None:
+    """An unset variable gives the field's default: the two places a default is written agree."""
+    from shared.settings import StorageSettings
+
+    s = Settings.from_env(BASE)
+    fresh = Settings(vlm_endpoint=s.vlm_endpoint, storage=s.storage, vlm_deployment=s.vlm_deployment)
+    assert isinstance(s.storage, StorageSettings)
+    assert s == fresh
