@@ -7,7 +7,7 @@ whose image tokens are tiles (85 + 170 per 512 px tile), which the token figures
 it is retired, which does not matter to a test.
 """
 
-TEST_DEPLOYMENT = "gpt-4o"  # the deployment tests configure (VLM_DEPLOYMENT); the stand-in takes any name
+TEST_DEPLOYMENT = "vision-test"  # the deployment tests configure (VLM_DEPLOYMENT); not a model name on purpose
 TEST_MODEL = "gpt-4o"  # the catalog family tests set as VLM_MODEL
 TEST_MODEL_VERSION = "gpt-4o-2024-11-20"  # the dated name the fakes answer with (the answer's `model` field)
 TEST_FALLBACK_MODEL = "gpt-4o-mini"  # a second catalog family, for fallback deployments

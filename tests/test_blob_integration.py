@@ -15,7 +15,6 @@ from azure.storage.blob import BlobServiceClient
 
 from shared.results import record_names
 from tests.conftest import corpus, wait_handled
-from tests.constants import TEST_DEPLOYMENT
 
 pytestmark = pytest.mark.integration
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".heic", ".heif", ".webp", ".gif", ".bmp", ".pdf"}
@@ -90,7 +89,7 @@ def test_drop_photos_and_orientations_every_blob_gets_one_record(stack, model_ad
         rec = got[record_names(name).success]
         assert rec["status"] == "succeeded" and rec["source"]["name"] == name
         assert len(rec["source"]["sha256"]) == 64 and rec["source"]["size"] > 0 and rec["source"]["etag"]
-        assert rec["task"] == "describe" and rec["model"] and rec["deployment"] == TEST_DEPLOYMENT
+        assert rec["task"] == "describe" and rec["model"] and rec["deployment"] == stack.values["VLM_DEPLOYMENT"]
         assert rec["usage"]["total_tokens"] > 0 or rec["cached"]
         assert {"cost_usd", "attempts", "processed_at"} <= set(rec)
     text = got[record_names("batch/notes.txt").error]

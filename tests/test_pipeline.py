@@ -198,7 +198,7 @@ async def test_a_deployment_named_vision_is_sized_and_priced_as_the_model_it_rep
     first = await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
     f = first.images[0]  # nothing known yet: the unknown-model estimate, not TEST_MODEL's numbers
     assert f["estimated_tokens"] == image_tokens(f["sent_width"], f["sent_height"], "high", None)
-    assert f["estimated_tokens"] != image_tokens(f["sent_width"], f["sent_height"], "high", TEST_DEPLOYMENT)
+    assert f["estimated_tokens"] != image_tokens(f["sent_width"], f["sent_height"], "high", TEST_MODEL)
     assert first.cost_usd == round(100 * 0.40e-6 + 10 * 1.60e-6, 6)  # priced as the model that answered
     second = await analyze(AnalysisRequest(images=[jpeg(colour=(5, 5, 5))], task="describe"), deps)
     f = second.images[0]  # learned: gpt-4.1-mini's own (patch) view and count from now on

@@ -117,7 +117,7 @@ async def test_a_cache_hit_is_one_span_tree_without_a_model_call_and_counts_as_a
     assert attrs[n.VLM_DEPLOYMENT] == TEST_DEPLOYMENT and attrs[n.VLM_IMAGE_COUNT] == 1
     cache = otel.one(n.SPAN_CACHE)
     assert cache.attributes[n.VLM_CACHED] is True and cache.parent.span_id == root.context.span_id
-    assert otel.named(n.model_call_span_name(TEST_DEPLOYMENT)) == []  # nothing was sent
+    assert otel.named(n.model_call_span_name(TEST_MODEL)) == []  # nothing was sent
     assert otel.total(n.VLM_CACHE_HITS_METRIC, vlm__task="describe") == 1
     assert otel.total(n.VLM_REQUESTS_METRIC, vlm__outcome=n.OUTCOME_OK) == 2
     assert otel.total(n.VLM_DURATION_METRIC, vlm__task="describe") == 2
@@ -132,7 +132,7 @@ async def test_an_answered_analysis_has_prepare_cache_and_a_semconv_model_call_s
     children = {
         s.name: s for s in otel.spans.get_finished_spans() if s.parent and s.parent.span_id == root.context.span_id
     }
-    call_name = n.model_call_span_name(TEST_DEPLOYMENT)
+    call_name = n.model_call_span_name(TEST_MODEL)
     assert {n.SPAN_PREPARE, n.SPAN_CACHE, call_name, n.SPAN_VALIDATE} <= set(children)
     assert children[n.SPAN_VALIDATE].attributes[n.VLM_OUTCOME] == n.OUTCOME_OK
     assert children[n.SPAN_PREPARE].attributes[n.VLM_IMAGE_COUNT] == 1
@@ -140,7 +140,7 @@ async def test_an_answered_analysis_has_prepare_cache_and_a_semconv_model_call_s
     assert call.kind == SpanKind.CLIENT
     assert call.attributes[n.GEN_AI_OPERATION_NAME] == "chat"
     assert call.attributes[n.GEN_AI_PROVIDER_NAME] == n.PROVIDER_OPENAI
-    assert call.attributes[n.GEN_AI_REQUEST_MODEL] == TEST_DEPLOYMENT
+    assert call.attributes[n.GEN_AI_REQUEST_MODEL] == TEST_MODEL
     assert call.attributes[n.GEN_AI_RESPONSE_MODEL] == TEST_MODEL_VERSION
     assert call.attributes[n.GEN_AI_USAGE_INPUT_TOKENS] == 100 and call.attributes[n.GEN_AI_USAGE_OUTPUT_TOKENS] == 10
     assert tuple(call.attributes[n.GEN_AI_RESPONSE_FINISH_REASONS]) == ("stop",)
@@ -160,7 +160,7 @@ async def test_a_fallback_answer_is_marked_on_the_span_and_counted(otel: Capture
     await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
     root = otel.one(n.SPAN_ANALYZE)
     assert root.attributes[n.VLM_FALLBACK] is True and root.attributes[n.VLM_DEPLOYMENT] == "backup"
-    calls = sorted(otel.named(f"chat {TEST_DEPLOYMENT}") + otel.named("chat backup"), key=lambda s: s.start_time)
+    calls = sorted(otel.named(f"chat {TEST_MODEL}") + otel.named("chat backup"), key=lambda s: s.start_time)
     assert [c.attributes[n.VLM_DEPLOYMENT] for c in calls] == [TEST_DEPLOYMENT, "backup"]
     assert calls[0].attributes[n.ERROR_TYPE] == "upstream_unavailable" and n.ERROR_TYPE not in calls[1].attributes
     assert otel.total(n.VLM_FALLBACKS_METRIC, vlm__deployment="backup", vlm__task="describe") == 1
@@ -172,7 +172,7 @@ async def test_a_429_the_sdk_retried_counts_as_a_retry_and_a_throttled_call(otel
     deps = deps_for(ScriptedModel(script={TEST_DEPLOYMENT: [THROTTLED, ok]}), max_retries=1)
     result = await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
     assert result.result == "fine"
-    root, call = otel.one(n.SPAN_ANALYZE), otel.one(f"chat {TEST_DEPLOYMENT}")
+    root, call = otel.one(n.SPAN_ANALYZE), otel.one(f"chat {TEST_MODEL}")
     assert call.attributes[n.VLM_RETRIES] == 1 and root.attributes[n.VLM_RETRIES] == 1
     assert root.attributes[n.VLM_OUTCOME] == n.OUTCOME_OK and root.attributes[n.VLM_FALLBACK] is False
     assert otel.total(n.VLM_THROTTLED_METRIC, vlm__deployment=TEST_DEPLOYMENT) == 1
@@ -207,7 +207,7 @@ async def test_a_content_filter_is_an_error_outcome_on_the_span_and_the_request_
     assert root.attributes[n.VLM_OUTCOME] == n.OUTCOME_ERROR
     assert root.attributes[n.VLM_ERROR_CODE] == "content_filtered"
     assert not root.status.is_ok
-    call = otel.one(f"chat {TEST_DEPLOYMENT}")
+    call = otel.one(f"chat {TEST_MODEL}")
     # a prompt filter fails the call itself; a completion filter is a finished call with that finish reason
     if stage == "prompt":
         assert call.attributes[n.ERROR_TYPE] == "content_filtered"
