@@ -115,22 +115,32 @@ def test_azure_endpoints_and_the_gateway_get_the_v1_path_and_entra_id(endpoint, 
     assert base_url_for(target).endswith("/openai/v1/") is azure
 
 
-@pytest.mark.parametrize("limits", ["OptionLimits", "SchemaBudget", "ImageLimits"])
+@pytest.mark.parametrize("limits", ["OptionLimits", "SchemaBudget", "ImageLimits", "HttpLimits"])
 def test_limits_classes_mirror_their_settings_in_one_place(limits: str) -> None:
     """Every field of a limits class is a setting: same default, and `from_settings` carries any value."""
     import dataclasses
 
+    from shared.http_api import HttpLimits
     from shared.images import ImageLimits
     from shared.options import OptionLimits
     from shared.schema_guard import SchemaBudget
 
-    cls = {"OptionLimits": OptionLimits, "SchemaBudget": SchemaBudget, "ImageLimits": ImageLimits}[limits]
-    mirrored = {f.name: f.metadata.get("setting") for f in dataclasses.fields(cls)}
+    cls = {
+        "OptionLimits": OptionLimits,
+        "SchemaBudget": SchemaBudget,
+        "ImageLimits": ImageLimits,
+        "HttpLimits": HttpLimits,
+    }[limits]
+    computed = {"max_images", "options"} if cls is HttpLimits else set()  # derived, not one setting each
+    mirrored = {f.name: f.metadata.get("setting") for f in dataclasses.fields(cls) if f.name not in computed}
     assert None not in mirrored.values(), f"{limits} fields that mirror no setting: {mirrored}"
     defaults = Settings.from_env(BASE)
-    assert cls.from_settings(defaults) == cls()
+    extra = {n: getattr(cls.from_settings(defaults), n) for n in computed}
+    assert cls.from_settings(defaults) == cls(**extra)
     bumped = dataclasses.replace(defaults, **{s: getattr(defaults, s) + 7 for s in mirrored.values()})
-    assert cls.from_settings(bumped) == cls(**{f: getattr(defaults, s) + 7 for f, s in mirrored.items()})
+    expected = cls(**{f: getattr(defaults, s) + 7 for f, s in mirrored.items()}, **extra)
+    got = cls.from_settings(bumped)
+    assert dataclasses.replace(got, **extra) == expected
 
 
 def test_from_env_defaults_are_the_dataclass_defaults() -> None:
