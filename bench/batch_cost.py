@@ -99,6 +99,7 @@ async def run_route(port: int, model: str, task: str, paths: list[Path], mode: s
     env = {
         "VLM_ENDPOINT": f"http://127.0.0.1:{port}/v1",
         "VlmStorage": "UseDevelopmentStorage=true",
+        "VLM_DEPLOYMENT": "bench",
         "VLM_BATCH_DEPLOYMENT": "bench-batch",
         "VLM_MODEL": model,  # the parameter style of batch lines comes from the catalog entry (shared/batch.py)
         "MAX_IMAGE_BYTES": str(32 * 1024 * 1024),

@@ -35,7 +35,12 @@ from shared.model import ChatRequest, ChatResult
 from shared.pipeline import AnalysisRequest, analyze
 from shared.settings import Settings
 
-ENV = {"VLM_ENDPOINT": "http://model.invalid/v1", "VlmStorage": "UseDevelopmentStorage=true", "VLM_MODEL": "gpt-4o"}
+ENV = {
+    "VLM_ENDPOINT": "http://model.invalid/v1",
+    "VlmStorage": "UseDevelopmentStorage=true",
+    "VLM_DEPLOYMENT": "bench",
+    "VLM_MODEL": "gpt-4o",
+}
 
 
 class OneAnswer:

@@ -151,6 +151,7 @@ async def run_ours(
         {
             "VLM_ENDPOINT": f"{url}/v1",
             "VlmStorage": "UseDevelopmentStorage=true",  # never touched: the cache below has no blob tier
+            "VLM_DEPLOYMENT": "bench",  # the local model server takes any deployment name
             "VLM_TPM": str(tpm),
             "VLM_RPM": str(rpm),
             "VLM_RATE_WINDOW_S": str(window_s),  # the limiter's burst matches the server's window

@@ -69,6 +69,7 @@ def worker_settings(cfg: WorkerConfig) -> Any:
         {
             "VLM_ENDPOINT": cfg.url,
             "VlmStorage": "UseDevelopmentStorage=true",  # never contacted: the blob store is in memory
+            "VLM_DEPLOYMENT": "bench",  # the local model server takes any deployment name
             "VLM_TPM": str(cfg.tpm),
             "VLM_RPM": str(cfg.rpm),
             "VLM_RATE_WINDOW_S": str(cfg.window_s),

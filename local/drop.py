@@ -19,7 +19,8 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -249,6 +250,37 @@ def resolve_storage(options: DropOptions) -> tuple[str | None, str | None]:
     if values.get("VlmStorage__blobServiceUri"):
         return None, values["VlmStorage__blobServiceUri"]
     return dev_connection_string(), None
+
+
+def add_storage_flags(p: argparse.ArgumentParser) -> None:
+    """--connection-string / --account-url, as local.drop and local.report both take them."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--connection-string", help="storage connection string (default: local.settings.json, Azurite)")
+    where.add_argument(
+        "--account-url", help="https://ACCOUNT.blob.core.windows.net, signed in with DefaultAzureCredential"
+    )
+
+
+@asynccontextmanager
+async def blob_service(options: DropOptions) -> AsyncIterator[BlobServiceClient]:
+    """The storage `resolve_storage` names, open: a connection string, or an account URL signed in with
+    DefaultAzureCredential (closed afterwards). local.report opens its storage the same way."""
+    conn, account_url = resolve_storage(options)
+    credential = None
+    if account_url:
+        from azure.identity.aio import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+        service = BlobServiceClient(account_url, credential=credential)
+    else:
+        assert conn is not None
+        service = BlobServiceClient.from_connection_string(conn)
+    try:
+        async with service:
+            yield service
+    finally:
+        if credential is not None:
+            await credential.close()
 
 
 # --------------------------------------------------------------------------- scanning the folder
@@ -556,49 +588,35 @@ async def drop(
         say(f"skipped {s.file}: {s.reason}")
 
     summary = Summary(skipped=skipped, waited=options.wait)
-    conn, account_url = resolve_storage(options)
-    credential = None
-    if account_url:
-        from azure.identity.aio import DefaultAzureCredential
+    async with blob_service(options) as service:
+        images = service.get_container_client(options.images_container)
+        await _ensure_container(images)
+        # The task config must exist before any image lands, or the trigger uses the default task.
+        if config is not None:
+            blob = prefix + TASK_FILE
+            await images.upload_blob(
+                blob,
+                json.dumps(config).encode(),
+                overwrite=True,
+                content_settings=ContentSettings(content_type="application/json"),
+            )
+            summary.task_blobs.append(blob)
+        sem = asyncio.Semaphore(max(1, options.concurrency))
+        await asyncio.gather(*(_upload_one(images, t, sem) for t in task_items))
+        for t in task_items:
+            if t.row is not None:
+                raise RuntimeError(f"could not upload task config {t.rel}; not uploading the images")
+            summary.task_blobs.append(t.blob)
+        await asyncio.gather(*(_upload_one(images, i, sem) for i in items))
+        say(f"uploaded {sum(1 for i in items if i.row is None)} file(s) to {options.images_container}/{prefix}")
 
-        credential = DefaultAzureCredential()
-        service = BlobServiceClient(account_url, credential=credential)
-    else:
-        assert conn is not None
-        service = BlobServiceClient.from_connection_string(conn)
-    try:
-        async with service:
-            images = service.get_container_client(options.images_container)
-            await _ensure_container(images)
-            # The task config must exist before any image lands, or the trigger uses the default task.
-            if config is not None:
-                blob = prefix + TASK_FILE
-                await images.upload_blob(
-                    blob,
-                    json.dumps(config).encode(),
-                    overwrite=True,
-                    content_settings=ContentSettings(content_type="application/json"),
-                )
-                summary.task_blobs.append(blob)
-            sem = asyncio.Semaphore(max(1, options.concurrency))
-            await asyncio.gather(*(_upload_one(images, t, sem) for t in task_items))
-            for t in task_items:
-                if t.row is not None:
-                    raise RuntimeError(f"could not upload task config {t.rel}; not uploading the images")
-                summary.task_blobs.append(t.blob)
-            await asyncio.gather(*(_upload_one(images, i, sem) for i in items))
-            say(f"uploaded {sum(1 for i in items if i.row is None)} file(s) to {options.images_container}/{prefix}")
-
-            if options.wait and items:
-                results = service.get_container_client(options.results_container)
-                cache = ids = None
-                if options.mode == "batch":
-                    cache = service.get_container_client(options.cache_container)
-                    ids = _batch_ids(items, config)
-                await _wait_for_results(results, items, options, progress_stream or sys.stderr, cache, ids)
-    finally:
-        if credential is not None:
-            await credential.close()
+        if options.wait and items:
+            results = service.get_container_client(options.results_container)
+            cache = ids = None
+            if options.mode == "batch":
+                cache = service.get_container_client(options.cache_container)
+                ids = _batch_ids(items, config)
+            await _wait_for_results(results, items, options, progress_stream or sys.stderr, cache, ids)
 
     default_task = config.get("task") if config else None
     summary.rows = [i.row or Row(i.rel, i.blob, "pending", task=default_task) for i in items]
@@ -652,11 +670,7 @@ def parse_args(argv: list[str] | None = None) -> DropOptions:
         default=Path("drop-results"),
         help="folder for the <timestamp>.jsonl/.csv results table, or a .jsonl/.csv path (default drop-results/)",
     )
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--connection-string", help="storage connection string (default: local.settings.json, Azurite)")
-    where.add_argument(
-        "--account-url", help="https://ACCOUNT.blob.core.windows.net, signed in with DefaultAzureCredential"
-    )
+    add_storage_flags(p)
     p.add_argument("--images-container", default="images")
     p.add_argument("--results-container", default="results")
     p.add_argument("--cache-container", default="cache", help="where the service keeps batch jobs (--mode batch)")

@@ -6,7 +6,7 @@ model client, limiter, structured outputs and resilience run against a real HTTP
 - `POST /v1/chat/completions`, `/openai/v1/chat/completions` (Azure v1 GA path) and
   `/openai/deployments/{deployment}/chat/completions` (the classic AzureOpenAI client path).
 - Answers come from RapidOCR and measured image facts and are labelled `local-ocr-rapidocr`, so
-  nobody mistakes them for GPT-4o (see local/ocr_answers.py). `--mode facts` skips OCR.
+  nobody mistakes them for a real model's (see local/ocr_answers.py). `--mode facts` skips OCR.
 - Usage: the project's text estimate (shared.tokens) of every text part plus the stand-in's own image
   count (local/model_tokens.py, `--image-tokens tile:85:170` by default, `patch:1.9` for a patch model)
   per image at its decoded size and effective detail.

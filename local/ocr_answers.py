@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from local.ocr_engine import DecodedImage, OcrLine
 
-MODEL_BANNER = "Local OCR model (not GPT-4o)."
+MODEL_BANNER = "Local OCR stand-in (not a vision-language model)."
 STOPWORDS = set(
     "the a an and or of to in on for with at by from is are was were be this that these those it its as "
     "image images photo picture describe please analyze analyse text what which into about your you "

@@ -526,40 +526,24 @@ async def collect(container: Any, options: ReportOptions) -> Report:
     return report
 
 
-def _storage(options: ReportOptions) -> tuple[str | None, str | None]:
-    """(connection string, account url), resolved exactly as local.drop does."""
-    from local.drop import DropOptions, resolve_storage
+def _drop_options(options: ReportOptions) -> Any:
+    """The storage flags as local.drop takes them: both tools resolve and open storage the same way."""
+    from local.drop import DropOptions
 
-    return resolve_storage(
-        DropOptions(
-            folder=Path("."),
-            connection_string=options.connection_string,
-            account_url=options.account_url,
-            settings_path=options.settings_path,
-        )
+    return DropOptions(
+        folder=Path("."),
+        connection_string=options.connection_string,
+        account_url=options.account_url,
+        settings_path=options.settings_path,
     )
 
 
 async def run(options: ReportOptions) -> Report:
     """Read the results container and build the report."""
-    from azure.storage.blob.aio import BlobServiceClient
+    from local.drop import blob_service
 
-    conn, account_url = _storage(options)
-    credential = None
-    if account_url:
-        from azure.identity.aio import DefaultAzureCredential
-
-        credential = DefaultAzureCredential()
-        service = BlobServiceClient(account_url, credential=credential)
-    else:
-        assert conn is not None
-        service = BlobServiceClient.from_connection_string(conn)
-    try:
-        async with service:
-            return await collect(service.get_container_client(options.results_container), options)
-    finally:
-        if credential is not None:
-            await credential.close()
+    async with blob_service(_drop_options(options)) as service:
+        return await collect(service.get_container_client(options.results_container), options)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -584,6 +568,8 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> ReportOptions:
+    from local.drop import add_storage_flags
+
     p = argparse.ArgumentParser(
         prog="python -m local.report",
         description="Sum the result records: files, tokens, cost, cache hits, latency and errors per task and model.",
@@ -592,11 +578,7 @@ def parse_args(argv: list[str] | None = None) -> ReportOptions:
     p.add_argument("--since", type=parse_when, help="processed_at on or after this ISO date/date-time (UTC)")
     p.add_argument("--until", type=parse_when, help="processed_at before this ISO date/date-time (UTC)")
     p.add_argument("--html", type=Path, help="also write a self-contained HTML page with charts to this file")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--connection-string", help="storage connection string (default: local.settings.json, Azurite)")
-    where.add_argument(
-        "--account-url", help="https://ACCOUNT.blob.core.windows.net, signed in with DefaultAzureCredential"
-    )
+    add_storage_flags(p)
     p.add_argument("--results-container", default="results")
     p.add_argument(
         "--max-record-bytes",

@@ -223,6 +223,26 @@ class Stack:
         return dead
 
 
+def function_lines(root: Path, host_url: str, key: str) -> str:
+    """One line per function folder, HTTP ones with their method and URL: read from function.json and
+    host.json, so a new function shows up here without anyone remembering to add it."""
+    from local.host_config import discover_functions, load_host_json
+
+    prefix = load_host_json(root).route_prefix
+    lines = []
+    for spec in discover_functions(root, environ={}):
+        trigger = spec.trigger
+        if spec.trigger_type == "httpTrigger":
+            methods = ",".join(m.upper() for m in trigger.get("methods") or ["ANY"])
+            path = "/".join(part.strip("/") for part in (prefix, str(trigger.get("route") or spec.name)) if part)
+            url = f"{host_url}/{path}"
+            auth = f"?code={key}" if str(trigger.get("authLevel", "function")).lower() != "anonymous" else ""
+            lines.append(f"    {spec.name:<15} {methods:<5} {url}{auth}")
+        else:
+            lines.append(f"    {spec.name:<15} {spec.trigger_type}")
+    return "\n".join(lines)
+
+
 def banner(stack: Stack) -> str:
     key = stack.function_key
     sample = ROOT.parent / "shared" / "corpus" / "photos" / "phone_4032x3024.jpg"
@@ -243,7 +263,8 @@ def banner(stack: Stack) -> str:
     )
     return f"""
 vlm-functions is running locally
-  Functions host   {stack.host_url}   (analyze_http, blob_trigger, poison_blobs)
+  Functions host   {stack.host_url}
+{function_lines(stack.config.root, stack.host_url, key)}
   model server     {stack.model_url if stack.model else stack.values.get("VLM_ENDPOINT")}
   storage          {storage}
   logs             {stack.config.data_dir / "logs"}

@@ -160,7 +160,8 @@ class TaskResolver:
         meta = {k.lower(): v for k, v in (metadata or {}).items()}
         if meta.get("task"):
             fields = {k: v for k, v in meta.items() if k in TASK_KEYS}
-            options = config_options(fields, "metadata", self.limits)  # bad metadata fails here, first attempt
+            # bad metadata fails here, on the first attempt
+            options = config_options(fields, "metadata", self.limits, default_task=self.settings.default_task)
             _mode(fields, "metadata")
             return TaskConfig(options.task, "metadata", fields)
         return TaskConfig(self.settings.default_task, "default", {"task": self.settings.default_task})
@@ -170,7 +171,8 @@ def config_options(
     fields: dict[str, Any],
     source: str,
     limits: OptionLimits,
-    default_task: str = "describe",
+    *,
+    default_task: str,
     default_detail: str = "auto",
 ) -> RequestOptions:
     """`parse_options` for a folder config or metadata: a caller error becomes a permanent
@@ -200,7 +202,7 @@ def _parse_task_file(raw: bytes, path: str, limits: OptionLimits | None = None) 
         _mode(doc, path)
     except InvalidRequest as err:
         raise InvalidTaskConfig(err.message, details={**err.details, "task_file": path}) from None
-    doc["task"] = config_options(doc, path, limits).task  # normalised (" OCR " is "ocr" everywhere)
+    doc["task"] = config_options(doc, path, limits, default_task=doc["task"]).task  # normalised (" OCR " is "ocr")
     return doc
 
 

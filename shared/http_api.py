@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, ImageTooLarge, InternalError, InvalidRequest, VlmError
 from .options import OPTION_KEYS, OptionLimits, loads_bounded, parse_options
-from .settings import Settings
+from .settings import Settings, from_settings, mirror
 
 if TYPE_CHECKING:
     from .app import App
@@ -35,26 +35,19 @@ _BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]
 class HttpLimits:
     """What one request may cost the parser, from `Settings` (README, Limits)."""
 
-    max_request_bytes: int
-    max_image_bytes: int
     max_images: int  # a bound before decoding; the pipeline checks the task's exact range
-    max_parts: int
-    max_part_header_bytes: int
     options: OptionLimits
+    max_request_bytes: int = mirror("max_request_bytes")
+    max_image_bytes: int = mirror("max_image_bytes")
+    max_parts: int = mirror("max_multipart_parts")
+    max_part_header_bytes: int = mirror("max_part_header_bytes")
 
     @classmethod
     def from_settings(cls, s: Settings) -> HttpLimits:
         from .tasks import TASKS
 
         most = max([s.max_images_per_request, *(spec.max_images or 0 for spec in TASKS.values())])
-        return cls(
-            max_request_bytes=s.max_request_bytes,
-            max_image_bytes=s.max_image_bytes,
-            max_images=most,
-            max_parts=s.max_multipart_parts,
-            max_part_header_bytes=s.max_part_header_bytes,
-            options=OptionLimits.from_settings(s),
-        )
+        return from_settings(cls, s, max_images=most, options=OptionLimits.from_settings(s))
 
 
 @dataclass

@@ -58,7 +58,7 @@ from .errors import ImageTooLarge, InvalidRequest, TooManyPixels, VlmError
 from .frame_count import gif_frames, tiff_frames
 from .image_formats import PIL_FORMATS, SUPPORTED_FORMATS, sniff
 from .image_policy import DEFAULT_POLICY, AutoDetail, ImagePolicy
-from .settings import DETAILS
+from .settings import DETAILS, from_settings, mirror
 
 if TYPE_CHECKING:
     from .catalog import ImageTokens
@@ -130,27 +130,18 @@ MIB = 1024 * 1024
 class ImageLimits:
     """Input limits, checked before the work they bound (each is a setting, named in its error)."""
 
-    max_bytes: int = 20 * MIB  # MAX_IMAGE_BYTES
-    max_pixels: int = 50_000_000  # MAX_IMAGE_PIXELS
-    max_pages: int = 20  # MAX_PDF_PAGES: pages/frames sent from one input
-    max_decoded_bytes: int = 256 * MIB  # MAX_DECODED_BYTES: one image in memory (decoded + full-size copy)
-    max_request_decoded_bytes: int = 1024 * MIB  # MAX_REQUEST_DECODED_BYTES: decoding work per request
-    max_frames: int = 1000  # MAX_FRAMES: frames counted in a multi-frame file
-    min_side: int = 8  # MIN_IMAGE_SIDE: smallest side an image is sent with
-    max_sent_images: int = 50  # MAX_SENT_IMAGES: pages x frames x strips sent per request
+    max_bytes: int = mirror("max_image_bytes")  # MAX_IMAGE_BYTES
+    max_pixels: int = mirror("max_image_pixels")  # MAX_IMAGE_PIXELS
+    max_pages: int = mirror("max_pdf_pages")  # MAX_PDF_PAGES: pages/frames sent from one input
+    max_decoded_bytes: int = mirror("max_decoded_bytes")  # one image in memory (decoded + full-size copy)
+    max_request_decoded_bytes: int = mirror("max_request_decoded_bytes")  # decoding work per request
+    max_frames: int = mirror("max_frames")  # frames counted in a multi-frame file
+    min_side: int = mirror("min_image_side")  # smallest side an image is sent with
+    max_sent_images: int = mirror("max_sent_images")  # pages x frames x strips sent per request
 
     @classmethod
     def from_settings(cls, s: Settings) -> ImageLimits:
-        return cls(
-            max_bytes=s.max_image_bytes,
-            max_pixels=s.max_image_pixels,
-            max_pages=s.max_pdf_pages,
-            max_decoded_bytes=s.max_decoded_bytes,
-            max_request_decoded_bytes=s.max_request_decoded_bytes,
-            max_frames=s.max_frames,
-            min_side=s.min_image_side,
-            max_sent_images=s.max_sent_images,
-        )
+        return from_settings(cls, s)
 
 
 class Budget:

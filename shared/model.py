@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,7 +57,12 @@ log = logging.getLogger(__name__)
 AZURE_SCOPE = "https://cognitiveservices.azure.com/.default"
 JSON_SCHEMA_REPROBE_S = 600.0  # an endpoint without strict mode is asked again after this (it may be upgraded)
 FALLBACK_ERRORS = (UpstreamThrottled, UpstreamError, UpstreamUnavailable, UpstreamTimeout)
-MAX_UPSTREAM_MESSAGE = 300  # an upstream message can quote the caller's input: never pass on more than this
+# What of an upstream body may reach a caller: content-filter category names and severities that look
+# like identifiers (Azure's are hate, self_harm, ..., safe/low/medium/high), and a bounded refusal.
+_CATEGORY = re.compile(r"[a-z][a-z_]{0,39}")
+MAX_FILTER_CATEGORIES = 16
+MAX_REFUSAL_CHARS = 500
+MAX_UPSTREAM_MESSAGE = 300  # an upstream message is logged up to this (it never reaches the caller)
 # Azure's 400 when json_schema itself is not available (model or API version), as opposed to a 400
 # for an invalid schema, which also names response_format: "Invalid parameter: 'response_format' of
 # type 'json_schema' is not supported with this model."
@@ -168,7 +174,11 @@ class StyleRejected(Exception):
 
 
 def map_openai_error(exc: Exception, target: ModelTarget) -> VlmError:
-    """openai SDK exceptions -> our typed errors (after the SDK's own retries are spent)."""
+    """openai SDK exceptions -> our typed errors (after the SDK's own retries are spent).
+
+    The upstream message decides the error class but never reaches the caller: it can quote the
+    caller's input or the SDK's internals. It is logged (bounded) and the caller gets our own words.
+    """
     import openai
 
     where = {"deployment": target.deployment}
@@ -183,12 +193,20 @@ def map_openai_error(exc: Exception, target: ModelTarget) -> VlmError:
         message = str(body.get("message") or exc.message)[:MAX_UPSTREAM_MESSAGE]
         code = str(body.get("code") or "")
         param = str(body.get("param") or "")
+        log.warning(
+            "model endpoint for %s answered %s (code %r, param %r): %s",
+            target.deployment,
+            status,
+            code[:64],
+            param[:64],
+            message,
+        )
         retry_after = _retry_after(exc.response.headers) if exc.response is not None else None
         if status == 429:
             from .limiter import DEFAULT_RETRY_AFTER_S
 
             return UpstreamThrottled(
-                f"{target.deployment} is throttled: {message}",
+                f"{target.deployment} is throttled",
                 details=where,
                 retry_after_s=DEFAULT_RETRY_AFTER_S if retry_after is None else retry_after,
             )
@@ -201,22 +219,27 @@ def map_openai_error(exc: Exception, target: ModelTarget) -> VlmError:
             return deployment_unavailable(target, "not_found" if status == 404 else "retired")
         if status == 400 and "response_format" in (message + param):
             if any(m in message.lower() for m in JSON_SCHEMA_UNSUPPORTED):
-                return ResponseFormatRejected(f"{target.deployment} rejected response_format: {message}", details=where)
+                return ResponseFormatRejected(
+                    f"{target.deployment} does not accept a json_schema response_format", details=where
+                )
             return InvalidRequest(
-                f"the model endpoint rejected the response schema: {message}", details={**where, "field": "schema"}
+                "the model endpoint rejected the response schema (see the structured-output rules under "
+                "Tasks in the README)",
+                details={**where, "field": "schema"},
             )
         if status in (400, 413, 422):
-            return InvalidRequest(f"the model endpoint rejected the request: {message}", details=where)
+            return InvalidRequest(f"the model endpoint rejected the request ({status})", details=where)
         if status == 503:
-            return UpstreamUnavailable(
-                f"{target.deployment} unavailable: {message}", details=where, retry_after_s=retry_after
-            )
+            return UpstreamUnavailable(f"{target.deployment} is unavailable", details=where, retry_after_s=retry_after)
         if status == 504:
-            return UpstreamTimeout(f"{target.deployment} gateway timeout: {message}", details=where)
-        return UpstreamError(f"{target.deployment} answered {status}: {message}", details={**where, "status": status})
+            return UpstreamTimeout(f"{target.deployment} gateway timeout", details=where)
+        return UpstreamError(f"{target.deployment} answered {status}", details={**where, "status": status})
+    log.warning(
+        "model call to %s failed: %s: %s", target.deployment, type(exc).__name__, str(exc)[:MAX_UPSTREAM_MESSAGE]
+    )
     if isinstance(exc, openai.APIResponseValidationError | ValueError):
-        return UpstreamError(f"{target.deployment} returned an unreadable response: {exc}", details=where)
-    return UpstreamError(f"model call to {target.deployment} failed: {exc}", details=where)
+        return UpstreamError(f"{target.deployment} returned an unreadable response", details=where)
+    return UpstreamError(f"model call to {target.deployment} failed", details=where)
 
 
 def deployment_unavailable(target: ModelTarget, reason: str) -> DeploymentUnavailable:
@@ -261,19 +284,29 @@ def _retry_after(headers: Any) -> float | None:
 def filtered_categories(body: dict[str, Any]) -> dict[str, Any]:
     """The categories that tripped, from Azure's `innererror.content_filter_result` (prompt side)
     or `content_filter_results` (completion side)."""
-    inner = body.get("innererror") or {}
+    inner = body.get("innererror") if isinstance(body.get("innererror"), dict) else {}
     results = inner.get("content_filter_result") or body.get("content_filter_results") or {}
-    return {
-        name: {"severity": r.get("severity"), "filtered": True}
+    if not isinstance(results, dict):
+        return {}
+    tripped = [
+        (name, r.get("severity"))
         for name, r in results.items()
-        if isinstance(r, dict) and r.get("filtered")
+        if isinstance(r, dict) and r.get("filtered") and isinstance(name, str) and _CATEGORY.fullmatch(name)
+    ]
+    return {
+        name: {
+            "severity": severity if isinstance(severity, str) and _CATEGORY.fullmatch(severity) else None,
+            "filtered": True,
+        }
+        for name, severity in tripped[:MAX_FILTER_CATEGORIES]
     }
 
 
 def check_finish(result: ChatResult) -> ChatResult:
     """A completed call can still be unusable: refused, filtered or cut short. Never retried or fallen back."""
     if result.refusal:
-        raise Refused(f"the model refused: {result.refusal}", details={"deployment": result.deployment})
+        refusal = result.refusal[:MAX_REFUSAL_CHARS] + ("…" if len(result.refusal) > MAX_REFUSAL_CHARS else "")
+        raise Refused(f"the model refused: {refusal}", details={"deployment": result.deployment})
     if result.finish_reason == "content_filter":
         raise ContentFiltered(
             "the answer was blocked by the content filter",
@@ -451,6 +484,7 @@ class ModelRouter:
 
     async def _send(self, target: ModelTarget, request: ChatRequest, style: Any, budget: int) -> ChatResult:
         import openai
+        from openai.types.chat import ChatCompletion
 
         kwargs: dict[str, Any] = {"model": target.deployment, "messages": request.messages, style.budget_param: budget}
         if style.temperature:
@@ -477,6 +511,8 @@ class ModelRouter:
             while True:
                 try:
                     response = await self.client(target).chat.completions.create(**kwargs)
+                    if not isinstance(response, ChatCompletion):  # a proxy's 200 that is JSON but not a completion
+                        raise ValueError(f"the answer is a {type(response).__name__}, not a chat completion")
                     break
                 except openai.RateLimitError as exc:
                     reservation.cancel()  # refused: the server charged nothing

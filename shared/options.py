@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidRequest, InvalidSchema, VlmError
-from .settings import DETAILS
+from .settings import DETAILS, Settings, from_settings, mirror
 
 OPTION_KEYS = ("task", "prompt", "detail", "schema", "labels", "max_tokens", "pages", "strips", "reasoning_effort")
 MODES = ("realtime", "batch")  # a folder's route: answered now, or queued for the Batch API (shared/batch.py)
@@ -32,29 +32,20 @@ _PAGES = re.compile(r"[0-9]{1,6}(?:-[0-9]{1,6})?(?:,[0-9]{1,6}(?:-[0-9]{1,6})?)*
 
 @dataclass(frozen=True)
 class OptionLimits:
-    """The caps on option fields; `from_settings` reads them from `Settings` (see README, Limits)."""
+    """The caps on option fields: each mirrors a setting (see README, Limits)."""
 
-    max_prompt_chars: int = 20_000
-    max_schema_bytes: int = 64_000  # SCHEMA_MAX_BYTES: the same cap the schema guard applies after parsing
-    max_json_depth: int = 64
-    max_json_items: int = 100_000
-    max_labels: int = 100
-    max_label_chars: int = 100
-    max_pages_spec_chars: int = 100
-    max_tokens: int = 16_384
+    max_prompt_chars: int = mirror("max_prompt_chars")
+    max_schema_bytes: int = mirror("schema_max_bytes")  # the same cap the schema guard applies after parsing
+    max_json_depth: int = mirror("max_json_depth")
+    max_json_items: int = mirror("max_json_items")
+    max_labels: int = mirror("max_labels")
+    max_label_chars: int = mirror("max_label_chars")
+    max_pages_spec_chars: int = mirror("max_pages_spec_chars")
+    max_tokens: int = mirror("max_tokens_limit")
 
     @classmethod
-    def from_settings(cls, s: Any) -> OptionLimits:
-        return cls(
-            max_prompt_chars=s.max_prompt_chars,
-            max_schema_bytes=s.schema_max_bytes,
-            max_json_depth=s.max_json_depth,
-            max_json_items=s.max_json_items,
-            max_labels=s.max_labels,
-            max_label_chars=s.max_label_chars,
-            max_pages_spec_chars=s.max_pages_spec_chars,
-            max_tokens=s.max_tokens_limit,
-        )
+    def from_settings(cls, s: Settings) -> OptionLimits:
+        return from_settings(cls, s)
 
     @property
     def max_labels_text(self) -> int:
@@ -153,11 +144,11 @@ def _absent(raw: Any) -> bool:
     return raw is None or (isinstance(raw, str) and not raw.strip())
 
 
-def _task(raw: Any, has_schema: bool, default_task: str, source: str) -> str:
-    from .tasks import TASKS
+def _task(raw: Any, present: set[str], default_task: str, source: str) -> str:
+    from .tasks import TASKS, implied_task
 
     if _absent(raw):
-        return "schema" if has_schema else default_task
+        return implied_task(present, default_task)
     if not isinstance(raw, str) or len(raw) > MAX_TASK_CHARS or raw.strip().lower() not in TASKS:
         named = f" {raw!r}" if isinstance(raw, str) and len(raw) <= MAX_TASK_CHARS else ""  # short: safe to show
         raise _bad("task", f"names an unknown task{named}; use one of: {', '.join(TASKS)}", source, tasks=list(TASKS))
@@ -296,7 +287,7 @@ def parse_options(
     """
     schema = _schema(fields.get("schema"), limits, source)
     return RequestOptions(
-        task=_task(fields.get("task"), schema is not None, default_task, source),
+        task=_task(fields.get("task"), {k for k, v in fields.items() if not _absent(v)}, default_task, source),
         prompt=_prompt(fields.get("prompt"), limits, source),
         detail=default_detail
         if _absent(fields.get("detail"))

@@ -31,6 +31,7 @@ from urllib.parse import unquote
 
 from .errors import InvalidSchema
 from .safe_regex import RegexRefused, compile_safe
+from .settings import from_settings, mirror
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -49,36 +50,24 @@ _MAX_ANALYSIS_STEPS = 1_000_000
 class SchemaBudget:
     """How much of a caller's schema, and of an answer validated against it, is accepted.
 
-    Defaults match `Settings` (SCHEMA_MAX_* / ANSWER_MAX_*); `from_settings` reads them.
+    Each field mirrors a setting (SCHEMA_MAX_* / ANSWER_MAX_*): its default and its value come from there.
     """
 
-    max_bytes: int = 64_000
-    max_nodes: int = 10_000
-    max_depth: int = 40
-    max_string_chars: int = 5_000
-    max_list_items: int = 1_000
-    max_enum_items: int = 500
-    max_enum_total: int = 2_000
-    max_combinators: int = 200
-    max_validation_steps: int = 25_000
-    max_answer_nodes: int = 20_000
-    max_answer_depth: int = 40
+    max_bytes: int = mirror("schema_max_bytes")
+    max_nodes: int = mirror("schema_max_nodes")
+    max_depth: int = mirror("schema_max_depth")
+    max_string_chars: int = mirror("schema_max_string_chars")
+    max_list_items: int = mirror("schema_max_list_items")
+    max_enum_items: int = mirror("schema_max_enum_items")
+    max_enum_total: int = mirror("schema_max_enum_total")
+    max_combinators: int = mirror("schema_max_combinators")
+    max_validation_steps: int = mirror("schema_max_validation_steps")
+    max_answer_nodes: int = mirror("answer_max_nodes")
+    max_answer_depth: int = mirror("answer_max_depth")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SchemaBudget:
-        return cls(
-            max_bytes=settings.schema_max_bytes,
-            max_nodes=settings.schema_max_nodes,
-            max_depth=settings.schema_max_depth,
-            max_string_chars=settings.schema_max_string_chars,
-            max_list_items=settings.schema_max_list_items,
-            max_enum_items=settings.schema_max_enum_items,
-            max_enum_total=settings.schema_max_enum_total,
-            max_combinators=settings.schema_max_combinators,
-            max_validation_steps=settings.schema_max_validation_steps,
-            max_answer_nodes=settings.answer_max_nodes,
-            max_answer_depth=settings.answer_max_depth,
-        )
+        return from_settings(cls, settings)
 
 
 DEFAULT_BUDGET = SchemaBudget()

@@ -59,6 +59,7 @@ __all__ = [
     "DEFAULT_BUDGET",
     "MOVED_KEYWORDS",
     "OPENAI_LIMITS",
+    "AnswerNotJson",
     "AnswerTooLarge",
     "SchemaBudget",
     "StrictLimits",
@@ -285,15 +286,45 @@ def _meta_validate(schema: dict[str, Any], budget: SchemaBudget) -> None:
                 details={"path": "", "limit": budget.max_validation_steps, "setting": "SCHEMA_MAX_VALIDATION_STEPS"},
             ) from None
     if error is not None:
-        path = bounded_path("".join(f"/{_esc(str(p))}" for p in error.absolute_path))
-        reason = _short(error.message, 200)
         closest = best_match(error.context) if error.context else None
-        if closest is not None:
-            reason += f" ({_short(closest.message, 150)})"
+        path = bounded_path("".join(f"/{_esc(str(p))}" for p in (closest or error).absolute_path))
+        reason = _meta_reason(closest or error)
         raise InvalidSchema(
             f"the schema is not a valid JSON Schema: at {path or '(root)'}: {reason}",
             details={"path": path, "reason": reason, "rule": str(error.validator)},
         )
+
+
+_META_RULES = {
+    "type": "must be of type {}",
+    "enum": "must be one of {}",
+    "const": "must be {}",
+    "minimum": "must be at least {}",
+    "exclusiveMinimum": "must be more than {}",
+    "maximum": "must be at most {}",
+    "minItems": "must have at least {} items",
+    "minLength": "must be at least {} characters long",
+    "uniqueItems": "must not repeat an item",
+    "format": "must be in the format {}",
+}
+
+
+def _meta_reason(error: ValidationError) -> str:
+    """Our words for a meta-schema failure: the rule and what it expects, both from the meta-schema.
+
+    jsonschema's own message quotes the caller's value (and is library text), so it is not sent.
+    """
+    rule = str(error.validator)
+    value = error.validator_value
+    if isinstance(value, list) and all(isinstance(v, str | int | float | bool) for v in value):
+        shown = ", ".join(str(v) for v in value)
+    elif isinstance(value, str | int | float | bool):
+        shown = str(value)
+    else:
+        shown = None
+    if rule in _META_RULES and shown is not None:
+        return _short(_META_RULES[rule].format(shown), 200)
+    return f"breaks the meta-schema rule `{_short(rule, 40)}`"
 
 
 # --- safe validators -------------------------------------------------------------------------
@@ -1196,6 +1227,10 @@ _FENCE = re.compile(r"```[ \t]*(?:json|JSON|json5)?[ \t]*\r?\n?(.*?)```", re.DOT
 _MAX_SPAN_TRIES = 20
 
 
+class AnswerNotJson(ValueError):
+    """The model's answer holds no JSON; the message is ours (it may quote the answer's first 80 characters)."""
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -1212,10 +1247,10 @@ def parse_json_tolerant(text: str) -> Any:
     the json_object fallback and for OpenAI-compatible servers that wrap their JSON in prose.
     """
     if not isinstance(text, str):
-        raise ValueError(f"expected the model's text, got {type(text).__name__}")
+        raise AnswerNotJson(f"expected the model's text, got {type(text).__name__}")
     body = text.lstrip("\ufeff").strip()
     if not body:
-        raise ValueError("the model's answer is empty, not JSON")
+        raise AnswerNotJson("the model's answer is empty, not JSON")
     try:
         return _loads(body)
     except ValueError:
@@ -1231,7 +1266,7 @@ def parse_json_tolerant(text: str) -> Any:
         except ValueError:
             continue
     preview = body[:80].replace("\n", " ")
-    raise ValueError(f"no JSON object or array found in the model's answer (starts: {preview!r})")
+    raise AnswerNotJson(f"no JSON object or array found in the model's answer (starts: {preview!r})")
 
 
 def _bracket_spans(text: str) -> list[tuple[int, int]]:

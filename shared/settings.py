@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field, fields
 from functools import lru_cache
+from typing import Any, TypeVar
 
 from .errors import ConfigurationError
 
@@ -63,8 +64,8 @@ class StorageSettings:
 class Settings:
     vlm_endpoint: str
     storage: StorageSettings
+    vlm_deployment: str  # required: no model or deployment name is assumed in code
     vlm_api_key: str | None = None
-    vlm_deployment: str = "gpt-4o"
     vlm_model: str | None = None  # the model behind the primary deployment; None: learned from answers
     vlm_fallback_deployments: tuple[ModelTarget, ...] = ()
     vlm_rpm: int = 0
@@ -185,7 +186,9 @@ class Settings:
         return cls(
             vlm_endpoint=endpoint,
             vlm_api_key=api_key,
-            vlm_deployment=r.optional("VLM_DEPLOYMENT") or "gpt-4o",
+            vlm_deployment=r.required(
+                "VLM_DEPLOYMENT", "the name of the deployment the app calls (azd sets it; locally: local.settings.json)"
+            ),
             vlm_model=r.optional("VLM_MODEL"),
             vlm_fallback_deployments=_parse_fallbacks(r.optional("VLM_FALLBACK_DEPLOYMENTS"), endpoint, api_key),
             vlm_rpm=r.integer("VLM_RPM", 0),
@@ -275,10 +278,11 @@ class _Reader:
         value = self.env.get(name)
         return value.strip() if value and value.strip() else None
 
-    def required(self, name: str) -> str:
+    def required(self, name: str, what: str = "") -> str:
         value = self.optional(name)
         if value is None:
-            raise ConfigurationError(f"setting {name} is required but not set", details={"variable": name})
+            hint = f": {what}" if what else ""
+            raise ConfigurationError(f"setting {name} is required but not set{hint}", details={"variable": name})
         return value
 
     def integer(self, name: str, default: int, minimum: int = 0) -> int:
@@ -387,6 +391,25 @@ def _storage(r: _Reader) -> StorageSettings:
         credential=r.optional(f"{STORAGE_CONNECTION}__credential"),
         client_id=r.optional(f"{STORAGE_CONNECTION}__clientId"),
     )
+
+
+_L = TypeVar("_L")
+
+
+def mirror(setting: str) -> Any:
+    """A field of a limits dataclass (OptionLimits, SchemaBudget, ImageLimits) that is `Settings.<setting>`:
+    its default is that setting's default, and `from_settings` fills it. Each limit's default lives in
+    one place (the Settings field) and no class copies settings field by field."""
+    default = Settings.__dataclass_fields__[setting].default
+    if isinstance(default, Field) or default is None:  # dataclasses' MISSING, or a setting without a value
+        raise TypeError(f"Settings.{setting} has no default to mirror")
+    return field(default=default, metadata={"setting": setting})
+
+
+def from_settings(cls: type[_L], settings: Settings, **computed: Any) -> _L:
+    """An instance of a limits dataclass: every `mirror` field from its setting, the rest from `computed`."""
+    mirrored = {f.name: getattr(settings, f.metadata["setting"]) for f in fields(cls) if "setting" in f.metadata}  # type: ignore[arg-type]
+    return cls(**mirrored, **computed)
 
 
 @lru_cache(maxsize=1)

@@ -72,7 +72,7 @@ class BlobStore:
         return self._service
 
     async def container(self, name: str) -> ContainerClient:
-        """A container client; the container is created if missing (once per process)."""
+        """A container client; the container is created if missing (once per store, i.e. per App)."""
         client = self.service.get_container_client(name)
         if name not in self._ensured:
             from azure.core.exceptions import ResourceExistsError

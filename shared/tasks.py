@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from .images import PreparedImage
     from .schema_guard import SchemaBudget
     from .schemas import StrictSchema
+
+log = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
     "You are a careful vision assistant. Answer only from what is visible in the images. "
@@ -83,6 +86,7 @@ class TaskSpec:
     waits_for_manifest: bool = False  # blob path: files are not analysed one by one, a _manifest.json runs the job
     item_prompt: str | None = None  # sequence: the per-image prompt (a task with one makes a call per image) ...
     item_max_tokens: int | None = None  # ... and its completion budget
+    implied_by: str | None = None  # a request field that selects this task when the request names none
 
     @property
     def one_call(self) -> bool:
@@ -124,7 +128,7 @@ TASKS: dict[str, TaskSpec] = {
         ),
         _structured("invoice", images=DOCUMENT_IMAGES, max_tokens=4000),
         _structured("table", images=DOCUMENT_IMAGES, max_tokens=4000, max_images=1, image_label=None),
-        _structured("schema", images=DOCUMENT_IMAGES, max_tokens=4000, requires=("schema",)),
+        _structured("schema", images=DOCUMENT_IMAGES, max_tokens=4000, requires=("schema",), implied_by="schema"),
         TaskSpec(
             "compare",
             PHOTO_IMAGES,
@@ -154,6 +158,13 @@ TASKS: dict[str, TaskSpec] = {
         ),
     )
 }
+
+
+def implied_task(present: set[str], default: str) -> str:
+    """The task of a request that names none: the one a field it carries implies, else `default`."""
+    return next((t.name for t in TASKS.values() if t.implied_by in present), default)
+
+
 REQUIRED_FIELD_HELP = {
     "labels": "a list or comma-separated string",
     "schema": "a JSON Schema object",
@@ -332,8 +343,11 @@ async def structured_call(
                     answer = schemas.unwrap(strict, answer)
                 answer = schemas.normalise(schema, answer, budget=budget)
                 errors = schemas.validate(schema, answer, budget=budget)
+            except schemas.AnswerNotJson as exc:
+                errors = [str(exc)]  # our own words (see AnswerNotJson)
             except (ValueError, KeyError, TypeError) as exc:
-                errors = [f"the answer is not valid JSON for the schema: {exc}"]
+                log.warning("%s: the answer could not be checked: %s: %s", label, type(exc).__name__, str(exc)[:300])
+                errors = ["the answer could not be read as JSON matching the schema"]
             span.set_attribute(VLM_OUTCOME, OUTCOME_ERROR if errors else OUTCOME_OK)
         if not errors:
             return TaskOutput(result=answer, calls=calls)
@@ -360,14 +374,11 @@ def _with_guidance(prompt: str, inp: TaskInput) -> str:
     return prompt + (f"\n\n{inp.prompt}" if inp.prompt else "")
 
 
-async def _invoice(inp: TaskInput, model: ChatBackend) -> TaskOutput:
-    from . import task_schemas
-
-    strict = _builtin(task_schemas.INVOICE_SCHEMA, "invoice")
-    prompt = _with_guidance(task_schemas.INVOICE_PROMPT, inp)
+async def _ask(inp: TaskInput, model: ChatBackend, strict: StrictSchema, prompt: str) -> TaskOutput:
+    """One structured call for a task: the caller's guidance appended; its budget, page labels and fallback."""
     return await structured_call(
         model,
-        prompt,
+        _with_guidance(prompt, inp),
         inp.images,
         strict,
         _max_tokens(inp),
@@ -376,24 +387,18 @@ async def _invoice(inp: TaskInput, model: ChatBackend) -> TaskOutput:
         inp.schema_budget,
         TASKS[inp.task].fallback_format,
     )
+
+
+async def _invoice(inp: TaskInput, model: ChatBackend) -> TaskOutput:
+    from . import task_schemas
+
+    return await _ask(inp, model, _builtin(task_schemas.INVOICE_SCHEMA, "invoice"), task_schemas.INVOICE_PROMPT)
 
 
 async def _table(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     from . import task_schemas
 
-    strict = _builtin(task_schemas.TABLE_SCHEMA, "table")
-    prompt = _with_guidance(task_schemas.TABLE_PROMPT, inp)
-    return await structured_call(
-        model,
-        prompt,
-        inp.images,
-        strict,
-        _max_tokens(inp),
-        _label(inp),
-        inp.reasoning_effort,
-        inp.schema_budget,
-        TASKS[inp.task].fallback_format,
-    )
+    return await _ask(inp, model, _builtin(task_schemas.TABLE_SCHEMA, "table"), task_schemas.TABLE_PROMPT)
 
 
 async def _classify(inp: TaskInput, model: ChatBackend) -> TaskOutput:
@@ -402,18 +407,7 @@ async def _classify(inp: TaskInput, model: ChatBackend) -> TaskOutput:
     check_required(TASKS[inp.task], {"labels": inp.labels})
     assert inp.labels is not None
     strict = _builtin(task_schemas.classify_schema(inp.labels), "classification")
-    prompt = _with_guidance(task_schemas.classify_prompt(inp.labels), inp)
-    return await structured_call(
-        model,
-        prompt,
-        inp.images,
-        strict,
-        _max_tokens(inp),
-        _label(inp),
-        inp.reasoning_effort,
-        inp.schema_budget,
-        TASKS[inp.task].fallback_format,
-    )
+    return await _ask(inp, model, strict, task_schemas.classify_prompt(inp.labels))
 
 
 async def _schema(inp: TaskInput, model: ChatBackend) -> TaskOutput:
@@ -421,18 +415,7 @@ async def _schema(inp: TaskInput, model: ChatBackend) -> TaskOutput:
 
     check_required(TASKS[inp.task], {"schema": inp.schema})
     assert inp.schema is not None
-    prompt = _with_guidance(task_schemas.SCHEMA_PROMPT, inp)
-    return await structured_call(
-        model,
-        prompt,
-        inp.images,
-        inp.schema,
-        _max_tokens(inp),
-        _label(inp),
-        inp.reasoning_effort,
-        inp.schema_budget,
-        TASKS[inp.task].fallback_format,
-    )
+    return await _ask(inp, model, inp.schema, task_schemas.SCHEMA_PROMPT)
 
 
 async def _sequence(inp: TaskInput, model: ChatBackend) -> TaskOutput:

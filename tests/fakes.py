@@ -11,9 +11,10 @@ import httpx2
 from openai import AsyncOpenAI
 
 from shared.settings import ModelTarget
+from tests.constants import TEST_MODEL_VERSION
 
 
-def completion(content: Any = "ok", *, finish_reason: str = "stop", model: str = "gpt-4o-2024-11-20", **extra) -> dict:
+def completion(content: Any = "ok", *, finish_reason: str = "stop", model: str = TEST_MODEL_VERSION, **extra) -> dict:
     text = content if content is None or isinstance(content, str) else json.dumps(content)
     choice = {
         "index": 0,

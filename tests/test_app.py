@@ -11,8 +11,13 @@ from shared.app import App, close_app, get_app
 from shared.blob_job import TaskResolver
 from shared.settings import Settings
 from tests.blob_fakes import FakeBlobService
+from tests.constants import TEST_DEPLOYMENT
 
-ENV = {"VLM_ENDPOINT": "http://127.0.0.1:1/v1", "VlmStorage": "UseDevelopmentStorage=true"}
+ENV = {
+    "VLM_ENDPOINT": "http://127.0.0.1:1/v1",
+    "VlmStorage": "UseDevelopmentStorage=true",
+    "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
+}
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from azure.storage.blob.aio import BlobServiceClient
 from local.drop import DropOptions, drop
 from shared.results import record_names
 from tests.conftest import corpus, make_stack
+from tests.constants import TEST_DEPLOYMENT
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,7 @@ def batch_stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
         tmp_path_factory.mktemp("batch-stack"),
         model_args=["--mode", "ocr", "--batch-turnaround-s", "4"],
         host_args=["--poll-interval", "0.2", "--retry-base-delay", "0.05"],
-        VLM_BATCH_DEPLOYMENT="gpt-4o-batch",
+        VLM_BATCH_DEPLOYMENT=f"{TEST_DEPLOYMENT}-batch",
         BATCH_SUBMIT_SCHEDULE="* * * * * *",
         BATCH_COLLECT_SCHEDULE="* * * * * *",
         TASK_CONFIG_TTL_S="0.5",

@@ -31,6 +31,7 @@ from shared.results import record_names
 from shared.settings import ModelTarget, Settings
 from shared.tokens import price_usd
 from tests.blob_fakes import FakeBlobService
+from tests.constants import TEST_DEPLOYMENT
 
 BATCH_DEPLOYMENT = "gpt-batch"
 
@@ -74,6 +75,7 @@ def settings_for(server: TestServer, **extra: str) -> Settings:
     env = {
         "VLM_ENDPOINT": f"http://127.0.0.1:{server.port}/v1",
         "VlmStorage": "UseDevelopmentStorage=true",
+        "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
         "VLM_BATCH_DEPLOYMENT": BATCH_DEPLOYMENT,
         "VLM_MAX_RETRIES": "0",
     }
@@ -439,7 +441,11 @@ async def test_batch_mode_without_a_batch_deployment_is_recorded_on_the_first_at
 ) -> None:
     stack = Stack(server, FakeBlobService())
     stack.settings = Settings.from_env(
-        {"VLM_ENDPOINT": f"http://127.0.0.1:{server.port}/v1", "VlmStorage": "UseDevelopmentStorage=true"}
+        {
+            "VLM_ENDPOINT": f"http://127.0.0.1:{server.port}/v1",
+            "VlmStorage": "UseDevelopmentStorage=true",
+            "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
+        }
     )
     stack.processor = BlobProcessor(App.build(stack.settings, blobs=stack.blobs))
     stack.drop("x/", {"a.png": FILES["p1.png"]}, {"task": "describe", "mode": "batch"})

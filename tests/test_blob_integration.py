@@ -89,7 +89,7 @@ def test_drop_photos_and_orientations_every_blob_gets_one_record(stack, model_ad
         rec = got[record_names(name).success]
         assert rec["status"] == "succeeded" and rec["source"]["name"] == name
         assert len(rec["source"]["sha256"]) == 64 and rec["source"]["size"] > 0 and rec["source"]["etag"]
-        assert rec["task"] == "describe" and rec["model"] and rec["deployment"] == "gpt-4o"
+        assert rec["task"] == "describe" and rec["model"] and rec["deployment"] == stack.values["VLM_DEPLOYMENT"]
         assert rec["usage"]["total_tokens"] > 0 or rec["cached"]
         assert {"cost_usd", "attempts", "processed_at"} <= set(rec)
     text = got[record_names("batch/notes.txt").error]

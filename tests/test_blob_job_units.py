@@ -12,6 +12,7 @@ from shared.blob_job import BlobProcessor, InvalidTaskConfig, _parse_task_file, 
 from shared.cache import MemoryLRU, ResultCache
 from shared.model import ModelRouter
 from shared.settings import Settings
+from tests.constants import TEST_DEPLOYMENT
 from tests.fakes import ScriptedModel
 
 
@@ -52,7 +53,11 @@ def test_invalid_task_files_say_why(raw, says):
 
 # --- process() with in-memory storage: folder config errors and error classification -------
 
-ENV = {"VLM_ENDPOINT": "http://model.test/v1", "VlmStorage": "UseDevelopmentStorage=true"}
+ENV = {
+    "VLM_ENDPOINT": "http://model.test/v1",
+    "VlmStorage": "UseDevelopmentStorage=true",
+    "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
+}
 
 
 class _Downloader:

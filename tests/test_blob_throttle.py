@@ -51,7 +51,7 @@ def _throttled_then_real(monkeypatch, times: int, retry_after_s: float) -> list[
     async def analyze(req, deps):
         calls.append(deps.model.clock.now())
         if len(calls) <= times:
-            raise UpstreamThrottled("gpt-4o is throttled", retry_after_s=retry_after_s)
+            raise UpstreamThrottled("the deployment is throttled", retry_after_s=retry_after_s)
         return await real(req, deps)
 
     monkeypatch.setattr(blob_job, "analyze", analyze)

@@ -9,6 +9,7 @@ import pytest
 
 from shared.breaker import BreakerBoard, BreakerState, CircuitBreaker
 from shared.settings import Settings
+from tests.constants import TEST_DEPLOYMENT
 from tests.fake_clock import FakeClock
 
 
@@ -137,18 +138,18 @@ def test_rejects_bad_arguments() -> None:
 async def test_board_creates_breakers_on_demand_with_shared_settings() -> None:
     clock = FakeClock()
     board = BreakerBoard(failure_threshold=2, cooldown_s=10.0, clock=clock)
-    assert "gpt-4o" not in board and len(board) == 0
-    primary = board.get("gpt-4o")
-    assert board["gpt-4o"] is primary and "gpt-4o" in board
-    fallback = board.get("https://other.openai.azure.com|gpt-4o")
+    assert TEST_DEPLOYMENT not in board and len(board) == 0
+    primary = board.get(TEST_DEPLOYMENT)
+    assert board[TEST_DEPLOYMENT] is primary and TEST_DEPLOYMENT in board
+    fallback = board.get(f"https://other.openai.azure.com|{TEST_DEPLOYMENT}")
     assert fallback is not primary and len(board) == 2
     assert (primary.failure_threshold, primary.cooldown_s) == (2, 10.0)
     primary.record_failure()
     primary.record_failure()
-    assert board.states() == {"gpt-4o": "open", "https://other.openai.azure.com|gpt-4o": "closed"}
+    assert board.states() == {TEST_DEPLOYMENT: "open", f"https://other.openai.azure.com|{TEST_DEPLOYMENT}": "closed"}
     assert fallback.allow()
     await clock.advance(10)
-    assert board.states()["gpt-4o"] == "half_open"
+    assert board.states()[TEST_DEPLOYMENT] == "half_open"
 
 
 def test_board_from_settings() -> None:
@@ -156,6 +157,7 @@ def test_board_from_settings() -> None:
         {
             "VLM_ENDPOINT": "http://127.0.0.1:8089/v1",
             "VlmStorage": "UseDevelopmentStorage=true",
+            "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
             "VLM_BREAKER_FAILURES": "4",
             "VLM_BREAKER_COOLDOWN_S": "12.5",
         }

@@ -5,8 +5,16 @@ import json
 
 from shared.cache import CachedAnswer, MemoryLRU, RawAlias, ResultCache, blob_name, cache_key
 from tests.blob_fakes import FakeBlobService
+from tests.constants import TEST_DEPLOYMENT, TEST_FALLBACK_MODEL, TEST_MODEL
 
-BASE = dict(task="describe", prompt=None, detail="auto", schema=None, answered_by="gpt-4o|gpt-4o", max_tokens=None)
+BASE = dict(
+    task="describe",
+    prompt=None,
+    detail="auto",
+    schema=None,
+    answered_by=f"{TEST_DEPLOYMENT}|{TEST_MODEL}",
+    max_tokens=None,
+)
 
 
 def test_key_is_stable_and_hex():
@@ -22,7 +30,7 @@ def test_key_changes_with_every_input():
         cache_key(**{**BASE, "prompt": "x"}, images=[b"abc"]),
         cache_key(**{**BASE, "detail": "high"}, images=[b"abc"]),
         cache_key(**{**BASE, "schema": {"type": "object"}}, images=[b"abc"]),
-        cache_key(**{**BASE, "answered_by": "backup|gpt-4o-mini"}, images=[b"abc"]),
+        cache_key(**{**BASE, "answered_by": f"backup|{TEST_FALLBACK_MODEL}"}, images=[b"abc"]),
         cache_key(**{**BASE, "max_tokens": 10}, images=[b"abc"]),
         cache_key(**BASE, images=[b"abd"]),
         cache_key(**BASE, images=[b"abc", b"abc"]),

@@ -16,9 +16,14 @@ from shared.calibration import Calibration
 from shared.model import ModelRouter
 from shared.pipeline import AnalysisRequest, analyze
 from shared.settings import Settings
+from tests.constants import TEST_DEPLOYMENT
 from tests.fakes import Reply, ScriptedModel, completion
 
-ENV = {"VLM_ENDPOINT": "http://model.test/v1", "VlmStorage": "UseDevelopmentStorage=true"}
+ENV = {
+    "VLM_ENDPOINT": "http://model.test/v1",
+    "VlmStorage": "UseDevelopmentStorage=true",
+    "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
+}
 
 
 class ForeignCounter:

@@ -13,8 +13,11 @@ from shared.app import App
 from shared.errors import ALL_ERRORS, ImageTooLarge, InvalidRequest, InvalidSchema, UpstreamThrottled, VlmError
 from shared.http_api import HttpInput, error_response, handle_analyze, parse_request
 from shared.settings import Settings, StorageSettings
+from tests.constants import TEST_DEPLOYMENT
 
-SETTINGS = Settings(vlm_endpoint="http://model.test/v1", storage=StorageSettings(connection_string="x"))
+SETTINGS = Settings(
+    vlm_endpoint="http://model.test/v1", storage=StorageSettings(connection_string="x"), vlm_deployment=TEST_DEPLOYMENT
+)
 
 
 def inp(body: bytes, content_type: str = "", params: dict | None = None, **headers: str) -> HttpInput:

@@ -33,6 +33,7 @@ from shared.images import (
 from shared.settings import Settings
 from shared.tasks import DOCUMENT_IMAGES, GLANCE_IMAGES, PHOTO_IMAGES, TASKS
 from shared.tokens import image_tokens
+from tests.constants import TEST_DEPLOYMENT, TEST_MODEL
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 
@@ -385,16 +386,16 @@ def test_webp_bmp_gif_single_images() -> None:
 
 
 def test_token_values_through_prepare() -> None:
-    assert image_tokens(1024, 1024, "high", "gpt-4o") == 765
-    assert image_tokens(2048, 4096, "high", "gpt-4o") == 1105
-    assert image_tokens(2048, 4096, "low", "gpt-4o") == 85
+    assert image_tokens(1024, 1024, "high", TEST_MODEL) == 765
+    assert image_tokens(2048, 4096, "high", TEST_MODEL) == 1105
+    assert image_tokens(2048, 4096, "low", TEST_MODEL) == 85
     square = encode(Image.new("RGB", (1024, 1024), "white"), "PNG")
-    [p] = prepare(square, detail="high", model="gpt-4o")
+    [p] = prepare(square, detail="high", model=TEST_MODEL)
     assert (p.facts.sent_width, p.facts.sent_height, p.facts.estimated_tokens) == (768, 768, 765)
     tall = encode(Image.new("RGB", (2048, 4096), "white"), "PNG")
-    [p] = prepare(tall, detail="high", model="gpt-4o")
+    [p] = prepare(tall, detail="high", model=TEST_MODEL)
     assert (p.facts.sent_width, p.facts.sent_height, p.facts.estimated_tokens) == (768, 1536, 1105)
-    [p] = prepare(tall, detail="low", model="gpt-4o")
+    [p] = prepare(tall, detail="low", model=TEST_MODEL)
     assert (p.facts.sent_width, p.facts.sent_height, p.facts.estimated_tokens) == (256, 512, 85)
     assert p.facts.to_dict() == {
         "format": "png",
@@ -633,6 +634,7 @@ def test_limits_from_settings() -> None:
         {
             "VLM_ENDPOINT": "http://127.0.0.1:8089/v1",
             "VlmStorage": "UseDevelopmentStorage=true",
+            "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
             "MAX_IMAGE_BYTES": "1000",
             "MAX_IMAGE_PIXELS": "2000",
             "MAX_PDF_PAGES": "3",

@@ -26,6 +26,7 @@ from shared.images import Budget, ImageLimits, plan_strips, prepare
 from shared.pipeline import AnalysisRequest, PrepareSlots, _prepare_all
 from shared.settings import Settings
 from shared.tasks import TASKS
+from tests.constants import TEST_DEPLOYMENT
 
 # ------------------------------------------------------------------------------- builders
 
@@ -281,6 +282,7 @@ def test_the_request_budget_adds_up_across_inputs(monkeypatch) -> None:
     env = {
         "VLM_ENDPOINT": "http://127.0.0.1:1/v1",
         "VlmStorage": "UseDevelopmentStorage=true",
+        "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
         "MAX_REQUEST_DECODED_BYTES": "3000000",
     }
     settings = Settings.from_env(env)
@@ -292,7 +294,11 @@ def test_the_request_budget_adds_up_across_inputs(monkeypatch) -> None:
 
 
 def test_settings_for_the_image_budget() -> None:
-    base = {"VLM_ENDPOINT": "http://127.0.0.1:1/v1", "VlmStorage": "UseDevelopmentStorage=true"}
+    base = {
+        "VLM_ENDPOINT": "http://127.0.0.1:1/v1",
+        "VlmStorage": "UseDevelopmentStorage=true",
+        "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
+    }
     s = Settings.from_env(base)
     assert ImageLimits.from_settings(s) == ImageLimits()
     assert s.prepare_concurrency == 2
@@ -371,6 +377,7 @@ async def test_the_pipeline_prepares_through_the_dependencies_slots(monkeypatch)
         {
             "VLM_ENDPOINT": "http://127.0.0.1:1/v1",
             "VlmStorage": "UseDevelopmentStorage=true",
+            "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
             "PREPARE_CONCURRENCY": "3",
         }
     )
@@ -396,7 +403,7 @@ async def model_server() -> AsyncIterator[Any]:
 def _chat(data: bytes, mime: str = "image/png", detail: str = "high") -> dict[str, Any]:
     url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
     parts = [{"type": "text", "text": "describe"}, {"type": "image_url", "image_url": {"url": url, "detail": detail}}]
-    return {"model": "gpt-4o", "messages": [{"role": "user", "content": parts}]}
+    return {"model": TEST_DEPLOYMENT, "messages": [{"role": "user", "content": parts}]}
 
 
 async def test_the_model_server_survives_what_a_caller_or_the_service_can_send(model_server) -> None:

@@ -33,6 +33,7 @@ MAIN = INFRA / "main.bicep"
 FUNCTION_APP = INFRA / "modules" / "functionapp.bicep"
 HOOK_SH = INFRA / "hooks" / "postdeploy.sh"
 HOOK_PS1 = INFRA / "hooks" / "postdeploy.ps1"
+AZD_ENV_SH = INFRA / "hooks" / "azd_env.sh"  # sourced by the sh hooks: say, fail, load_azd_env
 SETTINGS_PY = ROOT / "shared" / "settings.py"
 
 # Built-in role definition ids, as published by Microsoft (identical in every tenant).
@@ -846,7 +847,7 @@ def blob_trigger_folder() -> str:
 
 @pytest.mark.parametrize("hook", [HOOK_SH, HOOK_PS1], ids=lambda p: p.name)
 def test_hook_subscribes_the_blob_trigger_function(hook: Path):
-    source = hook.read_text()
+    source = hook.read_text() + (AZD_ENV_SH.read_text() if hook.suffix == ".sh" else "")
     names = set(re.findall(r"functionName=Host\.Functions\.([A-Za-z0-9_]+)", source))
     assert names == {blob_trigger_folder()}
     assert "runtime/webhooks/blobs" in source
@@ -868,8 +869,9 @@ def test_hook_default_container_is_the_images_container():
 def test_sh_hook_syntax(shell: str):
     if shutil.which(shell) is None:
         pytest.skip(f"{shell} not installed")
-    result = subprocess.run([shell, "-n", str(HOOK_SH)], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
+    for script in (HOOK_SH, AZD_ENV_SH):
+        result = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
 
 
 def test_sh_hook_syntax_check_detects_errors(tmp_path: Path):
@@ -1023,6 +1025,25 @@ def test_vlm_model_and_fallback_model_are_wired_from_the_parameters():
 # ---------------------------------------------------------------------------------------------
 
 
+def test_sh_hooks_read_only_the_azd_values_they_name(tmp_path: Path):
+    """azd_env.sh: a name the hook lists is taken from `azd env get-values`, unless already set; others never."""
+    if shutil.which("sh") is None:
+        pytest.skip("sh not installed")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    azd = bin_dir / "azd"
+    azd.write_text("#!/bin/sh\nprintf '%s\\n' 'A=\"1\"' 'B=\"from azd\"' 'C=\"3\"' 'D=\"$(touch pwned)\"'\n")
+    azd.chmod(0o755)
+    script = f'HOOK=t; . "{AZD_ENV_SH}"; load_azd_env A B D; printf "%s|%s|%s|%s" "$A" "$B" "${{C:-}}" "$D"'
+    env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", "B": "set before"}
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1|set before||$(touch pwned)"
+    assert not (tmp_path / "pwned").exists()
+    for hook in (HOOK_SH, PREPROVISION_SH):
+        assert '. "$(dirname "$0")/azd_env.sh"' in hook.read_text(), hook.name
+
+
 def test_azure_yaml_declares_the_preprovision_hook():
     config = read_simple_yaml((ROOT / "azure.yaml").read_text())
     hook = config["hooks"]["preprovision"]
@@ -1046,10 +1067,26 @@ def test_preprovision_hooks_default_to_the_parameters_file_defaults(hook: Path):
         ("AZURE_OPENAI_FALLBACK_SKU", "fallbackDeploymentSkuName"),
     ]:
         expected = azd_default(param)
-        if hook.suffix == ".sh":
-            assert f"${{{env}:-{expected}}}" in source, f"{hook.name}: {env} default is not {expected}"
+        if hook.suffix == ".sh":  # read from main.parameters.json by azd_env.sh, not copied
+            assert f"${{{env}:-$(azd_default {env})}}" in source, f"{hook.name}: {env} default is not read"
+            assert sh_azd_default(env) == expected, f"azd_default {env} is not {expected}"
         else:
             assert f"Setting '{env}' '{expected}'" in source, f"{hook.name}: {env} default is not {expected}"
+
+
+def sh_azd_default(name: str) -> str:
+    """What infra/hooks/azd_env.sh's azd_default answers for an azd variable."""
+    script = f'HOOKS_DIR="{AZD_ENV_SH.parent}"; HOOK=t; . "{AZD_ENV_SH}"; azd_default {name}'
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_sh_azd_default_reads_the_parameters_file_and_fails_on_a_missing_name():
+    assert sh_azd_default("VLM_DEPLOYMENT") == azd_default("openAiDeploymentName")
+    script = f'HOOKS_DIR="{AZD_ENV_SH.parent}"; HOOK=t; . "{AZD_ENV_SH}"; azd_default NO_SUCH_VARIABLE'
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "gives NO_SUCH_VARIABLE no default" in result.stderr
 
 
 @pytest.mark.parametrize("shell", ["bash", "sh"])

@@ -13,11 +13,13 @@ from shared.errors import (
 )
 from shared.model import ChatRequest, ModelRouter, ResponseFormatRejected, base_url_for
 from shared.settings import ModelTarget, Settings
+from tests.constants import TEST_DEPLOYMENT, TEST_MODEL_VERSION
 from tests.fakes import Reply, ScriptedModel, completion
 
 ENV = {
     "VLM_ENDPOINT": "http://model.test/v1",
     "VlmStorage": "UseDevelopmentStorage=true",
+    "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
     "VLM_FALLBACK_DEPLOYMENTS": "backup",
     "VLM_BREAKER_FAILURES": "2",
 }
@@ -54,15 +56,15 @@ async def test_success_reports_usage_and_the_deployment():
     model = ScriptedModel()
     result = await router(model).complete(REQ)
     assert (result.content, result.prompt_tokens, result.completion_tokens) == ("ok", 100, 10)
-    assert result.deployment == "gpt-4o" and result.model == "gpt-4o-2024-11-20"
+    assert result.deployment == TEST_DEPLOYMENT and result.model == TEST_MODEL_VERSION
     assert model.requests[0]["max_tokens"] == 50 and model.requests[0]["temperature"] == 0
 
 
 async def test_throttled_primary_falls_back_and_records_who_answered():
-    model = ScriptedModel(script={"gpt-4o": [Reply(429, {"error": {"code": "429", "message": "slow down"}})]})
+    model = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(429, {"error": {"code": "429", "message": "slow down"}})]})
     result = await router(model).complete(REQ)
     assert result.deployment == "backup"
-    assert model.calls_to("gpt-4o") == 1 and model.calls_to("backup") == 1
+    assert model.calls_to(TEST_DEPLOYMENT) == 1 and model.calls_to("backup") == 1
 
 
 async def test_all_throttled_raises_429_with_retry_after():
@@ -75,7 +77,7 @@ async def test_all_throttled_raises_429_with_retry_after():
 
 
 async def test_prompt_content_filter_is_final_and_carries_categories():
-    model = ScriptedModel(script={"gpt-4o": [Reply(400, PROMPT_FILTER)]})
+    model = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(400, PROMPT_FILTER)]})
     with pytest.raises(ContentFiltered) as info:
         await router(model).complete(REQ)
     assert info.value.details["categories"] == {"violence": {"severity": "medium", "filtered": True}}
@@ -90,7 +92,7 @@ async def test_completion_side_filter_truncation_and_refusal():
         (completion(None, refusal="I can't help with that."), Refused),
     ]
     for body, error in cases:
-        model = ScriptedModel(script={"gpt-4o": [Reply(200, body)]})
+        model = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(200, body)]})
         with pytest.raises(error) as info:
             await router(model).complete(REQ)
         assert model.calls_to("backup") == 0
@@ -99,7 +101,9 @@ async def test_completion_side_filter_truncation_and_refusal():
 
 
 async def test_other_400_is_an_input_error_without_fallback():
-    model = ScriptedModel(script={"gpt-4o": [Reply(400, {"error": {"message": "Invalid image data", "code": "x"}})]})
+    model = ScriptedModel(
+        script={TEST_DEPLOYMENT: [Reply(400, {"error": {"message": "Invalid image data", "code": "x"}})]}
+    )
     with pytest.raises(InvalidRequest):
         await router(model).complete(REQ)
     assert model.calls_to("backup") == 0
@@ -107,17 +111,17 @@ async def test_other_400_is_an_input_error_without_fallback():
 
 async def test_response_format_rejection_is_reported_for_the_json_object_fallback():
     body = {"error": {"message": "response_format json_schema is not supported", "param": "response_format"}}
-    model = ScriptedModel(script={"gpt-4o": [Reply(400, body)]})
+    model = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(400, body)]})
     with pytest.raises(ResponseFormatRejected):
         await router(model).complete(REQ)
 
 
 async def test_breaker_skips_a_failing_primary_after_the_threshold():
-    model = ScriptedModel(script={"gpt-4o": [Reply(503, {"error": {"message": "down"}})]})
+    model = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(503, {"error": {"message": "down"}})]})
     r = router(model)
     for _ in range(4):
         assert (await r.complete(REQ)).deployment == "backup"
-    assert model.calls_to("gpt-4o") == 2  # threshold 2, then the circuit is open
+    assert model.calls_to(TEST_DEPLOYMENT) == 2  # threshold 2, then the circuit is open
     assert model.calls_to("backup") == 4
 
 
@@ -232,11 +236,11 @@ def test_choose_effort_follows_the_catalog_and_refusals():
 
 
 async def test_a_missing_deployment_is_skipped_without_counting_as_a_failure():
-    model = ScriptedModel(script={"gpt-4o": [Reply(404, DEPLOYMENT_NOT_FOUND)]})
+    model = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(404, DEPLOYMENT_NOT_FOUND)]})
     r = router(model)  # breaker threshold 2
     for _ in range(3):
         assert (await r.complete(REQ)).deployment == "backup"
-    assert model.calls_to("gpt-4o") == 3  # never opened: not a transient failure
+    assert model.calls_to(TEST_DEPLOYMENT) == 3  # never opened: not a transient failure
     assert r.breakers.get(r.settings.primary.label).consecutive_failures == 0
 
 
@@ -245,13 +249,13 @@ async def test_missing_and_retired_deployments_get_a_clear_error_naming_them():
 
     retired = {"error": {"code": "OperationNotSupported", "message": "The chatCompletion operation does not work "
                          "with the specified model, gpt-35-turbo. Please choose different model and try again."}}  # fmt: skip
-    model = ScriptedModel(script={"gpt-4o": [Reply(400, retired)], "backup": [Reply(404, DEPLOYMENT_NOT_FOUND)]})
+    model = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(400, retired)], "backup": [Reply(404, DEPLOYMENT_NOT_FOUND)]})
     with pytest.raises(DeploymentUnavailable) as info:
         await router(model).complete(REQ)
     assert info.value.details == {"deployment": "backup", "reason": "not_found"}
     assert "backup" in info.value.message and "VLM_FALLBACK_DEPLOYMENTS" in info.value.message
     assert info.value.status == 503 and not info.value.transient
-    model = ScriptedModel(script={"gpt-4o": [Reply(400, retired)]})
+    model = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(400, retired)]})
     with pytest.raises(DeploymentUnavailable) as info:
         await router(model, VLM_FALLBACK_DEPLOYMENTS="").complete(REQ)
     assert info.value.details["reason"] == "retired" and "retired" in info.value.message
@@ -262,7 +266,7 @@ async def test_an_invalid_schema_400_is_that_requests_error_and_spoils_nothing()
                          "required to be supplied", "param": "response_format", "code": "invalid_json_schema"}}  # fmt: skip
     fmt = {"type": "json_schema", "json_schema": {"name": "result", "schema": {"type": "object"}}}
     request = ChatRequest(REQ.messages, 50, response_format=fmt, estimated_tokens=60)
-    model = ScriptedModel(script={"gpt-4o": [Reply(400, invalid), Reply()]})
+    model = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(400, invalid), Reply()]})
     r = router(model)
     with pytest.raises(InvalidRequest) as info:
         await r.complete(request)
@@ -319,7 +323,7 @@ def test_fallback_entries_may_name_their_model():
     s = Settings.from_env({**ENV, "VLM_MODEL": "gpt-5.4-mini",
                            "VLM_FALLBACK_DEPLOYMENTS": "backup=gpt-5.4-nano, https://o.openai.azure.com|dep3=gpt-5.1,plain"})  # fmt: skip
     assert [(t.deployment, t.model) for t in s.model_targets] == [
-        ("gpt-4o", "gpt-5.4-mini"),
+        (TEST_DEPLOYMENT, "gpt-5.4-mini"),
         ("backup", "gpt-5.4-nano"),
         ("dep3", "gpt-5.1"),
         ("plain", None),

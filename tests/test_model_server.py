@@ -38,6 +38,7 @@ from local.ocr_parse import parse_date, parse_number
 from local.schema_fill import SchemaError, SchemaFiller
 from shared.catalog import load_catalog
 from shared.tokens import prompt_tokens, text_tokens
+from tests.constants import TEST_DEPLOYMENT, TEST_FALLBACK_MODEL
 from tests.hostile_inputs import exponential_schema
 
 STAND_IN_RULE = parse_image_tokens(DEFAULT_SPEC)  # how the stand-in counts unless told otherwise
@@ -329,11 +330,11 @@ async def test_text_answer_reads_the_document_in_reading_order(
     client: openai.AsyncOpenAI, admin: Any, oyo: bytes, ocr_engine: OcrEngine
 ) -> None:
     prompt = "Read this document."
-    r = await client.chat.completions.create(model="gpt-4o", messages=user(prompt, (oyo, "high")))
+    r = await client.chat.completions.create(model=TEST_DEPLOYMENT, messages=user(prompt, (oyo, "high")))
     text = r.choices[0].message.content or ""
     assert r.object == "chat.completion" and r.model.startswith("local-ocr")
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.refusal is None
-    assert text.startswith("Local OCR model (not GPT-4o). Image: 724x1024 portrait")
+    assert text.startswith("Local OCR stand-in (not a vision-language model). Image: 724x1024 portrait")
     assert "OYO" in text and "IBZY2087" in text
     assert text.index("PAYMENT RECEIPT") < text.index("Booking ID") < text.index("Grand Total")
     assert r.usage is not None
@@ -346,7 +347,9 @@ async def test_text_answer_reads_the_document_in_reading_order(
 async def test_usage_uses_auto_detail_per_image(client: openai.AsyncOpenAI, admin: Any, photo: bytes) -> None:
     await admin("/admin/config", {"mode": "facts"})
     small = jpeg_bytes(CORPUS / "orientation" / "landscape_1.jpg", 400)  # 400x300 -> auto = low
-    r = await client.chat.completions.create(model="gpt-4o", messages=user("x", (photo, "auto"), (small, "auto")))
+    r = await client.chat.completions.create(
+        model=TEST_DEPLOYMENT, messages=user("x", (photo, "auto"), (small, "auto"))
+    )
     assert r.usage is not None
     expected = prompt_tokens(["x"], 1) + STAND_IN_RULE.count(600, 450, "high") + STAND_IN_RULE.count(400, 300, "low")
     assert r.usage.prompt_tokens == expected
@@ -358,7 +361,7 @@ async def test_invoice_schema_is_valid_and_filled(
     """Also checks the event loop keeps serving /health while OCR runs in its thread."""
     task = asyncio.create_task(
         client.chat.completions.create(
-            model="gpt-4o",
+            model=TEST_DEPLOYMENT,
             messages=user("Extract the invoice.", (flipkart, "high"), mime="image/png"),
             response_format=json_schema("invoice", INVOICE_SCHEMA),
         )
@@ -384,7 +387,7 @@ async def test_invoice_schema_is_valid_and_filled(
 
 async def test_receipt_schema_from_oyo(client: openai.AsyncOpenAI, admin: Any, oyo: bytes) -> None:
     r = await client.chat.completions.create(
-        model="gpt-4o",
+        model=TEST_DEPLOYMENT,
         messages=user("Extract the invoice.", (oyo, "high")),
         response_format=json_schema("invoice", INVOICE_SCHEMA),
     )
@@ -401,7 +404,7 @@ async def test_classify_enum_with_confidence(client: openai.AsyncOpenAI, admin: 
     results = {}
     for name, image in (("doc", oyo), ("photo", photo)):
         r = await client.chat.completions.create(
-            model="gpt-4o",
+            model=TEST_DEPLOYMENT,
             messages=user("Classify as invoice, receipt, photo or screenshot.", (image, "high")),
             response_format=json_schema("classification", CLASSIFY_SCHEMA),
         )
@@ -432,7 +435,7 @@ async def test_defs_refs_nullable_and_recursive_schema_validates(
         "$defs": {"node": node, "meta": strict_object({"when": {"type": ["string", "null"], "format": "date"}})},
     }
     r = await client.chat.completions.create(
-        model="gpt-4o", messages=user("Fill it.", (tiny, "low")), response_format=json_schema("custom", schema)
+        model=TEST_DEPLOYMENT, messages=user("Fill it.", (tiny, "low")), response_format=json_schema("custom", schema)
     )
     value = json.loads(r.choices[0].message.content or "")
     jsonschema.validate(value, schema)
@@ -518,7 +521,7 @@ def test_schema_filling_is_bounded_on_exponential_and_cyclic_schemas() -> None:
 async def test_hostile_schemas_are_answered_or_refused(base: str, admin: Any, tiny: bytes, case: str) -> None:
     await admin("/admin/config", {"mode": "facts"})
     schema = exponential_schema() if case != "wide" else _wide_recursive_schema()
-    body: dict[str, Any] = {"model": "gpt-4o", "messages": user("Fill it.", (tiny, "low"))}
+    body: dict[str, Any] = {"model": TEST_DEPLOYMENT, "messages": user("Fill it.", (tiny, "low"))}
     if case == "json_object":
         body["messages"] = user("Answer in JSON matching this JSON Schema: " + json.dumps(schema), (tiny, "low"))
         body["response_format"] = {"type": "json_object"}
@@ -540,16 +543,18 @@ async def test_json_object_mode(client: openai.AsyncOpenAI, admin: Any, tiny: by
     await admin("/admin/config", {"mode": "facts"})
     prompt = "Answer in JSON matching this JSON Schema: " + json.dumps(CLASSIFY_SCHEMA)
     r = await client.chat.completions.create(
-        model="gpt-4o", messages=user(prompt, (tiny, "low")), response_format={"type": "json_object"}
+        model=TEST_DEPLOYMENT, messages=user(prompt, (tiny, "low")), response_format={"type": "json_object"}
     )
     jsonschema.validate(json.loads(r.choices[0].message.content or ""), CLASSIFY_SCHEMA)
     r = await client.chat.completions.create(
-        model="gpt-4o", messages=user("Describe it as JSON.", (tiny, "low")), response_format={"type": "json_object"}
+        model=TEST_DEPLOYMENT,
+        messages=user("Describe it as JSON.", (tiny, "low")),
+        response_format={"type": "json_object"},
     )
-    assert json.loads(r.choices[0].message.content or "")["text"].startswith("Local OCR model")
+    assert json.loads(r.choices[0].message.content or "")["text"].startswith("Local OCR stand-in")
     with pytest.raises(openai.BadRequestError) as err:  # OpenAI's rule: json_object needs the word JSON
         await client.chat.completions.create(
-            model="gpt-4o", messages=user("Describe it.", (tiny, "low")), response_format={"type": "json_object"}
+            model=TEST_DEPLOYMENT, messages=user("Describe it.", (tiny, "low")), response_format={"type": "json_object"}
         )
     assert err.value.param == "messages"
 
@@ -560,12 +565,12 @@ async def test_no_json_schema_rejects_like_an_old_api_version(
     await admin("/admin/config", {"mode": "facts", "json_schema": False})
     with pytest.raises(openai.BadRequestError) as err:
         await client.chat.completions.create(
-            model="gpt-4o", messages=user("x", (tiny, "low")), response_format=json_schema("c", CLASSIFY_SCHEMA)
+            model=TEST_DEPLOYMENT, messages=user("x", (tiny, "low")), response_format=json_schema("c", CLASSIFY_SCHEMA)
         )
     assert err.value.status_code == 400 and err.value.param == "response_format"
     assert "json_schema is enabled only for api versions 2024-08-01-preview and later" in err.value.message
     r = await client.chat.completions.create(
-        model="gpt-4o", messages=user("Return JSON.", (tiny, "low")), response_format={"type": "json_object"}
+        model=TEST_DEPLOYMENT, messages=user("Return JSON.", (tiny, "low")), response_format={"type": "json_object"}
     )
     assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
     # the classic Azure path honours api-version the same way
@@ -594,11 +599,13 @@ async def test_no_json_schema_rejects_like_an_old_api_version(
 async def test_compare_and_synthesis(client: openai.AsyncOpenAI, admin: Any, photo: bytes, tiny: bytes) -> None:
     await admin("/admin/config", {"mode": "facts"})
     images = ((photo, "low"), (tiny, "low"))
-    r = await client.chat.completions.create(model="gpt-4o", messages=user("Compare [Image 1] and [Image 2].", *images))
+    r = await client.chat.completions.create(
+        model=TEST_DEPLOYMENT, messages=user("Compare [Image 1] and [Image 2].", *images)
+    )
     text = r.choices[0].message.content or ""
     assert "[Image 1]" in text and "[Image 2]" in text and "Differences:" in text and "Similarities:" in text
     r = await client.chat.completions.create(
-        model="gpt-4o",
+        model=TEST_DEPLOYMENT,
         messages=user("Write a synthesis: common themes, progression, insights, recommendations.", *images),
         response_format=json_schema("synthesis", SYNTHESIS_SCHEMA),
     )
@@ -608,10 +615,10 @@ async def test_compare_and_synthesis(client: openai.AsyncOpenAI, admin: Any, pho
     # text-only synthesis over earlier per-image analyses, the way the sequence task sends them
     analyses = []
     for image in (photo, tiny):
-        one = await client.chat.completions.create(model="gpt-4o", messages=user("Describe.", (image, "low")))
+        one = await client.chat.completions.create(model=TEST_DEPLOYMENT, messages=user("Describe.", (image, "low")))
         analyses.append(one.choices[0].message.content or "")
     prompt = "Synthesis over the sequence.\n" + "\n".join(f"[Image {i + 1}] {a}" for i, a in enumerate(analyses))
-    r = await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": prompt}])
+    r = await client.chat.completions.create(model=TEST_DEPLOYMENT, messages=[{"role": "user", "content": prompt}])
     text = r.choices[0].message.content or ""
     for heading in ("Common themes:", "Progression / changes:", "Key insights:", "Recommendations:"):
         assert heading in text
@@ -622,7 +629,7 @@ async def test_azure_v1_path(base: str, admin: Any, tiny: bytes) -> None:
     await admin("/admin/config", {"mode": "facts"})
     c = openai.AsyncOpenAI(base_url=f"{base}/openai/v1", api_key="x", max_retries=0)
     try:
-        r = await c.chat.completions.create(model="gpt-4o", messages=user("x", (tiny, "low")))
+        r = await c.chat.completions.create(model=TEST_DEPLOYMENT, messages=user("x", (tiny, "low")))
         assert r.model == "local-ocr-rapidocr"
     finally:
         await c.close()
@@ -636,7 +643,7 @@ async def test_malformed_requests_get_openai_errors(base: str, admin: Any, tiny:
     good_part = {"type": "image_url", "image_url": {"url": data_url(tiny, "image/png")}}
     cases: list[tuple[Any, str | None, str | None]] = [
         (b"{not json", None, None),
-        ({"model": "gpt-4o"}, "messages", "missing_required_parameter"),
+        ({"model": TEST_DEPLOYMENT}, "messages", "missing_required_parameter"),
         ({"messages": [{"role": "user", "content": "hi"}]}, None, None),
         ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "invalid_value"),
         (
@@ -708,10 +715,12 @@ async def test_malformed_requests_get_openai_errors(base: str, admin: Any, tiny:
 async def test_quota_over_http(client: openai.AsyncOpenAI, admin: Any, tiny: bytes) -> None:
     await admin("/admin/config", {"mode": "facts"})
     await admin("/admin/quota", {"rpm": 1, "window_s": 60})
-    raw = await client.chat.completions.with_raw_response.create(model="gpt-4o", messages=user("x", (tiny, "low")))
+    raw = await client.chat.completions.with_raw_response.create(
+        model=TEST_DEPLOYMENT, messages=user("x", (tiny, "low"))
+    )
     assert raw.headers["x-ratelimit-remaining-requests"] == "0" and raw.headers["x-ratelimit-limit-requests"] == "1"
     with pytest.raises(openai.RateLimitError) as err:
-        await client.chat.completions.create(model="gpt-4o", messages=user("x", (tiny, "low")))
+        await client.chat.completions.create(model=TEST_DEPLOYMENT, messages=user("x", (tiny, "low")))
     h = err.value.response.headers
     assert 59_000 < int(h["retry-after-ms"]) <= 60_000 and h["retry-after"] == "60"
     assert h["x-ratelimit-remaining-requests"] == "0"
@@ -721,15 +730,15 @@ async def test_quota_over_http(client: openai.AsyncOpenAI, admin: Any, tiny: byt
 
     await admin("/admin/quota", {"tpm": 2000, "window_s": 60})
     first = await client.chat.completions.with_raw_response.create(
-        model="gpt-4o", messages=user("x", (tiny, "low")), max_tokens=900
+        model=TEST_DEPLOYMENT, messages=user("x", (tiny, "low")), max_tokens=900
     )
     charged = prompt_tokens(["x"], 1) + STAND_IN_RULE.count(64, 48, "low") + 900
     assert first.headers["x-ratelimit-remaining-tokens"] == str(2000 - charged)
     with pytest.raises(openai.RateLimitError) as err:
-        await client.chat.completions.create(model="gpt-4o", messages=user("x", (tiny, "low")), max_tokens=1200)
+        await client.chat.completions.create(model=TEST_DEPLOYMENT, messages=user("x", (tiny, "low")), max_tokens=1200)
     assert "token rate limit" in err.value.message
     with pytest.raises(openai.RateLimitError) as err:  # more than the whole quota: retrying cannot help
-        await client.chat.completions.create(model="gpt-4o", messages=user("x", (tiny, "low")), max_tokens=5000)
+        await client.chat.completions.create(model=TEST_DEPLOYMENT, messages=user("x", (tiny, "low")), max_tokens=5000)
     assert err.value.response.headers["x-should-retry"] == "false"
 
 
@@ -774,7 +783,7 @@ async def test_each_fault_kind_is_visible_to_the_sdk(kind: str, base: str, admin
     c = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=0.5)
     expected = FAULT_EXPECTATIONS[kind]
     try:
-        kwargs: dict[str, Any] = {"model": "gpt-4o", "messages": user("x", (tiny, "low"))}
+        kwargs: dict[str, Any] = {"model": TEST_DEPLOYMENT, "messages": user("x", (tiny, "low"))}
         kwargs["response_format"] = json_schema("c", CLASSIFY_SCHEMA)
         if expected is None:
             _check_200(kind, await c.chat.completions.create(**kwargs), CLASSIFY_SCHEMA)
@@ -794,7 +803,7 @@ async def test_each_fault_kind_is_visible_to_the_sdk(kind: str, base: str, admin
                 assert body["innererror"]["code"] == "ResponsibleAIPolicyViolation"
                 assert body["innererror"]["content_filter_result"]["sexual"] == {"filtered": True, "severity": "medium"}
         # the script is used up: the next request is answered normally
-        ok = await c.chat.completions.create(model="gpt-4o", messages=user("x", (tiny, "low")))
+        ok = await c.chat.completions.create(model=TEST_DEPLOYMENT, messages=user("x", (tiny, "low")))
         assert ok.choices[0].finish_reason == "stop"
     finally:
         await c.close()
@@ -822,9 +831,9 @@ async def test_fault_rates_are_seeded_and_model_restricted(client: openai.AsyncO
         return out
 
     await admin("/admin/faults", {"rates": {"500": 0.5}, "seed": 7})
-    first = await outcomes("gpt-4o", 8)
+    first = await outcomes(TEST_DEPLOYMENT, 8)
     await admin("/admin/faults", {"rates": "500:0.5", "seed": 7})
-    assert await outcomes("gpt-4o", 8) == first and set(first) == {"ok", "500"}
+    assert await outcomes(TEST_DEPLOYMENT, 8) == first and set(first) == {"ok", "500"}
     await admin("/admin/faults", {"rates": {"500": 1.0}, "model": "primary"})
     assert await outcomes("primary", 2) == ["500", "500"]
     assert await outcomes("fallback", 2) == ["ok", "ok"]
@@ -836,15 +845,15 @@ async def test_latency_and_stats(client: openai.AsyncOpenAI, admin: Any, tiny: b
     await admin("/admin/config", {"mode": "facts", "latency_ms": 150})
     await admin("/admin/faults", {"script": ["ok", "500"]})
     t0 = time.perf_counter()
-    r1 = await client.chat.completions.create(model="gpt-4o", messages=user("x", (tiny, "low")))
+    r1 = await client.chat.completions.create(model=TEST_DEPLOYMENT, messages=user("x", (tiny, "low")))
     assert time.perf_counter() - t0 >= 0.15
     with pytest.raises(openai.InternalServerError):
-        await client.chat.completions.create(model="gpt-4o", messages=user("x", (tiny, "low")))
-    r3 = await client.chat.completions.create(model="gpt-4o-mini", messages=user("yy", (tiny, "low")))
+        await client.chat.completions.create(model=TEST_DEPLOYMENT, messages=user("x", (tiny, "low")))
+    r3 = await client.chat.completions.create(model=TEST_FALLBACK_MODEL, messages=user("yy", (tiny, "low")))
     stats = await admin("/stats", method="GET")
     assert stats["requests"] == 3 and stats["completed"] == 2
     assert stats["by_status"] == {"200": 2, "500": 1}
-    assert stats["by_model"] == {"gpt-4o": 2, "gpt-4o-mini": 1}
+    assert stats["by_model"] == {TEST_DEPLOYMENT: 2, TEST_FALLBACK_MODEL: 1}
     assert stats["faults_injected"] == {"500": 1}
     assert r1.usage and r3.usage
     assert stats["tokens"] == {
@@ -992,7 +1001,7 @@ async def test_cli_starts_fast_and_detects_a_client_leaving(tiny: bytes, tmp_pat
             assert quota["quota"]["rpm"] == 50
             c = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=0.5)
             with pytest.raises(openai.APITimeoutError):
-                await c.chat.completions.create(model="gpt-4o", messages=user("x", (tiny, "low")))
+                await c.chat.completions.create(model=TEST_DEPLOYMENT, messages=user("x", (tiny, "low")))
             await c.close()
             for _ in range(40):  # run_app does not cancel handlers: the server polls for the hang-up
                 stats = await (await s.get(base + "/stats")).json()
@@ -1205,7 +1214,7 @@ async def test_unknown_deployments_get_azures_404(base: str, admin: Any, tiny: b
             "the last 5 minutes, please wait a moment and try again.",
         }
     }
-    assert await _raw(base, {"model": "gpt-4o", **body}) == (404, not_found)
+    assert await _raw(base, {"model": TEST_DEPLOYMENT, **body}) == (404, not_found)
     assert await _raw(base, body, "/openai/deployments/retired/chat/completions?api-version=2024-10-21") == (
         404,
         not_found,
@@ -1217,7 +1226,7 @@ async def test_unknown_deployments_get_azures_404(base: str, admin: Any, tiny: b
     c = openai.AsyncOpenAI(base_url=f"{base}/openai/v1", api_key="x", max_retries=0)
     try:
         with pytest.raises(openai.NotFoundError) as err:
-            await c.chat.completions.create(model="gpt-4o", messages=user("x", (tiny, "low")))
+            await c.chat.completions.create(model=TEST_DEPLOYMENT, messages=user("x", (tiny, "low")))
         assert err.value.code == "DeploymentNotFound"
         assert (await c.chat.completions.create(model="vision", messages=user("x", (tiny, "low")))).choices
     finally:

@@ -20,9 +20,14 @@ from shared.names import MAX_BLOB_NAME, is_safe_name, name_problem
 from shared.results import ResultWriter, record_names
 from shared.settings import Settings
 from tests.blob_fakes import FakeBlobService
+from tests.constants import TEST_DEPLOYMENT
 from tests.fakes import ScriptedModel
 
-ENV = {"VLM_ENDPOINT": "http://model.test/v1", "VlmStorage": "UseDevelopmentStorage=true"}
+ENV = {
+    "VLM_ENDPOINT": "http://model.test/v1",
+    "VlmStorage": "UseDevelopmentStorage=true",
+    "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
+}
 
 
 def png(colour=(200, 30, 30)) -> bytes:

@@ -146,7 +146,7 @@ def test_unknown_keys_are_listed_bounded():
 @pytest.mark.parametrize("source", ["metadata", "f/_task.json"])
 def test_folder_config_errors_become_invalid_task_config_naming_the_field(source):
     with pytest.raises(InvalidTaskConfig) as info:
-        config_options({"task": "ocr", "max_tokens": "lots"}, source, LIMITS)
+        config_options({"task": "ocr", "max_tokens": "lots"}, source, LIMITS, default_task="describe")
     err = info.value
     assert err.code == "invalid_task_config" and not err.transient
     assert err.details["field"] == "max_tokens" and source in err.message

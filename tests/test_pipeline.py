@@ -16,9 +16,21 @@ from shared.http_api import HttpInput, handle_analyze
 from shared.model import ChatRequest, ChatResult, ModelRouter
 from shared.pipeline import AnalysisRequest, analyze
 from shared.settings import Settings
+from tests.constants import (
+    TEST_DEPLOYMENT,
+    TEST_FALLBACK_MODEL,
+    TEST_FALLBACK_MODEL_VERSION,
+    TEST_MODEL,
+    TEST_MODEL_VERSION,
+)
 from tests.fakes import Reply, ScriptedModel, completion
 
-ENV = {"VLM_ENDPOINT": "http://model.test/v1", "VlmStorage": "UseDevelopmentStorage=true", "VLM_MODEL": "gpt-4o"}
+ENV = {
+    "VLM_ENDPOINT": "http://model.test/v1",
+    "VlmStorage": "UseDevelopmentStorage=true",
+    "VLM_MODEL": TEST_MODEL,
+    "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
+}
 
 
 def jpeg(w: int = 1600, h: int = 1200, colour=(200, 30, 30)) -> bytes:
@@ -61,7 +73,7 @@ async def test_describe_sends_the_optimised_image_and_reports_usage_and_cost():
     assert result.usage.estimated_prompt_tokens == (scripted_estimate := 765 + _text_estimate(sent))
     assert scripted_estimate > 765
     assert result.cost_usd == round(100 * 2.5e-6 + 10 * 10e-6, 6)
-    assert (result.model, result.deployment, result.cached) == ("gpt-4o-2024-11-20", "gpt-4o", False)
+    assert (result.model, result.deployment, result.cached) == (TEST_MODEL_VERSION, TEST_DEPLOYMENT, False)
 
 
 async def test_cache_hit_costs_nothing_and_no_cache_bypasses_it():
@@ -100,7 +112,7 @@ class SlowModel:
     async def complete(self, request: ChatRequest) -> ChatResult:
         self.calls += 1
         await asyncio.sleep(self.delay)
-        return ChatResult("slow answer", "stop", 10, 5, "gpt-4o", "gpt-4o")
+        return ChatResult("slow answer", "stop", 10, 5, TEST_DEPLOYMENT, TEST_DEPLOYMENT)
 
 
 async def test_identical_requests_in_flight_share_one_model_call():
@@ -126,7 +138,7 @@ async def test_the_request_budget_answers_504_with_retry_after_instead_of_hangin
 async def test_structured_reask_counts_both_calls():
     bad = completion({"label": "giraffe", "confidence": 0.5})
     good = completion({"label": "cat", "confidence": 0.9})
-    scripted = ScriptedModel(script={"gpt-4o": [Reply(body=bad), Reply(body=good)]})
+    scripted = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(body=bad), Reply(body=good)]})
     deps = deps_with(router(scripted))
     result = await analyze(AnalysisRequest(images=[jpeg()], task="classify", labels=["cat", "dog"]), deps)
     assert result.result == {"label": "cat", "confidence": 0.9}
@@ -140,7 +152,7 @@ async def test_structured_reask_counts_both_calls():
 async def test_json_schema_rejection_falls_back_to_json_object_once():
     rejected = Reply(400, {"error": {"message": "response_format json_schema unsupported", "param": "response_format"}})
     fenced = completion("Here you go:\n```json\n" + json.dumps({"columns": ["a"], "rows": [["1"]]}) + "\n```")
-    scripted = ScriptedModel(script={"gpt-4o": [rejected, Reply(body=fenced)]})
+    scripted = ScriptedModel(script={TEST_DEPLOYMENT: [rejected, Reply(body=fenced)]})
     deps = deps_with(router(scripted))
     result = await analyze(AnalysisRequest(images=[jpeg()], task="table"), deps)
     assert result.result == {"columns": ["a"], "rows": [["1"]]}
@@ -151,10 +163,10 @@ async def test_json_schema_rejection_falls_back_to_json_object_once():
 
 
 async def test_fallback_deployment_is_recorded_in_the_result():
-    scripted = ScriptedModel(script={"gpt-4o": [Reply(503, {"error": {"message": "down"}})]})
-    deps = deps_with(router(scripted, VLM_FALLBACK_DEPLOYMENTS="gpt-4o-mini"))
+    scripted = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(503, {"error": {"message": "down"}})]})
+    deps = deps_with(router(scripted, VLM_FALLBACK_DEPLOYMENTS=TEST_FALLBACK_MODEL))
     result = await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
-    assert result.deployment == "gpt-4o-mini"
+    assert result.deployment == TEST_FALLBACK_MODEL
 
 
 # --- the model behind a deployment, reasoning models, cache identity (issue 11) ----------------
@@ -184,9 +196,9 @@ async def test_a_deployment_named_vision_is_sized_and_priced_as_the_model_it_rep
     scripted = ScriptedModel(default=lambda body: Reply(body=completion(model="gpt-4.1-mini-2025-04-14")))
     deps = stack(scripted, VLM_MODEL="", VLM_DEPLOYMENT="vision")
     first = await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
-    f = first.images[0]  # nothing known yet: the unknown-model estimate, not gpt-4o's numbers
+    f = first.images[0]  # nothing known yet: the unknown-model estimate, not TEST_MODEL's numbers
     assert f["estimated_tokens"] == image_tokens(f["sent_width"], f["sent_height"], "high", None)
-    assert f["estimated_tokens"] != image_tokens(f["sent_width"], f["sent_height"], "high", "gpt-4o")
+    assert f["estimated_tokens"] != image_tokens(f["sent_width"], f["sent_height"], "high", TEST_MODEL)
     assert first.cost_usd == round(100 * 0.40e-6 + 10 * 1.60e-6, 6)  # priced as the model that answered
     second = await analyze(AnalysisRequest(images=[jpeg(colour=(5, 5, 5))], task="describe"), deps)
     f = second.images[0]  # learned: gpt-4.1-mini's own (patch) view and count from now on
@@ -197,19 +209,19 @@ async def test_a_deployment_named_vision_is_sized_and_priced_as_the_model_it_rep
 async def test_a_fallbacks_answer_is_never_served_as_the_primarys():
     down = Reply(503, {"error": {"message": "down"}})
     scripted = ScriptedModel(
-        script={"gpt-4o": [down, Reply()]},
-        default=lambda body: Reply(body=completion("cheap answer", model="gpt-4o-mini-2024-07-18")),
+        script={TEST_DEPLOYMENT: [down, Reply()]},
+        default=lambda body: Reply(body=completion("cheap answer", model=TEST_FALLBACK_MODEL_VERSION)),
     )
-    deps = stack(scripted, VLM_FALLBACK_DEPLOYMENTS="backup=gpt-4o-mini")
+    deps = stack(scripted, VLM_FALLBACK_DEPLOYMENTS=f"backup={TEST_FALLBACK_MODEL}")
     req = AnalysisRequest(images=[jpeg()], task="describe")
     first = await analyze(req, deps)
     assert (first.deployment, first.result) == ("backup", "cheap answer")
     assert first.cost_usd == round(100 * 0.15e-6 + 10 * 0.60e-6, 6)
     again = await analyze(req, deps)  # the primary is back: its own answer, not the fallback's from the cache
-    assert (again.deployment, again.result, again.cached) == ("gpt-4o", "ok", False)
+    assert (again.deployment, again.result, again.cached) == (TEST_DEPLOYMENT, "ok", False)
     third = await analyze(req, deps)
     assert third.cached and third.result == "ok" and third.id == again.id != first.id
-    assert scripted.calls_to("gpt-4o") == 2 and scripted.calls_to("backup") == 1
+    assert scripted.calls_to(TEST_DEPLOYMENT) == 2 and scripted.calls_to("backup") == 1
 
 
 async def test_a_reasoning_model_gets_its_parameters_and_its_reasoning_is_reported_and_priced():
@@ -291,7 +303,7 @@ async def test_the_callers_schema_is_converted_to_strict_once_per_request(monkey
         return real(schema, *args, **kwargs)
 
     monkeypatch.setattr(schemas, "to_strict", counting)
-    scripted = ScriptedModel(script={"gpt-4o": [Reply(body=completion({"total": 12.5}))]})
+    scripted = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(body=completion({"total": 12.5}))]})
     deps = deps_with(router(scripted))
     result = await analyze(AnalysisRequest(images=[jpeg()], task="schema", schema=caller), deps)
     assert result.result == {"total": 12.5}

@@ -15,10 +15,12 @@ from shared.http_api import HttpInput, parse_request
 from shared.options import OPTION_KEYS, OptionLimits, parse_options
 from shared.pipeline import AnalysisRequest
 from shared.settings import Settings, StorageSettings
+from tests.constants import TEST_DEPLOYMENT
 
 SETTINGS = Settings(
     vlm_endpoint="http://model.test/v1",
     storage=StorageSettings(connection_string="x"),
+    vlm_deployment=TEST_DEPLOYMENT,
     max_image_bytes=4096,
     max_multipart_parts=16,
     max_prompt_chars=200,

@@ -8,9 +8,14 @@ from typing import Any
 from shared.model import ChatRequest, ModelRouter
 from shared.reservations import BudgetBook, BudgetPolicy, budget_key
 from shared.settings import Settings
+from tests.constants import TEST_DEPLOYMENT
 from tests.fakes import Reply, ScriptedModel, completion
 
-ENV = {"VLM_ENDPOINT": "http://model.test/v1", "VlmStorage": "UseDevelopmentStorage=true"}
+ENV = {
+    "VLM_ENDPOINT": "http://model.test/v1",
+    "VlmStorage": "UseDevelopmentStorage=true",
+    "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
+}
 
 
 def _request(prompt: str = "Describe the image.", max_tokens: int = 1000) -> ChatRequest:
@@ -106,9 +111,9 @@ async def test_a_429_is_retried_through_the_limiter_not_by_the_sdk() -> None:
     """The SDK's own retries would all wake at the same retry-after and bypass the limiter; the router
     makes them instead, each one admitted again by the limiter (paused until the retry-after)."""
     throttled = Reply(429, {"error": {"code": "429", "message": "slow down"}}, {"retry-after-ms": "1"})
-    model = ScriptedModel(script={"gpt-4o": [throttled, Reply()]})
+    model = ScriptedModel(script={TEST_DEPLOYMENT: [throttled, Reply()]})
     router = ModelRouter(Settings.from_env(ENV), client_factory=model.client_factory(max_retries=2))
     result = await router.complete(_request())
-    assert result.deployment == "gpt-4o" and len(model.requests) == 2
+    assert result.deployment == TEST_DEPLOYMENT and len(model.requests) == 2
     stats = router.limiter(Settings.from_env(ENV).primary).stats()
     assert stats["acquired"] == 2 and stats["throttles"] == 1  # two admissions: the retry went through it

@@ -12,6 +12,7 @@ from shared.errors import ContentFiltered, OutputTruncated
 from shared.model import ModelRouter
 from shared.pipeline import AnalysisRequest, analyze
 from shared.settings import Settings
+from tests.constants import TEST_DEPLOYMENT
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +30,7 @@ def deps(stack, **env) -> App:
         {
             "VLM_ENDPOINT": f"{stack.model_url}/openai/v1",
             "VlmStorage": "UseDevelopmentStorage=true",
+            "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
             "VLM_FALLBACK_DEPLOYMENTS": "backup",
             "VLM_MAX_RETRIES": "1",
             "VLM_BREAKER_FAILURES": "2",
@@ -46,7 +48,7 @@ def admin(model_admin):
 
 
 async def test_a_failing_primary_falls_back_and_its_circuit_opens(stack, admin):
-    admin.faults(rates={"503": 1.0}, model="gpt-4o", retry_after_ms=1)
+    admin.faults(rates={"503": 1.0}, model=TEST_DEPLOYMENT, retry_after_ms=1)
     d = deps(stack)
     before = admin.stats()["by_model"]
     for _ in range(4):
@@ -54,7 +56,7 @@ async def test_a_failing_primary_falls_back_and_its_circuit_opens(stack, admin):
         assert result.deployment == "backup"
     after = admin.stats()["by_model"]
     # two failed calls (each with the SDK's one retry) open the primary's circuit; the rest skip it
-    assert after.get("gpt-4o", 0) - before.get("gpt-4o", 0) == 2 * 2
+    assert after.get(TEST_DEPLOYMENT, 0) - before.get(TEST_DEPLOYMENT, 0) == 2 * 2
     assert after.get("backup", 0) - before.get("backup", 0) == 4
     await d.close()
 

@@ -22,6 +22,7 @@ from shared import schemas
 from shared.errors import InvalidSchema
 from shared.pipeline import AnalysisRequest, validate_request
 from shared.settings import Settings
+from tests.constants import TEST_DEPLOYMENT
 
 OBJ: dict[str, Any] = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
 
@@ -282,7 +283,11 @@ def test_non_json_values_are_refused(value: Any) -> None:
 def test_settings_reach_the_request_check() -> None:
     from shared.schemas import SchemaBudget
 
-    env = {"VLM_ENDPOINT": "http://model.test/v1", "VlmStorage": "UseDevelopmentStorage=true"}
+    env = {
+        "VLM_ENDPOINT": "http://model.test/v1",
+        "VlmStorage": "UseDevelopmentStorage=true",
+        "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
+    }
     settings = Settings.from_env({**env, "SCHEMA_MAX_DEPTH": "3", "SCHEMA_MAX_VALIDATION_STEPS": "77"})
     assert SchemaBudget.from_settings(settings).max_depth == 3
     assert SchemaBudget.from_settings(settings).max_validation_steps == 77

@@ -15,9 +15,15 @@ from shared.model import ChatRequest, ChatResult
 from shared.pipeline import AnalysisRequest, validate_request
 from shared.settings import Settings
 from shared.tasks import JSON_OBJECT, JSON_SCHEMA, TASKS, TaskInput, run_task, task_spec
+from tests.constants import TEST_DEPLOYMENT, TEST_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {"VLM_ENDPOINT": "http://model.test/v1", "VlmStorage": "UseDevelopmentStorage=true", "VLM_MODEL": "gpt-4o"}
+ENV = {
+    "VLM_ENDPOINT": "http://model.test/v1",
+    "VlmStorage": "UseDevelopmentStorage=true",
+    "VLM_MODEL": TEST_MODEL,
+    "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
+}
 NOT_AN_IMAGE = b"this is not an image: nothing here can be decoded"
 # The product's modules: the shared library and the Functions entry points (not local/, bench/, tests/).
 PRODUCT = [ROOT / "shared", *(p.parent for p in ROOT.glob("*/function.json")), ROOT / "openapi_http"]
@@ -126,6 +132,25 @@ def test_the_name_check_catches_the_forms_it_names() -> None:
     assert sorted(line for line, _ in found) == [1, 3, 4, 6]
 
 
+def test_the_task_a_field_implies_comes_from_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from shared.options import OptionLimits, parse_options
+
+    def parse(fields: dict[str, Any]) -> str:
+        return parse_options(
+            fields, source="http", default_task="ocr", default_detail="auto", limits=OptionLimits()
+        ).task
+
+    schema = '{"type": "object", "properties": {"n": {"type": "integer"}}}'
+    implied = [name for name, spec in TASKS.items() if spec.implied_by == "schema"]
+    assert [parse({"schema": schema})] == implied and parse({"prompt": "x"}) == "ocr"
+    # the spec decides: a table whose schema task implies nothing falls back to the default
+    without = {n: dataclasses.replace(s, implied_by=None) for n, s in TASKS.items()}
+    monkeypatch.setattr("shared.tasks.TASKS", without)
+    assert parse({"schema": schema}) == "ocr"
+
+
 # --- checks before any image is decoded -------------------------------------------------
 
 
@@ -185,7 +210,7 @@ class Recorder:
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         self.requests.append(request)
-        return ChatResult(self.content, "stop", 10, 5, "gpt-4o", "gpt-4o")
+        return ChatResult(self.content, "stop", 10, 5, TEST_DEPLOYMENT, TEST_DEPLOYMENT)
 
 
 @pytest.mark.parametrize("name", [n for n, s in TASKS.items() if s.structured and n != "sequence"])

@@ -30,10 +30,16 @@ from shared.model import ModelRouter
 from shared.pipeline import AnalysisRequest, analyze
 from shared.settings import Settings
 from tests.blob_fakes import FakeBlobService
+from tests.constants import TEST_DEPLOYMENT, TEST_MODEL, TEST_MODEL_VERSION
 from tests.fakes import Reply, ScriptedModel, completion
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {"VLM_ENDPOINT": "http://model.test/v1", "VlmStorage": "UseDevelopmentStorage=true", "VLM_MODEL": "gpt-4o"}
+ENV = {
+    "VLM_ENDPOINT": "http://model.test/v1",
+    "VlmStorage": "UseDevelopmentStorage=true",
+    "VLM_MODEL": TEST_MODEL,
+    "VLM_DEPLOYMENT": TEST_DEPLOYMENT,
+}
 THROTTLED = Reply(429, {"error": {"code": "429", "message": "slow down"}}, {"retry-after-ms": "1"})
 
 
@@ -108,10 +114,10 @@ async def test_a_cache_hit_is_one_span_tree_without_a_model_call_and_counts_as_a
     assert attrs[n.VLM_CACHED] is True and attrs[n.VLM_OUTCOME] == n.OUTCOME_OK
     assert attrs[n.VLM_TASK] == "describe" and attrs[n.VLM_ENTRY] == n.ENTRY_HTTP
     assert attrs[n.VLM_TOKENS_PROMPT] == 0 and attrs[n.VLM_COST_USD] == 0.0
-    assert attrs[n.VLM_DEPLOYMENT] == "gpt-4o" and attrs[n.VLM_IMAGE_COUNT] == 1
+    assert attrs[n.VLM_DEPLOYMENT] == TEST_DEPLOYMENT and attrs[n.VLM_IMAGE_COUNT] == 1
     cache = otel.one(n.SPAN_CACHE)
     assert cache.attributes[n.VLM_CACHED] is True and cache.parent.span_id == root.context.span_id
-    assert otel.named(n.model_call_span_name("gpt-4o")) == []  # nothing was sent
+    assert otel.named(n.model_call_span_name(TEST_MODEL)) == []  # nothing was sent
     assert otel.total(n.VLM_CACHE_HITS_METRIC, vlm__task="describe") == 1
     assert otel.total(n.VLM_REQUESTS_METRIC, vlm__outcome=n.OUTCOME_OK) == 2
     assert otel.total(n.VLM_DURATION_METRIC, vlm__task="describe") == 2
@@ -126,7 +132,7 @@ async def test_an_answered_analysis_has_prepare_cache_and_a_semconv_model_call_s
     children = {
         s.name: s for s in otel.spans.get_finished_spans() if s.parent and s.parent.span_id == root.context.span_id
     }
-    call_name = n.model_call_span_name("gpt-4o")
+    call_name = n.model_call_span_name(TEST_MODEL)
     assert {n.SPAN_PREPARE, n.SPAN_CACHE, call_name, n.SPAN_VALIDATE} <= set(children)
     assert children[n.SPAN_VALIDATE].attributes[n.VLM_OUTCOME] == n.OUTCOME_OK
     assert children[n.SPAN_PREPARE].attributes[n.VLM_IMAGE_COUNT] == 1
@@ -134,8 +140,8 @@ async def test_an_answered_analysis_has_prepare_cache_and_a_semconv_model_call_s
     assert call.kind == SpanKind.CLIENT
     assert call.attributes[n.GEN_AI_OPERATION_NAME] == "chat"
     assert call.attributes[n.GEN_AI_PROVIDER_NAME] == n.PROVIDER_OPENAI
-    assert call.attributes[n.GEN_AI_REQUEST_MODEL] == "gpt-4o"
-    assert call.attributes[n.GEN_AI_RESPONSE_MODEL] == "gpt-4o-2024-11-20"
+    assert call.attributes[n.GEN_AI_REQUEST_MODEL] == TEST_MODEL
+    assert call.attributes[n.GEN_AI_RESPONSE_MODEL] == TEST_MODEL_VERSION
     assert call.attributes[n.GEN_AI_USAGE_INPUT_TOKENS] == 100 and call.attributes[n.GEN_AI_USAGE_OUTPUT_TOKENS] == 10
     assert tuple(call.attributes[n.GEN_AI_RESPONSE_FINISH_REASONS]) == ("stop",)
     assert call.attributes[n.GEN_AI_OUTPUT_TYPE] == "json" and call.attributes[n.SERVER_ADDRESS] == "model.test"
@@ -149,39 +155,39 @@ async def test_an_answered_analysis_has_prepare_cache_and_a_semconv_model_call_s
 
 
 async def test_a_fallback_answer_is_marked_on_the_span_and_counted(otel: Captured) -> None:
-    scripted = ScriptedModel(script={"gpt-4o": [Reply(503, {"error": {"message": "down"}})]})
+    scripted = ScriptedModel(script={TEST_DEPLOYMENT: [Reply(503, {"error": {"message": "down"}})]})
     deps = deps_for(scripted, VLM_FALLBACK_DEPLOYMENTS="backup")
     await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
     root = otel.one(n.SPAN_ANALYZE)
     assert root.attributes[n.VLM_FALLBACK] is True and root.attributes[n.VLM_DEPLOYMENT] == "backup"
-    calls = sorted(otel.named("chat gpt-4o") + otel.named("chat backup"), key=lambda s: s.start_time)
-    assert [c.attributes[n.VLM_DEPLOYMENT] for c in calls] == ["gpt-4o", "backup"]
+    calls = sorted(otel.named(f"chat {TEST_MODEL}") + otel.named("chat backup"), key=lambda s: s.start_time)
+    assert [c.attributes[n.VLM_DEPLOYMENT] for c in calls] == [TEST_DEPLOYMENT, "backup"]
     assert calls[0].attributes[n.ERROR_TYPE] == "upstream_unavailable" and n.ERROR_TYPE not in calls[1].attributes
     assert otel.total(n.VLM_FALLBACKS_METRIC, vlm__deployment="backup", vlm__task="describe") == 1
-    assert otel.total(n.VLM_MODEL_CALLS_METRIC, vlm__deployment="gpt-4o", vlm__status_code=503) == 1
+    assert otel.total(n.VLM_MODEL_CALLS_METRIC, vlm__deployment=TEST_DEPLOYMENT, vlm__status_code=503) == 1
 
 
 async def test_a_429_the_sdk_retried_counts_as_a_retry_and_a_throttled_call(otel: Captured) -> None:
     ok = Reply(body=completion("fine"))
-    deps = deps_for(ScriptedModel(script={"gpt-4o": [THROTTLED, ok]}), max_retries=1)
+    deps = deps_for(ScriptedModel(script={TEST_DEPLOYMENT: [THROTTLED, ok]}), max_retries=1)
     result = await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
     assert result.result == "fine"
-    root, call = otel.one(n.SPAN_ANALYZE), otel.one("chat gpt-4o")
+    root, call = otel.one(n.SPAN_ANALYZE), otel.one(f"chat {TEST_MODEL}")
     assert call.attributes[n.VLM_RETRIES] == 1 and root.attributes[n.VLM_RETRIES] == 1
     assert root.attributes[n.VLM_OUTCOME] == n.OUTCOME_OK and root.attributes[n.VLM_FALLBACK] is False
-    assert otel.total(n.VLM_THROTTLED_METRIC, vlm__deployment="gpt-4o") == 1
+    assert otel.total(n.VLM_THROTTLED_METRIC, vlm__deployment=TEST_DEPLOYMENT) == 1
     assert otel.total(n.VLM_MODEL_CALLS_METRIC, vlm__status_code=429) == 1
     assert otel.total(n.VLM_MODEL_CALLS_METRIC, vlm__status_code=200) == 1
-    assert otel.total(n.VLM_LIMITER_WAIT_METRIC, vlm__deployment="gpt-4o") == 1
+    assert otel.total(n.VLM_LIMITER_WAIT_METRIC, vlm__deployment=TEST_DEPLOYMENT) == 1
 
 
 async def test_a_429_that_never_cleared_is_an_error_outcome_with_its_code(otel: Captured) -> None:
-    deps = deps_for(ScriptedModel(script={"gpt-4o": [THROTTLED]}), max_retries=1)
+    deps = deps_for(ScriptedModel(script={TEST_DEPLOYMENT: [THROTTLED]}), max_retries=1)
     with pytest.raises(UpstreamThrottled):
         await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
     root = otel.one(n.SPAN_ANALYZE)
     assert root.attributes[n.VLM_ERROR_CODE] == "upstream_throttled" and root.attributes[n.VLM_RETRIES] == 1
-    assert root.attributes[n.VLM_DEPLOYMENT] == "gpt-4o" and root.attributes[n.VLM_MODEL] == "gpt-4o"
+    assert root.attributes[n.VLM_DEPLOYMENT] == TEST_DEPLOYMENT and root.attributes[n.VLM_MODEL] == TEST_MODEL
     assert otel.total(n.VLM_THROTTLED_METRIC) == 2
     assert otel.total(n.VLM_REQUESTS_METRIC, vlm__outcome=n.OUTCOME_ERROR, vlm__error__code="upstream_throttled") == 1
 
@@ -194,14 +200,14 @@ async def test_a_content_filter_is_an_error_outcome_on_the_span_and_the_request_
         reply = Reply(400, {"error": {"code": "content_filter", "message": "filtered", "param": "prompt"}})
     else:
         reply = Reply(body=completion(None, finish_reason="content_filter"))
-    deps = deps_for(ScriptedModel(script={"gpt-4o": [reply]}))
+    deps = deps_for(ScriptedModel(script={TEST_DEPLOYMENT: [reply]}))
     with pytest.raises(ContentFiltered):
         await analyze(AnalysisRequest(images=[jpeg()], task="describe"), deps)
     root = otel.one(n.SPAN_ANALYZE)
     assert root.attributes[n.VLM_OUTCOME] == n.OUTCOME_ERROR
     assert root.attributes[n.VLM_ERROR_CODE] == "content_filtered"
     assert not root.status.is_ok
-    call = otel.one("chat gpt-4o")
+    call = otel.one(f"chat {TEST_MODEL}")
     # a prompt filter fails the call itself; a completion filter is a finished call with that finish reason
     if stage == "prompt":
         assert call.attributes[n.ERROR_TYPE] == "content_filtered"
@@ -245,7 +251,7 @@ async def test_an_analysis_from_the_blob_path_is_tagged_blob(otel: Captured) -> 
 async def test_every_span_and_metric_emitted_uses_only_the_declared_names(otel: Captured) -> None:
     """The workbook's test checks it queries only declared names; this checks the code emits only those."""
     scripted = ScriptedModel(
-        script={"gpt-4o": [THROTTLED, Reply(503, {"error": {"message": "down"}})]},
+        script={TEST_DEPLOYMENT: [THROTTLED, Reply(503, {"error": {"message": "down"}})]},
         default=lambda body: Reply(body=completion({"a": "x"})),
     )
     deps = deps_for(scripted, max_retries=1, VLM_FALLBACK_DEPLOYMENTS="backup")
@@ -278,7 +284,7 @@ def test_without_a_connection_string_or_a_folder_telemetry_is_off_and_imports_no
         "import sys\n"
         "from shared import telemetry\n"
         "from shared.settings import Settings\n"
-        "t = telemetry.configure(Settings.from_env({'VLM_ENDPOINT': 'http://x/v1', 'VlmStorage': 'x'}))\n"
+        "t = telemetry.configure(Settings.from_env({'VLM_ENDPOINT': 'http://x/v1', 'VlmStorage': 'x', 'VLM_DEPLOYMENT': 'd'}))\n"
         "print(t.enabled, 'opentelemetry' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -13,18 +13,19 @@ from shared.tokens import (
     spec_for,
     text_tokens,
 )
+from tests.constants import TEST_FALLBACK_MODEL, TEST_MODEL
 
 
 @pytest.mark.parametrize(
     ("w", "h", "detail", "model", "tokens"),
     [
-        (1024, 1024, "high", "gpt-4o", 765),
-        (2048, 4096, "high", "gpt-4o", 1105),
-        (4032, 3024, "low", "gpt-4o", 85),
-        (512, 512, "high", "gpt-4o", 255),
-        (4032, 3024, "high", "gpt-4o", 765),  # 1024x768 after fitting: 2x2 tiles
-        (1024, 1024, "low", "gpt-4o-mini", 2833),
-        (1024, 1024, "high", "gpt-4o-mini", 2833 + 4 * 5667),
+        (1024, 1024, "high", TEST_MODEL, 765),
+        (2048, 4096, "high", TEST_MODEL, 1105),
+        (4032, 3024, "low", TEST_MODEL, 85),
+        (512, 512, "high", TEST_MODEL, 255),
+        (4032, 3024, "high", TEST_MODEL, 765),  # 1024x768 after fitting: 2x2 tiles
+        (1024, 1024, "low", TEST_FALLBACK_MODEL, 2833),
+        (1024, 1024, "high", TEST_FALLBACK_MODEL, 2833 + 4 * 5667),
         (1024, 1024, "high", "o1", 75 + 4 * 150),
         (1024, 1024, "high", "gpt-5", 70 + 4 * 140),
         (1024, 1024, "high", "gpt-4.1-mini", 1659),  # 32x32 patches x 1.62
@@ -49,10 +50,10 @@ def test_the_geometry_takes_its_numbers_from_the_entry_it_is_given():
 
 
 def test_views_never_upscale():
-    assert high_detail_size(300, 200, "gpt-4o") == (300, 200)
-    assert model_view_size(300, 200, "low", "gpt-4o") == (300, 200)
-    assert model_view_size(4032, 3024, "low", "gpt-4o") == (512, 384)
-    assert model_view_size(4032, 3024, "high", "gpt-4o") == (1024, 768)
+    assert high_detail_size(300, 200, TEST_MODEL) == (300, 200)
+    assert model_view_size(300, 200, "low", TEST_MODEL) == (300, 200)
+    assert model_view_size(4032, 3024, "low", TEST_MODEL) == (512, 384)
+    assert model_view_size(4032, 3024, "high", TEST_MODEL) == (1024, 768)
     assert patch_size(100, 100, "gpt-4.1-mini") == (100, 100)
 
 
@@ -65,7 +66,7 @@ def test_an_unknown_model_is_not_counted_as_gpt_4o():
     catalog = load_catalog()
     assert spec_for("my-custom-deployment") == catalog.unknown_image_tokens()
     assert spec_for(None) == catalog.unknown_image_tokens()
-    assert image_tokens(1024, 1024, "high", "my-custom-deployment") > image_tokens(1024, 1024, "high", "gpt-4o")
+    assert image_tokens(1024, 1024, "high", "my-custom-deployment") > image_tokens(1024, 1024, "high", TEST_MODEL)
 
 
 def test_text_estimate():

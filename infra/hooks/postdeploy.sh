@@ -8,35 +8,13 @@
 # `event-subscription create` replaces an existing subscription of the same name.
 set -eu
 
-say() { printf 'postdeploy: %s\n' "$*"; }
-fail() {
-    printf 'postdeploy: ERROR: %s\n' "$*" >&2
-    exit 1
-}
-
-# azd exports its environment to hooks; when run by hand, read it from `azd env get-values`.
-load_azd_env() {
-    command -v azd >/dev/null 2>&1 || return 0
-    values=$(azd env get-values 2>/dev/null) || return 0
-    # Lines are KEY="value"; take only the names this script needs, never eval.
-    while IFS= read -r line; do
-        key=${line%%=*}
-        value=${line#*=}
-        value=${value#\"}
-        value=${value%\"}
-        case "$key" in
-        AZURE_FUNCTION_APP_NAME | AZURE_FUNCTION_APP_HOSTNAME | RESOURCE_GROUP | EVENT_GRID_SYSTEM_TOPIC | IMAGES_CONTAINER | AZURE_SUBSCRIPTION_ID)
-            current=$(eval "printf '%s' \"\${$key:-}\"")
-            [ -n "$current" ] || export "$key=$value"
-            ;;
-        esac
-    done <<EOF
-$values
-EOF
-}
+HOOK=postdeploy
+# shellcheck source=azd_env.sh
+. "$(dirname "$0")/azd_env.sh"
 
 command -v az >/dev/null 2>&1 || fail "the Azure CLI (az) is required: https://learn.microsoft.com/cli/azure/install-azure-cli"
-load_azd_env
+load_azd_env AZURE_FUNCTION_APP_NAME AZURE_FUNCTION_APP_HOSTNAME RESOURCE_GROUP \
+    EVENT_GRID_SYSTEM_TOPIC IMAGES_CONTAINER AZURE_SUBSCRIPTION_ID
 
 app=${AZURE_FUNCTION_APP_NAME:-}
 rg=${RESOURCE_GROUP:-}

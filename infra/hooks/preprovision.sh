@@ -10,37 +10,14 @@
 # AZURE_OPENAI_SKIP_MODEL_CHECK=true.
 set -eu
 
-say() { printf 'preprovision: %s\n' "$*"; }
-fail() {
-    printf 'preprovision: ERROR: %s\n' "$*" >&2
-    exit 1
-}
+HOOK=preprovision
+# shellcheck source=azd_env.sh
+. "$(dirname "$0")/azd_env.sh"
 
-# azd exports its environment to hooks; when run by hand, read it from `azd env get-values`.
-load_azd_env() {
-    command -v azd >/dev/null 2>&1 || return 0
-    values=$(azd env get-values 2>/dev/null) || return 0
-    # Lines are KEY="value"; take only the names this script needs, never eval.
-    while IFS= read -r line; do
-        key=${line%%=*}
-        value=${line#*=}
-        value=${value#\"}
-        value=${value%\"}
-        case "$key" in
-        AZURE_LOCATION | AZURE_OPENAI_LOCATION | AZURE_SUBSCRIPTION_ID | AZURE_OPENAI_EXISTING_ENDPOINT | \
-            AZURE_OPENAI_MODEL | AZURE_OPENAI_MODEL_VERSION | AZURE_OPENAI_DEPLOYMENT_SKU | \
-            AZURE_OPENAI_DEPLOY_FALLBACK | AZURE_OPENAI_FALLBACK_MODEL | AZURE_OPENAI_FALLBACK_MODEL_VERSION | \
-            AZURE_OPENAI_FALLBACK_SKU | AZURE_OPENAI_SKIP_MODEL_CHECK)
-            current=$(eval "printf '%s' \"\${$key:-}\"")
-            [ -n "$current" ] || export "$key=$value"
-            ;;
-        esac
-    done <<EOF
-$values
-EOF
-}
-
-load_azd_env
+load_azd_env AZURE_LOCATION AZURE_OPENAI_LOCATION AZURE_SUBSCRIPTION_ID \
+    AZURE_OPENAI_EXISTING_ENDPOINT AZURE_OPENAI_MODEL AZURE_OPENAI_MODEL_VERSION \
+    AZURE_OPENAI_DEPLOYMENT_SKU AZURE_OPENAI_DEPLOY_FALLBACK AZURE_OPENAI_FALLBACK_MODEL \
+    AZURE_OPENAI_FALLBACK_MODEL_VERSION AZURE_OPENAI_FALLBACK_SKU AZURE_OPENAI_SKIP_MODEL_CHECK
 
 if [ "${AZURE_OPENAI_SKIP_MODEL_CHECK:-false}" = "true" ]; then
     say "AZURE_OPENAI_SKIP_MODEL_CHECK=true: not checking model availability"
@@ -51,15 +28,15 @@ if [ -n "${AZURE_OPENAI_EXISTING_ENDPOINT:-}" ]; then
     exit 0
 fi
 
-# The same defaults as infra/main.parameters.json (tests/test_infra.py keeps them equal).
+# Unset: the defaults of infra/main.parameters.json (azd_default).
 region=${AZURE_OPENAI_LOCATION:-${AZURE_LOCATION:-}}
-model=${AZURE_OPENAI_MODEL:-gpt-5.4-mini}
-version=${AZURE_OPENAI_MODEL_VERSION:-2026-03-17}
-sku=${AZURE_OPENAI_DEPLOYMENT_SKU:-GlobalStandard}
+model=${AZURE_OPENAI_MODEL:-$(azd_default AZURE_OPENAI_MODEL)}
+version=${AZURE_OPENAI_MODEL_VERSION:-$(azd_default AZURE_OPENAI_MODEL_VERSION)}
+sku=${AZURE_OPENAI_DEPLOYMENT_SKU:-$(azd_default AZURE_OPENAI_DEPLOYMENT_SKU)}
 deploy_fallback=${AZURE_OPENAI_DEPLOY_FALLBACK:-false}
-fallback_model=${AZURE_OPENAI_FALLBACK_MODEL:-gpt-5.4-nano}
-fallback_version=${AZURE_OPENAI_FALLBACK_MODEL_VERSION:-2026-03-17}
-fallback_sku=${AZURE_OPENAI_FALLBACK_SKU:-GlobalStandard}
+fallback_model=${AZURE_OPENAI_FALLBACK_MODEL:-$(azd_default AZURE_OPENAI_FALLBACK_MODEL)}
+fallback_version=${AZURE_OPENAI_FALLBACK_MODEL_VERSION:-$(azd_default AZURE_OPENAI_FALLBACK_MODEL_VERSION)}
+fallback_sku=${AZURE_OPENAI_FALLBACK_SKU:-$(azd_default AZURE_OPENAI_FALLBACK_SKU)}
 
 if [ -z "$region" ]; then
     say "no region chosen yet (AZURE_LOCATION / AZURE_OPENAI_LOCATION): not checking model availability"
