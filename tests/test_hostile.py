@@ -27,7 +27,7 @@ import pytest
 
 from tests import hostile_inputs as h
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.spread]  # the guard and listener start no process
 
 CPU_BUDGET_S = 2.0
 RSS_BUDGET_MB = 300.0
