@@ -127,7 +127,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         ):
             item.add_marker(pytest.mark.xdist_group(item.path.name))
     # Longest first: under xdist the run cannot end with one worker still in a long test while the others idle.
-    items.sort(key=lambda item: not item.get_closest_marker("long"))
+    items.sort(key=_minutes, reverse=True)
 
 
 # --- running in parallel ---------------------------------------------------------------------------
@@ -137,6 +137,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # so that fixture starts once, on one worker, and its tests run in file order (unless the module is
 # marked `spread`: its module fixtures start nothing, so its tests may run on every worker). Other
 # tests go to whichever worker is free.
+
+
+def _minutes(item: pytest.Item) -> float:
+    """`long(minutes)`: roughly how long the test runs (1 when not said); 0 for every other test."""
+    mark = item.get_closest_marker("long")
+    return 0.0 if mark is None else float(mark.args[0] if mark.args else 1)
 
 
 def _uses_module_fixture(item: pytest.Item) -> bool:

@@ -27,7 +27,7 @@ from local.drop import DropOptions, drop
 from shared.results import record_names
 from tests.conftest import corpus, make_stack
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 PREFIX = "inv/"
 TIMEOUT_S = 240.0

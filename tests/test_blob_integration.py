@@ -74,6 +74,7 @@ def drop_folder(stack, folder: Path, prefix: str, **options) -> list[str]:
     return [row.blob for row in summary.rows]
 
 
+@pytest.mark.long
 def test_drop_photos_and_orientations_every_blob_gets_one_record(stack, model_admin):
     names = drop_folder(stack, corpus("photos"), "batch/photos/")
     names += drop_folder(stack, corpus("orientation"), "batch/orientation/")
@@ -187,6 +188,7 @@ def _synthetic_images(n: int, seed: int) -> list[bytes]:
     return out
 
 
+@pytest.mark.long
 def test_host_restart_mid_drop_loses_nothing_and_recomputes_little(stack, model_admin):
     images = _synthetic_images(50, seed=7)
     names = [f"restart/img{i:02d}.png" for i in range(len(images))]

@@ -121,6 +121,7 @@ def throttle_stack(tmp_path_factory):
 
 
 @pytest.mark.integration
+@pytest.mark.long(2)
 @pytest.mark.timeout(480)
 def test_300_blobs_over_a_quota_of_a_quarter_per_window_none_poisoned_none_lost(throttle_stack) -> None:
     from azure.storage.blob import BlobServiceClient

@@ -28,7 +28,7 @@ from azure.storage.blob import BlobServiceClient
 from shared.results import record_names as names_of
 from tests.conftest import make_stack, wait_handled
 
-pytestmark = pytest.mark.soak
+pytestmark = [pytest.mark.soak, pytest.mark.long(5)]
 
 BLOB_IMAGES = 300
 HTTP_IMAGES = 100
