@@ -68,19 +68,25 @@ class Guard:
             self.saved[proc.pid] = _limit(proc.pid)
 
     @staticmethod
-    def _healthy(url: str, pid: int) -> bool:
-        """Answers `url` and is idle (a stuck regex or schema walk burns CPU with nobody waiting)."""
+    def _answers(url: str, headers: dict[str, str] | None = None) -> bool:
+        """A 2xx from `url` (an HTTPError, a 401 for a missing key included, is an OSError: not healthy)."""
         import urllib.request
 
         try:
-            with urllib.request.urlopen(url, timeout=3):
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=3):
                 pass
         except OSError:
             return False
-        probe = h.ProcessProbe(pid)
-        before = probe.cpu_s()
+        return True
+
+    @staticmethod
+    def _idle(pids: list[int]) -> dict[int, bool]:
+        """Which of the processes stay idle over one half second (a stuck regex or schema walk burns CPU
+        with nobody waiting); all are watched over the same half second."""
+        probes = [h.ProcessProbe(pid) for pid in pids]
+        before = [p.cpu_s() for p in probes]
         time.sleep(0.5)
-        return probe.cpu_s() - before < 0.3
+        return {p.pid: p.cpu_s() - b < 0.3 for p, b in zip(probes, before, strict=True)}
 
     def _restart_model(self) -> None:
         """Stack has no restart for the model server; this is the same start with the same command."""
@@ -99,13 +105,14 @@ class Guard:
 
     def ready(self) -> None:
         stack = self.stack
-        if not stack.model.alive() or not self._healthy(f"{stack.model_url}/health", stack.model.pid):
+        model_up = stack.model.alive() and self._answers(f"{stack.model_url}/health")
+        # the status endpoint needs the key like every function: without it, a 401 made every case restart the host
+        key = {"x-functions-key": stack.function_key}
+        host_up = stack.host.alive() and self._answers(f"{stack.host_url}/admin/host/status", key)
+        idle = self._idle([p.pid for p, up in ((stack.model, model_up), (stack.host, host_up)) if up])
+        if not idle.get(stack.model.pid, False):
             self._restart_model()
-        if (
-            self.dirty
-            or not stack.host.alive()
-            or not self._healthy(f"{stack.host_url}/admin/host/status", stack.host.pid)
-        ):
+        if self.dirty or not idle.get(stack.host.pid, False):
             stack.restart_host()
             self.saved[stack.host.pid] = _limit(stack.host.pid)
         self.dirty = False
