@@ -190,13 +190,14 @@ def _synthetic_images(n: int, seed: int) -> list[bytes]:
 
 @pytest.mark.long
 def test_host_restart_mid_drop_loses_nothing_and_recomputes_little(stack, model_admin):
-    images = _synthetic_images(50, seed=7)
+    # 30 images, the host restarted once 8 have records: some finished, up to 4 in flight, most still ahead
+    images = _synthetic_images(30, seed=7)
     names = [f"restart/img{i:02d}.png" for i in range(len(images))]
     before = model_admin.requests()
     for name, data in zip(names, images, strict=True):
         upload(stack, name, data)
     deadline = time.monotonic() + 120
-    while len(records(stack, "restart/")) < 10 and time.monotonic() < deadline:
+    while len(records(stack, "restart/")) < 8 and time.monotonic() < deadline:
         time.sleep(0.2)
     stack.restart_host()
     got = wait_for(stack, names, "restart/")
