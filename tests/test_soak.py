@@ -49,9 +49,10 @@ FAULTS = {
 }
 # Each describe call is charged ~1.1k tokens (prompt + max_tokens 1000): the 400 images need
 # ~450k, nearly two windows of this quota, so the client-side limiter has to pace. Time is scaled
-# down: a 10 s window (Azure evaluates over 1-10 s windows) holding what a 60 s window of 240k TPM
-# holds, so the load still needs more than one window, in a sixth of the wall time.
-WINDOW_S = 10
+# down: a 3 s window (Azure evaluates over 1-10 s windows) holding what a 60 s window of 240k TPM
+# holds, so the load still needs more than one window, and a limiter that pauses until its window
+# clears (after a 429 halves its share) waits seconds instead of a minute.
+WINDOW_S = 3
 WINDOW_TOKENS = 240_000
 TPM = WINDOW_TOKENS * 60 // WINDOW_S  # the quota's rate per minute; the window admits WINDOW_TOKENS
 RPM = TPM * 6 // 1000  # Azure's 6 RPM per 1000 TPM
