@@ -30,7 +30,7 @@ run: install
 # Integration tests mostly wait (on a quota window, a blob poll, a host restart), so more workers than
 # cores pay off. Each worker starts its own stack; a module with a private stack or server runs on one
 # worker as a unit, and tests marked `long` start first (tests/conftest.py).
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 # Byte-code caches (git-ignored __pycache__) spare each xdist worker and each stack process another compile
 # of the project and another rewrite of the tests' asserts (~5 s of CPU each), whatever the shell says.
 test test-fast: export PYTHONDONTWRITEBYTECODE :=

@@ -4,7 +4,8 @@ Over HTTP each case must get a 4xx JSON error (never 5xx, never a stall); droppe
 it must get an `.error.json` on the first attempt. Per case, measured on the Functions host process
 from /proc: CPU under 2 s and peak RSS growth under 300 MB; no model call when the problem is
 detectable before one; and an ordinary request sent while the case runs takes under 2x its usual
-time (a ratio measured in the same test, so the machine's speed cancels out).
+time (a ratio to ordinary requests measured just before and just after the case, so the machine's
+speed, which other tests share, cancels out).
 
 A case that fails may leave the host stalled (a regex holding the GIL, a fetch that never returns):
 the next case then starts on a restarted host, so one failure does not cascade. While this module
@@ -231,6 +232,9 @@ def test_http_case_gets_a_4xx_json_error_within_budget(case: h.HttpCase, ready, 
     while hostile.is_alive() and time.monotonic() < deadline:
         alongside.append(timed_normal(stack))
     hostile.join(timeout=HTTP_TIMEOUT_S)
+    # the usual time is measured on both sides of the case: other tests share the machine (make test runs
+    # on several workers), so its speed changes over seconds, and only a control next to the case cancels it
+    usual = max(usual, usual_time(stack))
     ratio = max(alongside) / max(usual, USUAL_FLOOR_S)
     assert ratio < SLOWDOWN_MAX, f"an ordinary request took {ratio:.1f}x its usual {usual * 1000:.0f} ms"
 
