@@ -111,7 +111,7 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return True if fast and wholly_integration(collection_path) else None
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects
+@pytest.hookimpl(tryfirst=True)  # before -m deselects, and before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("soak") or SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
@@ -120,6 +120,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             raise pytest.UsageError(
                 f"{item.nodeid}: make test-fast skips this module, so every test in it is integration"
             )
+        if (
+            _uses_module_fixture(item)
+            and not item.get_closest_marker("xdist_group")
+            and not item.get_closest_marker("spread")
+        ):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    # Longest first: under xdist the run cannot end with one worker still in a long test while the others idle.
+    items.sort(key=_minutes, reverse=True)
+
+
+# --- running in parallel ---------------------------------------------------------------------------
+# `make test` runs on pytest-xdist workers with `--dist loadgroup`. Each worker is a session of its own:
+# it starts its own `stack` the first time a test asks for it. A module whose tests share a fixture of
+# module scope (a private stack, a server) is one unit of work (an `xdist_group` named after the module),
+# so that fixture starts once, on one worker, and its tests run in file order (unless the module is
+# marked `spread`: its module fixtures start nothing, so its tests may run on every worker). Other
+# tests go to whichever worker is free.
+
+
+def _minutes(item: pytest.Item) -> float:
+    """`long(minutes)`: roughly how long the test runs (1 when not said); 0 for every other test."""
+    mark = item.get_closest_marker("long")
+    return 0.0 if mark is None else float(mark.args[0] if mark.args else 1)
+
+
+def _uses_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(d.scope in ("module", "package", "class") for defs in info.name2fixturedefs.values() for d in defs)
 
 
 def _children() -> set[int]:

@@ -28,7 +28,7 @@ from shared.results import record_names
 from tests.conftest import corpus, make_stack
 from tests.constants import TEST_DEPLOYMENT
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 PREFIX = "inv/"
 TIMEOUT_S = 240.0

@@ -26,6 +26,7 @@ FIGURES = {
 
 
 @pytest.mark.integration
+@pytest.mark.long
 def test_two_instances_print_one_json_line_with_every_design_and_figure():
     cmd = [
         sys.executable,

@@ -74,6 +74,7 @@ def drop_folder(stack, folder: Path, prefix: str, **options) -> list[str]:
     return [row.blob for row in summary.rows]
 
 
+@pytest.mark.long
 def test_drop_photos_and_orientations_every_blob_gets_one_record(stack, model_admin):
     names = drop_folder(stack, corpus("photos"), "batch/photos/")
     names += drop_folder(stack, corpus("orientation"), "batch/orientation/")
@@ -169,16 +170,16 @@ def test_names_from_folders_stay_in_their_folder_and_records_never_collide(stack
     assert rec["attempts"] == 1 and model_admin.requests() == before
 
 
-def _synthetic_images(n: int, seed: int) -> list[bytes]:
+def _synthetic_images(n: int, seed: int, size: tuple[int, int] = (640, 480)) -> list[bytes]:
     from PIL import Image, ImageDraw
 
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        im = Image.new("RGB", (640, 480), tuple(rng.randrange(256) for _ in range(3)))
+        im = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
         draw = ImageDraw.Draw(im)
         for _ in range(12):
-            x, y = rng.randrange(600), rng.randrange(440)
+            x, y = rng.randrange(size[0] - 40), rng.randrange(size[1] - 40)
             draw.rectangle([x, y, x + 40, y + 40], fill=tuple(rng.randrange(256) for _ in range(3)))
         draw.text((20, 20), f"IMAGE {seed}-{i}", fill=(0, 0, 0))
         buf = io.BytesIO()
@@ -187,14 +188,16 @@ def _synthetic_images(n: int, seed: int) -> list[bytes]:
     return out
 
 
+@pytest.mark.long
 def test_host_restart_mid_drop_loses_nothing_and_recomputes_little(stack, model_admin):
-    images = _synthetic_images(50, seed=7)
+    # 30 images, the host restarted once 8 have records: some finished, up to 4 in flight, most still ahead
+    images = _synthetic_images(30, seed=7, size=(320, 240))  # the stand-in OCRs each one: small is quick
     names = [f"restart/img{i:02d}.png" for i in range(len(images))]
     before = model_admin.requests()
     for name, data in zip(names, images, strict=True):
         upload(stack, name, data)
     deadline = time.monotonic() + 120
-    while len(records(stack, "restart/")) < 10 and time.monotonic() < deadline:
+    while len(records(stack, "restart/")) < 8 and time.monotonic() < deadline:
         time.sleep(0.2)
     stack.restart_host()
     got = wait_for(stack, names, "restart/")
@@ -216,6 +219,9 @@ def test_a_blob_failing_transiently_five_times_is_poisoned_and_recorded(stack, m
         got = wait_for(stack, ["poison/doomed.jpg"], "poison/", timeout_s=120)
     finally:
         model_admin.faults(rates={})
+        # five failed calls opened the host's circuit for the deployment (VLM_BREAKER_COOLDOWN_S, 30 s): a fresh
+        # host, so the next test on this stack (whichever runs next under xdist) does not start against it
+        stack.restart_host()
     err = got[record_names("poison/doomed.jpg").error]
     assert record_names("poison/doomed.jpg").success not in got
     assert err["error"]["code"] == "poison"

@@ -2,9 +2,9 @@
 BLOB_THROTTLE_WAIT_S, and only then hands the blob back to the host (issue 12 item 4).
 
 The unit tests run on a FakeClock; the integration test drops 300 blobs against a local model server
-quota that admits 12 calls per 6 s window (time scaled down: a quarter of them per 37.5 s) while the
-instance's limiter is told a bound four times the quota (other clients share it), so the 429s are
-real, and expects every blob to end with a success record: none poisoned, none lost.
+quota that admits 2 calls per 0.5 s window (time scaled down from a minute) while the instance's
+limiter is told a bound four times the quota (other clients share it), so the 429s are real, and
+expects every blob to end with a success record: none poisoned, none lost.
 """
 
 from __future__ import annotations
@@ -85,10 +85,11 @@ async def test_past_the_budget_the_429_goes_back_to_the_host_not_into_an_error_r
 # --- the whole stack ----------------------------------------------------------------------
 
 BLOBS = 300
-WINDOW_S = 6.0
-# 12 calls per 6 s window (2 a second): below what the local host can process, so the quota binds; the
-# 300 blobs need 25 windows (a quarter of them per 37.5 s "minute"), about 2.5 minutes.
-QUOTA_RPM = 120
+WINDOW_S = 0.5
+WINDOW_CALLS = 2
+# 2 calls per 0.5 s window (4 a second): the host runs 4 blobs at a time with 100 ms calls, so a window
+# that sees 3 of its calls refuses one and the quota binds; the 300 blobs need 150 windows, over 75 s.
+QUOTA_RPM = int(WINDOW_CALLS * 60 / WINDOW_S)  # the per-minute rate the server scales to its window
 PREFIX = "throttle/"
 
 
@@ -120,6 +121,7 @@ def throttle_stack(tmp_path_factory):
 
 
 @pytest.mark.integration
+@pytest.mark.long(2)
 @pytest.mark.timeout(480)
 def test_300_blobs_over_a_quota_of_a_quarter_per_window_none_poisoned_none_lost(throttle_stack) -> None:
     from azure.storage.blob import BlobServiceClient
