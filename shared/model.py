@@ -40,7 +40,7 @@ from .errors import (
     VlmError,
 )
 from .limiter import PACED_HEADER
-from .reservations import BudgetBook, budget_key
+from .reservations import BudgetBook, BudgetPolicy, budget_key
 from .settings import ModelTarget, Settings
 
 if TYPE_CHECKING:
@@ -331,7 +331,8 @@ class ModelRouter:
         # wrong, only one call pays the extra round trip, not every call of a concurrent burst.
         self._confirmed: set[str] = set()
         self._probes: dict[str, asyncio.Lock] = {}
-        self.budgets = BudgetBook()  # learned completion budgets per deployment and task
+        # learned completion budgets per deployment and task, from a prior before the first answer
+        self.budgets = BudgetBook(BudgetPolicy(prior=settings.vlm_budget_prior_tokens))
         self.retried_truncations = 0  # answers cut at a learned budget and asked again at the full one
 
     def limiter(self, target: ModelTarget) -> RateLimiter:
@@ -439,7 +440,8 @@ class ModelRouter:
         guess is asked again, once, at the caller's full budget, so the user never gets our truncation."""
         full = self.book.completion_budget(target, request.max_tokens, style)
         key = budget_key(target.label, request.messages, request.response_format)
-        budget = self.budgets.budget(key, full)
+        # reasoning models (a budget parameter other than max_tokens) get no guess before min_samples answers
+        budget = self.budgets.budget(key, full, guess=style.budget_param == "max_tokens")
         result = await self._send(target, request, style, budget)
         if result.finish_reason == "length" and budget < full:
             self.retried_truncations += 1
