@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import math
+import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -66,6 +67,9 @@ MAX_PAUSE_S = 120.0
 MIN_SHARE = 1 / 256
 DECREASE_ON_429 = 0.5
 DECREASE_ON_FULL = 0.85
+HEADROOM = 0.08
+SLOW_START_EXIT = 2.0
+RISE = 0.15
 # How far back an answer's admission may lie (its headers were computed then); beyond, latency is ignored.
 MAX_LAG_S = 30.0
 # Float slack so that waiting exactly the computed time is always enough.
@@ -192,7 +196,15 @@ class Reservation:
 class RateLimiter:
     """FIFO, windowed, AIMD-paced RPM/TPM limiter (see the module docstring)."""
 
-    def __init__(self, rpm: int, tpm: int, clock: Clock | None = None, window_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        rpm: int,
+        tpm: int,
+        clock: Clock | None = None,
+        window_s: float = 60.0,
+        seed: int | None = None,
+        slow_start: bool = False,
+    ) -> None:
         if rpm < 0 or tpm < 0:
             raise ValueError("rpm and tpm must be >= 0 (0 disables a dimension)")
         if window_s <= 0:
@@ -210,6 +222,16 @@ class RateLimiter:
         self._last_cut = -math.inf
         self._latency_s = 0.0  # running mean from admission to settle: when an answer's headers were computed
         self._call_tokens = 0.0  # running mean of a call's charge, for the AIMD step
+        self._in_flight = 0  # admitted, not yet settled or cancelled
+        # Our share is rarely a whole number of calls: the last, partial call is admitted with the probability
+        # of its fraction (a fresh draw after each admission), so N instances fill the window on average
+        # instead of each rounding down.
+        self._random = random.Random(seed)
+        self._dither = self._random.random()
+        self._news = not slow_start  # has any answer told us the server's remaining quota yet (one call at a time until then)
+        # Slow start, as TCP's: calls our window may hold (one more per answer, so it doubles per latency) until the
+        # server's window is half full; None once over. Eight new instances at share 1 would each fill the window.
+        self._slow_start: float | None = 1.0 if slow_start else None
         self._acquired = 0
         self._throttles = 0
         self._total_wait_s = 0.0
@@ -279,7 +301,9 @@ class RateLimiter:
             reservation.cancel()
             raise
         finally:
-            reservation.done = True
+            if not reservation.done:
+                reservation.done = True
+                self._finished()
 
     def _ready_at(self, now: float, tokens: int) -> float:
         """The earliest time >= now at which one more call of `tokens` fits every dimension.
@@ -296,11 +320,13 @@ class RateLimiter:
             end = expiries[k + 1] if k + 1 < len(expiries) else math.inf
             kept = entries[k:]
             ready = start
+            if self._news and self._slow_start is not None and len(kept) + 1 > self._slow_start + _EPS:
+                continue  # slow start: wait for one of our charges to leave the window (or for more answers)
             for capacity, others, amount_of, this in dims:
                 need = tokens if this < 0 else this
                 own = sum(amount_of(e) for e in kept)
                 mine = self.share * capacity
-                if own > 0 and own + need > mine + _EPS * max(1.0, mine):
+                if own > 0 and own + need > mine + self._dither * need + _EPS * max(1.0, mine):
                     ready = math.inf
                     break
                 room_needed = min(own + need, mine) if own == 0 else own + need
@@ -314,12 +340,16 @@ class RateLimiter:
         now = self._clock.now()
         if now < self._paused_until:
             return self._paused_until - now
+        if self.enabled and not self._news and self._in_flight > 0:
+            return self.window_s  # slow start: woken by the first answer (settle or cancel), not by this timer
         if self.enabled:
             self._window.expire(now)
             ready = self._ready_at(now, tokens)
             if ready > now + _EPS:
                 return ready - now
         charge = _Charge(now, 1, tokens)
+        self._in_flight += 1
+        self._dither = self._random.random()
         if self.enabled:
             self._window.add(charge)
         self._call_tokens = tokens if not self._call_tokens else 0.8 * self._call_tokens + 0.2 * tokens
@@ -356,16 +386,23 @@ class RateLimiter:
         self._max_wait_s = max(self._max_wait_s, waited)
         return Reservation(self, tokens, waited_s=waited, charge=charge)
 
+    def _finished(self, wake: bool = True) -> None:
+        """One admitted call is over (settled, cancelled or abandoned): in slow start the next may go."""
+        self._in_flight = max(0, self._in_flight - 1)
+        if wake and not self._news and self._clock.now() >= self._paused_until:
+            self._wake_head()
+
     def _give_back(self, reservation: Reservation, requests: int, tokens: int) -> None:
         """Apply a settle/cancel correction to the charge still in our window (positive = refund)."""
         now = self._clock.now()
+        self._finished(wake=False)
         if reservation.charge is not None and self.enabled:
             self._window.expire(now)
             self._window.adjust(reservation.charge, -requests, -tokens)
             if requests == 0:  # settled: the call went through; its latency dates the next answers' headers
                 lag = min(MAX_LAG_S, max(0.0, now - reservation.charge.at))
                 self._latency_s = lag if not self._latency_s else 0.8 * self._latency_s + 0.2 * lag
-        if now >= self._paused_until and (requests > 0 or tokens > 0):
+        if now >= self._paused_until and (requests > 0 or tokens > 0 or not self._news or self._in_flight == 0):
             self._wake_head()  # the head may be able to go earlier than it planned
 
     # --- server feedback --------------------------------------------------------------
@@ -397,24 +434,59 @@ class RateLimiter:
             # Used by everyone minus what we held when the answered call was admitted (one latency ago;
             # calls we admitted since are in neither figure).
             others.observe(max(0.0, per_min * scale - remaining - own), now, self.window_s, self._latency_s)
-        if throttled or not seen:
+        if not seen:
+            if not throttled:
+                self._slow_start = None  # the server sends no remaining-headers: nothing to start slowly from
             return
-        call = max(1.0, self._call_tokens)
-        room_t, room_r = seen.get(REMAINING_TOKENS), seen.get(REMAINING_REQUESTS)
-        plenty = (room_t is None or room_t >= 2 * call) and (room_r is None or room_r >= 2)
-        others_t, others_r = self._others_tokens.amount, self._others_requests.amount
-        full = (room_t is not None and room_t < call and others_t >= call) or (
-            room_r is not None and room_r < 1 and others_r >= 1
-        )
-        # One call's share of a window, in this dimension's terms.
-        unit = call / (self.tpm * scale) if self.tpm else 1.0 / max(1.0, self.rpm * scale)
-        if full and now - self._last_cut >= self.window_s / 10:
-            # the window is full and not only with our calls: a gentler cut than a 429's
-            self._last_cut = now
-            self.share = max(MIN_SHARE, self.share * DECREASE_ON_FULL)
-        elif plenty and self.share < 1.0:
-            # additive increase, as TCP's 1/cwnd per ack: about one call's worth per window of our calls
-            self.share = min(1.0, self.share + unit * min(1.0, unit / self.share))
+        if not self._news:  # slow start is over: the server has told us what the others hold
+            self._news = True
+            self._wake_head()
+        if throttled:
+            return
+        # Proportional share: in the fullest dimension, what we held of what everyone held when the answered
+        # call was admitted. Each instance may grow its part of the window by the same factor, so together they
+        # fill the window without overfilling it, whatever their number; one instance alone gets all of it.
+        fullest: tuple[float, float, float, float, float] | None = None
+        for name, per_min, own, others in (
+            (REMAINING_REQUESTS, self.rpm, own_requests, self._others_requests),
+            (REMAINING_TOKENS, self.tpm, own_tokens, self._others_tokens),
+        ):
+            if name not in seen:
+                continue
+            capacity = per_min * scale
+            # the others' figure is the highest of the answers of the last latency (an answer admitted early in a
+            # burst saw fewer of the others' calls)
+            used = max(capacity - seen[name], own + others.now(now, self.window_s), float(own))
+            if used > 0 and (fullest is None or used / capacity > fullest[0]):
+                held = self._window.requests if name == REMAINING_REQUESTS else self._window.tokens
+                fullest = (used / capacity, own / used, used, seen[name], held / capacity)
+        if fullest is None:
+            return
+        _, part, used, remaining, held_now = fullest
+        if self._slow_start is not None and remaining >= SLOW_START_EXIT * used:
+            self._slow_start += 1  # the next doubling still fits the server's window
+            self._wake_head()
+            return
+        exiting = self._slow_start is not None
+        self._slow_start = None
+        if exiting:  # the others were doubling too, since the answered call was admitted
+            part = part * used / (used + (1.0 - part) * used)
+        # headroom for what the others admitted since, none when we are alone
+        measured = min(1.0, max(MIN_SHARE, part * (1.0 - HEADROOM * (1.0 - part))))
+        if exiting or measured <= self.share:
+            self.share = measured
+        else:  # up gently (about one call's worth per window of our calls, as TCP's 1/cwnd per ack): an answer
+            # taken while others' charges had just left the window would otherwise grab their next calls' room
+            self.share += RISE * (measured - self.share)
+
+    def _held_fractions(self) -> list[tuple[float, None, None, float]]:
+        scale = self.window_s / 60.0
+        out: list[tuple[float, None, None, float]] = []
+        if self.rpm:
+            out.append((self.rpm * scale, None, None, float(self._window.requests)))
+        if self.tpm:
+            out.append((self.tpm * scale, None, None, float(self._window.tokens)))
+        return out
 
     def on_throttled(self, retry_after_s: float) -> None:
         """A 429: pause every caller until now + retry_after_s and halve the share (once per pause).
@@ -428,6 +500,11 @@ class RateLimiter:
         now = self._clock.now()
         pause = DEFAULT_RETRY_AFTER_S if math.isnan(retry_after_s) else min(max(0.0, retry_after_s), MAX_PAUSE_S)
         self._throttles += 1
+        if self._slow_start is not None and self.enabled:  # slow start overshot: half of what our window holds
+            self._window.expire(now)
+            held = [own / cap for cap, _, _, own in self._held_fractions()]
+            self.share = max(MIN_SHARE, min(self.share, max(held, default=1.0)))
+            self._slow_start = None
         if now >= self._paused_until:  # one cut per congestion event, not per 429 of a burst
             self._last_cut = now
             self.share = max(MIN_SHARE, self.share * DECREASE_ON_429)
