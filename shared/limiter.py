@@ -228,7 +228,9 @@ class RateLimiter:
         # instead of each rounding down.
         self._random = random.Random(seed)
         self._dither = self._random.random()
-        self._news = not slow_start  # has any answer told us the server's remaining quota yet (one call at a time until then)
+        self._news = (
+            not slow_start
+        )  # has any answer told us the server's remaining quota yet (one call at a time until then)
         # Slow start, as TCP's: calls our window may hold (one more per answer, so it doubles per latency) until the
         # server's window is half full; None once over. Eight new instances at share 1 would each fill the window.
         self._slow_start: float | None = 1.0 if slow_start else None
@@ -460,9 +462,9 @@ class RateLimiter:
             if used > 0 and (fullest is None or used / capacity > fullest[0]):
                 held = self._window.requests if name == REMAINING_REQUESTS else self._window.tokens
                 fullest = (used / capacity, own / used, used, seen[name], held / capacity)
-        if fullest is None:
-            return
-        _, part, used, remaining, held_now = fullest
+        if fullest is None or fullest[1] <= 0:
+            return  # we held nothing then (an answer we cannot date): it says nothing about our part
+        _, part, used, remaining, _held_now = fullest
         if self._slow_start is not None and remaining >= SLOW_START_EXIT * used:
             self._slow_start += 1  # the next doubling still fits the server's window
             self._wake_head()
@@ -571,6 +573,7 @@ class RateLimiter:
             "rpm": self.rpm,
             "tpm": self.tpm,
             "share": self.share,
+            "slow_start": self._slow_start,
             "available_requests": available(self.rpm, self._others_requests, self._window.requests),
             "available_tokens": available(self.tpm, self._others_tokens, self._window.tokens),
             "waiting": len(self._queue),
