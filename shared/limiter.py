@@ -10,14 +10,24 @@ therefore paces like congestion control, from the service's own signals only:
   capacity: `share x VLM_RPM|VLM_TPM x window_s / 60`. Nothing refills early, as a token bucket
   would (it admits more than a window allows right after a burst).
 - **The server's remaining quota.** `x-ratelimit-remaining-requests|tokens` is what is left for
-  everyone in the server's window. Our slice of it, `share x remaining`, becomes a room estimate
-  that refills at `share x` the quota's rate and only ever goes down on a new observation. A 429
-  (`retry-after-ms`, else `retry-after`) pauses every caller until then and empties the room.
-- **AIMD on `share`** (0 < share <= 1, the fraction of the configured quota this instance may
-  use): a 429 halves it (once per pause), a response that finds the server's window nearly full
-  (remaining below one call) cuts it by 15% (at most once per tenth of a window), and a response
-  that finds room for two more calls adds one call's worth of the window. N instances that start
-  at share 1 converge near 1/N each without talking to each other, and one instance stays at 1.
+  everyone in the server's window when the answered call was admitted. Minus what our window held
+  then, it is what the others hold; that figure holds for one window (a higher one at once, a lower
+  one only after a latency: answers of one burst arrive in any order). A call is admitted when our
+  window plus the call fits `min(share x capacity, capacity - others)`. A 429 (`retry-after-ms`,
+  else `retry-after`) pauses every caller until then and halves `share`.
+- **Slow start** (the router's limiters): a new instance sends one call until an answer's
+  remaining-headers tell it what the others hold, then one more per answer (doubling per latency,
+  as TCP's slow start) until an answer shows the server's window over a third full. Eight instances
+  that each started at the whole quota overfilled the window before any answer came back.
+- **Proportional share** (0 < share <= 1 of `VLM_RPM`/`VLM_TPM`): each answer says what part of the
+  server's window was ours (in its fullest dimension): `part = own / (own + others)`. The share becomes
+  that part less a headroom for the others' calls since (`HEADROOM x (1 - part)`, none when alone): at
+  once when lower, by 15% of the gap per answer when higher (an answer taken just as the others'
+  charges left the window would otherwise take their next calls' room). Every instance may grow its
+  part by the same factor, so together they fill the window without overfilling it, and converge
+  near 1/N each without knowing N; one instance alone keeps 1. A share is rarely a whole number of
+  calls: the last, partial call is admitted with the probability of its fraction (a fresh draw after
+  each admission), so eight instances with 2.75 calls each do not all round down to 2.
 - `VLM_RPM` / `VLM_TPM` are the upper bound for one instance (set them to the deployment's
   quota), not a divisor. 0 disables a dimension until the server names its limit in
   `x-ratelimit-limit-requests|tokens`, which is then used as the bound.
@@ -66,10 +76,11 @@ MAX_PAUSE_S = 120.0
 # one call per window an instance still sends one call whenever its window is empty.
 MIN_SHARE = 1 / 256
 DECREASE_ON_429 = 0.5
-DECREASE_ON_FULL = 0.85
 HEADROOM = 0.08
 SLOW_START_EXIT = 2.0
 RISE = 0.15
+GUARD_OF_WINDOW = 0.05  # our charges count up to 5% of a window (or a quarter latency) longer
+RACE_OF_WINDOW = 0.1  # a 429 that clears within a tenth of a window is a race at its edge, not too many calls
 # How far back an answer's admission may lie (its headers were computed then); beyond, latency is ignored.
 MAX_LAG_S = 30.0
 # Float slack so that waiting exactly the computed time is always enough.
@@ -100,13 +111,14 @@ class _Window:
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
+        self.hold_s = window_s  # how long a charge counts: the window plus a guard (see RateLimiter._guard)
         self.entries: deque[_Charge] = deque()
         self.requests = 0
         self.tokens = 0
         self.gone: deque[_Charge] = deque()  # expired lately: an answer's headers describe its admission time
 
     def expire(self, now: float) -> None:
-        while self.entries and self.entries[0].at + self.window_s <= now + _EPS:
+        while self.entries and self.entries[0].at + self.hold_s <= now + _EPS:
             gone = self.entries.popleft()
             self.requests -= gone.requests
             self.tokens -= gone.tokens
@@ -219,7 +231,6 @@ class RateLimiter:
         self._others_tokens = _Others()
         self._queue: deque[_Waiter] = deque()
         self._paused_until = -math.inf
-        self._last_cut = -math.inf
         self._latency_s = 0.0  # running mean from admission to settle: when an answer's headers were computed
         self._call_tokens = 0.0  # running mean of a call's charge, for the AIMD step
         self._in_flight = 0  # admitted, not yet settled or cancelled
@@ -316,7 +327,7 @@ class RateLimiter:
         others' (decaying) figure changes, which has a closed form.
         """
         entries = list(self._window.entries)
-        expiries = [now] + [max(now, e.at + self.window_s) for e in entries]
+        expiries = [now] + [max(now, e.at + self._window.hold_s) for e in entries]
         dims = self._dims()
         for k, start in enumerate(expiries):
             end = expiries[k + 1] if k + 1 < len(expiries) else math.inf
@@ -404,6 +415,9 @@ class RateLimiter:
             if requests == 0:  # settled: the call went through; its latency dates the next answers' headers
                 lag = min(MAX_LAG_S, max(0.0, now - reservation.charge.at))
                 self._latency_s = lag if not self._latency_s else 0.8 * self._latency_s + 0.2 * lag
+                # Our charge reached the server some time after we took it, so it leaves the server's window later
+                # than ours: replacing it the moment it leaves ours is a 429 (eight instances at load did that).
+                self._window.hold_s = self.window_s + min(GUARD_OF_WINDOW * self.window_s, 0.25 * self._latency_s)
         if now >= self._paused_until and (requests > 0 or tokens > 0 or not self._news or self._in_flight == 0):
             self._wake_head()  # the head may be able to go earlier than it planned
 
@@ -507,8 +521,7 @@ class RateLimiter:
             held = [own / cap for cap, _, _, own in self._held_fractions()]
             self.share = max(MIN_SHARE, min(self.share, max(held, default=1.0)))
             self._slow_start = None
-        if now >= self._paused_until:  # one cut per congestion event, not per 429 of a burst
-            self._last_cut = now
+        if now >= self._paused_until and pause >= RACE_OF_WINDOW * self.window_s:  # one cut per event
             self.share = max(MIN_SHARE, self.share * DECREASE_ON_429)
         self._paused_until = max(self._paused_until, now + pause)
         if self.enabled:
