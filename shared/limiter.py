@@ -49,6 +49,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -83,6 +84,10 @@ GUARD_OF_WINDOW = 0.05  # our charges count up to 5% of a window (or a quarter l
 RACE_OF_WINDOW = 0.1  # a 429 that clears within a tenth of a window is a race at its edge, not too many calls
 # How far back an answer's admission may lie (its headers were computed then); beyond, latency is ignored.
 MAX_LAG_S = 30.0
+# When the call being answered was admitted: the router sets it around the SDK call, and the response hook
+# (same task) reads it, so "what we held when the server computed these headers" is exact, not a latency
+# estimate (an estimate that missed our own calls counted them as the others' and stalled us for a window).
+ADMITTED_AT: ContextVar[float | None] = ContextVar("vlm_limiter_admitted_at", default=None)
 # Float slack so that waiting exactly the computed time is always enough.
 _EPS = 1e-9
 
@@ -423,7 +428,9 @@ class RateLimiter:
 
     # --- server feedback --------------------------------------------------------------
 
-    def observe_headers(self, headers: Mapping[str, str], *, throttled: bool = False) -> None:
+    def observe_headers(
+        self, headers: Mapping[str, str], *, throttled: bool = False, admitted_at: float | None = None
+    ) -> None:
         """Learn from one answer's `x-ratelimit-*` headers (see the module docstring).
 
         Missing, malformed or negative values (Azure sends -1 on some APIs) are ignored.
@@ -438,7 +445,8 @@ class RateLimiter:
         self._window.expire(now)
         scale = self.window_s / 60.0
         seen: dict[str, float] = {}
-        own_requests, own_tokens = self._window.held_at(now - self._latency_s)
+        at = admitted_at if admitted_at is not None and 0.0 <= now - admitted_at <= MAX_LAG_S else None
+        own_requests, own_tokens = self._window.held_at(now - self._latency_s if at is None else at)
         for name, others, per_min, own in (
             (REMAINING_REQUESTS, self._others_requests, self.rpm, own_requests),
             (REMAINING_TOKENS, self._others_tokens, self.tpm, own_tokens),
@@ -555,7 +563,7 @@ class RateLimiter:
         async def on_response(response: ResponseLike) -> None:
             headers = response.headers
             throttled = response.status_code == 429
-            self.observe_headers(headers, throttled=throttled)
+            self.observe_headers(headers, throttled=throttled, admitted_at=ADMITTED_AT.get())
             if throttled:
                 seconds = parse_retry_after(headers, wall_clock())
                 self.on_throttled(DEFAULT_RETRY_AFTER_S if seconds is None else seconds)

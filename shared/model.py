@@ -39,7 +39,7 @@ from .errors import (
     UpstreamUnavailable,
     VlmError,
 )
-from .limiter import PACED_HEADER
+from .limiter import ADMITTED_AT, PACED_HEADER
 from .reservations import BudgetBook, BudgetPolicy, budget_key
 from .settings import ModelTarget, Settings
 
@@ -478,7 +478,11 @@ class ModelRouter:
         with tel.model_call(target, kwargs) as span:
             while True:
                 try:
-                    response = await self.client(target).chat.completions.create(**kwargs)
+                    admitted = ADMITTED_AT.set(reservation.charge.at if reservation.charge is not None else None)
+                    try:
+                        response = await self.client(target).chat.completions.create(**kwargs)
+                    finally:
+                        ADMITTED_AT.reset(admitted)
                     break
                 except openai.RateLimitError as exc:
                     reservation.cancel()  # refused: the server charged nothing

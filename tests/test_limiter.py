@@ -376,6 +376,18 @@ async def test_the_share_is_our_part_of_the_servers_window_down_at_once_up_gentl
     assert limiter.share == pytest.approx(MIN_SHARE)
 
 
+async def test_our_part_is_counted_at_the_answered_calls_admission() -> None:
+    """The headers were computed when the answered call was admitted: our calls since are in neither figure."""
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    first = await limiter.acquire(1000)
+    await clock.advance(1.0)
+    await limiter.acquire(1000)  # admitted after `first`: the server had not seen it when it answered `first`
+    await clock.advance(1.0)
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "3000"}, admitted_at=first.charge.at)
+    assert limiter.share == pytest.approx((1 / 3) * (1 - 0.08 * 2 / 3))  # 1000 of the 3000 used, not 2000
+
+
 async def test_slow_start_one_call_until_the_server_speaks_then_one_more_per_answer() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=60, tpm=6000, clock=clock, slow_start=True)
