@@ -438,8 +438,10 @@ class RateLimiter:
         now = self._clock.now()
         for name, attr in ((LIMIT_REQUESTS, "rpm"), (LIMIT_TOKENS, "tpm")):
             limit = _number(_header(headers, name))
-            if getattr(self, attr) == 0 and limit is not None and limit >= 1:
-                setattr(self, attr, int(limit))  # no bound configured: the server's own limit is the bound
+            if limit is not None and limit >= 1 and (getattr(self, attr) == 0 or int(limit) < getattr(self, attr)):
+                # No bound configured, or one above what the server says it admits: the server's limit is the
+                # bound (else the proportional share would count the difference as the others' calls).
+                setattr(self, attr, int(limit))
         if not self.enabled:
             return
         self._window.expire(now)
