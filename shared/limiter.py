@@ -239,6 +239,7 @@ class RateLimiter:
         self._latency_s = 0.0  # running mean from admission to settle: when an answer's headers were computed
         self._call_tokens = 0.0  # running mean of a call's charge, for the AIMD step
         self._in_flight = 0  # admitted, not yet settled or cancelled
+        self._server_limit: dict[str, float] = {}  # x-ratelimit-limit-* per minute, as the server last named them
         # Our share is rarely a whole number of calls: the last, partial call is admitted with the probability
         # of its fraction (a fresh draw after each admission), so N instances fill the window on average
         # instead of each rounding down.
@@ -438,10 +439,10 @@ class RateLimiter:
         now = self._clock.now()
         for name, attr in ((LIMIT_REQUESTS, "rpm"), (LIMIT_TOKENS, "tpm")):
             limit = _number(_header(headers, name))
-            if limit is not None and limit >= 1 and (getattr(self, attr) == 0 or int(limit) < getattr(self, attr)):
-                # No bound configured, or one above what the server says it admits: the server's limit is the
-                # bound (else the proportional share would count the difference as the others' calls).
-                setattr(self, attr, int(limit))
+            if limit is not None and limit >= 1:
+                self._server_limit[attr] = limit
+                if getattr(self, attr) == 0:
+                    setattr(self, attr, int(limit))  # no bound configured: the server's own limit is the bound
         if not self.enabled:
             return
         self._window.expire(now)
@@ -459,7 +460,8 @@ class RateLimiter:
             seen[name] = remaining
             # Used by everyone minus what we held when the answered call was admitted (one latency ago;
             # calls we admitted since are in neither figure).
-            others.observe(max(0.0, per_min * scale - remaining - own), now, self.window_s, self._latency_s)
+            named = self._server_limit.get("rpm" if name == REMAINING_REQUESTS else "tpm", per_min)
+            others.observe(max(0.0, named * scale - remaining - own), now, self.window_s, self._latency_s)
         if not seen:
             if not throttled:
                 self._slow_start = None  # the server sends no remaining-headers: nothing to start slowly from
@@ -479,7 +481,8 @@ class RateLimiter:
         ):
             if name not in seen:
                 continue
-            capacity = per_min * scale
+            # the server's window as it names it (a bound configured above it is not the others' calls)
+            capacity = self._server_limit.get("rpm" if name == REMAINING_REQUESTS else "tpm", per_min) * scale
             # the others' figure is the highest of the answers of the last latency (an answer admitted early in a
             # burst saw fewer of the others' calls)
             used = max(capacity - seen[name], own + others.now(now, self.window_s), float(own))

@@ -349,10 +349,14 @@ async def test_without_configured_bounds_the_servers_limit_headers_become_the_bo
     assert limiter.enabled and (limiter.rpm, limiter.tpm) == (0, 6000)
 
 
-async def test_a_bound_above_the_servers_limit_comes_down_to_it_never_up() -> None:
-    limiter = RateLimiter(rpm=480, tpm=6000, clock=FakeClock())
-    limiter.observe_headers({"x-ratelimit-limit-requests": "120", "x-ratelimit-limit-tokens": "60000"})
-    assert (limiter.rpm, limiter.tpm) == (120, 6000)  # the configured bound stays the upper bound
+async def test_our_part_is_of_the_window_the_server_names_not_of_a_bound_configured_above_it() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=480, tpm=0, clock=clock, window_s=6.0)  # the server admits 120
+    first = await limiter.acquire(1)
+    limiter.observe_headers(
+        {"x-ratelimit-limit-requests": "120", "x-ratelimit-remaining-requests": "11"}, admitted_at=first.charge.at
+    )
+    assert limiter.share == pytest.approx(1.0)  # alone: 1 of the 1 the server holds, not 1 of 37
 
 
 async def test_the_share_is_our_part_of_the_servers_window_down_at_once_up_gently() -> None:
