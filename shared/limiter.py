@@ -248,7 +248,7 @@ class RateLimiter:
         self._news = (
             not slow_start
         )  # has any answer told us the server's remaining quota yet (one call at a time until then)
-        # Slow start, as TCP's: calls our window may hold (one more per answer, so it doubles per latency) until the
+        # Slow start, as TCP's: calls we may have in flight (one more per answer, so it doubles per latency) until the
         # server's window is half full; None once over. Eight new instances at share 1 would each fill the window.
         self._slow_start: float | None = 1.0 if slow_start else None
         self._acquired = 0
@@ -339,8 +339,8 @@ class RateLimiter:
             end = expiries[k + 1] if k + 1 < len(expiries) else math.inf
             kept = entries[k:]
             ready = start
-            if self._news and self._slow_start is not None and len(kept) + 1 > self._slow_start + _EPS:
-                continue  # slow start: wait for one of our charges to leave the window (or for more answers)
+            if self._news and self._slow_start is not None and self._in_flight + 1 > self._slow_start + _EPS:
+                return now + self.window_s  # slow start: calls in flight, one more per answer (woken by it)
             for capacity, others, amount_of, this in dims:
                 need = tokens if this < 0 else this
                 own = sum(amount_of(e) for e in kept)
@@ -408,7 +408,8 @@ class RateLimiter:
     def _finished(self, wake: bool = True) -> None:
         """One admitted call is over (settled, cancelled or abandoned): in slow start the next may go."""
         self._in_flight = max(0, self._in_flight - 1)
-        if wake and not self._news and self._clock.now() >= self._paused_until:
+        slow = not self._news or self._slow_start is not None
+        if wake and slow and self._clock.now() >= self._paused_until:
             self._wake_head()
 
     def _give_back(self, reservation: Reservation, requests: int, tokens: int) -> None:
@@ -424,7 +425,8 @@ class RateLimiter:
                 # Our charge reached the server some time after we took it, so it leaves the server's window later
                 # than ours: replacing it the moment it leaves ours is a 429 (eight instances at load did that).
                 self._window.hold_s = self.window_s + min(GUARD_OF_WINDOW * self.window_s, 0.25 * self._latency_s)
-        if now >= self._paused_until and (requests > 0 or tokens > 0 or not self._news or self._in_flight == 0):
+        slow = not self._news or self._slow_start is not None  # in slow start a finished call frees a place
+        if now >= self._paused_until and (requests > 0 or tokens > 0 or slow or self._in_flight == 0):
             self._wake_head()  # the head may be able to go earlier than it planned
 
     # --- server feedback --------------------------------------------------------------

@@ -408,14 +408,16 @@ async def test_slow_start_one_call_until_the_server_speaks_then_one_more_per_ans
     limiter.observe_headers({"x-ratelimit-remaining-tokens": "5900", "x-ratelimit-remaining-requests": "59"})
     first.settle(100)
     await clock.advance(0.0)
-    assert second.done()  # the answer: room for two calls in our window
+    assert second.done()  # the answer: two calls in flight now
     third = asyncio.ensure_future(limiter.acquire(100))
+    fourth = asyncio.ensure_future(limiter.acquire(100))
     await clock.advance(1.0)
-    assert not third.done()  # two in the window, two allowed: wait for another answer
+    assert third.done() and not fourth.done()  # two in flight, two allowed: wait for another answer
     limiter.observe_headers({"x-ratelimit-remaining-tokens": "5800", "x-ratelimit-remaining-requests": "58"})
     (await second).settle(100)
     await clock.advance(0.0)
-    assert third.done()
+    assert fourth.done()  # three allowed
+    (await fourth).settle(100)
     (await third).settle(100)
     limiter.observe_headers({"x-ratelimit-remaining-tokens": "100", "x-ratelimit-remaining-requests": "1"})
     assert limiter.share < 0.1  # over half full: slow start ends at our part of the window
