@@ -10,14 +10,24 @@ therefore paces like congestion control, from the service's own signals only:
   capacity: `share x VLM_RPM|VLM_TPM x window_s / 60`. Nothing refills early, as a token bucket
   would (it admits more than a window allows right after a burst).
 - **The server's remaining quota.** `x-ratelimit-remaining-requests|tokens` is what is left for
-  everyone in the server's window. Our slice of it, `share x remaining`, becomes a room estimate
-  that refills at `share x` the quota's rate and only ever goes down on a new observation. A 429
-  (`retry-after-ms`, else `retry-after`) pauses every caller until then and empties the room.
-- **AIMD on `share`** (0 < share <= 1, the fraction of the configured quota this instance may
-  use): a 429 halves it (once per pause), a response that finds the server's window nearly full
-  (remaining below one call) cuts it by 15% (at most once per tenth of a window), and a response
-  that finds room for two more calls adds one call's worth of the window. N instances that start
-  at share 1 converge near 1/N each without talking to each other, and one instance stays at 1.
+  everyone in the server's window when the answered call was admitted. Minus what our window held
+  then, it is what the others hold; that figure holds for one window (a higher one at once, a lower
+  one only after a latency: answers of one burst arrive in any order). A call is admitted when our
+  window plus the call fits `min(share x capacity, capacity - others)`. A 429 (`retry-after-ms`,
+  else `retry-after`) pauses every caller until then and halves `share`.
+- **Slow start** (the router's limiters): a new instance sends one call until an answer's
+  remaining-headers tell it what the others hold, then one more per answer (doubling per latency,
+  as TCP's slow start) until an answer shows the server's window over a third full. Eight instances
+  that each started at the whole quota overfilled the window before any answer came back.
+- **Proportional share** (0 < share <= 1 of `VLM_RPM`/`VLM_TPM`): each answer says what part of the
+  server's window was ours (in its fullest dimension): `part = own / (own + others)`. The share becomes
+  that part less a headroom for the others' calls since (`HEADROOM x (1 - part)`, none when alone): at
+  once when lower, by 15% of the gap per answer when higher (an answer taken just as the others'
+  charges left the window would otherwise take their next calls' room). Every instance may grow its
+  part by the same factor, so together they fill the window without overfilling it, and converge
+  near 1/N each without knowing N; one instance alone keeps 1. A share is rarely a whole number of
+  calls: the last, partial call is admitted with the probability of its fraction (a fresh draw after
+  each admission), so eight instances with 2.75 calls each do not all round down to 2.
 - `VLM_RPM` / `VLM_TPM` are the upper bound for one instance (set them to the deployment's
   quota), not a divisor. 0 disables a dimension until the server names its limit in
   `x-ratelimit-limit-requests|tokens`, which is then used as the bound.
@@ -34,10 +44,12 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import math
+import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -65,9 +77,17 @@ MAX_PAUSE_S = 120.0
 # one call per window an instance still sends one call whenever its window is empty.
 MIN_SHARE = 1 / 256
 DECREASE_ON_429 = 0.5
-DECREASE_ON_FULL = 0.85
+HEADROOM = 0.08
+SLOW_START_EXIT = 2.0
+RISE = 0.15
+GUARD_OF_WINDOW = 0.05  # our charges count up to 5% of a window (or a quarter latency) longer
+RACE_OF_WINDOW = 0.1  # a 429 that clears within a tenth of a window is a race at its edge, not too many calls
 # How far back an answer's admission may lie (its headers were computed then); beyond, latency is ignored.
 MAX_LAG_S = 30.0
+# When the call being answered was admitted: the router sets it around the SDK call, and the response hook
+# (same task) reads it, so "what we held when the server computed these headers" is exact, not a latency
+# estimate (an estimate that missed our own calls counted them as the others' and stalled us for a window).
+ADMITTED_AT: ContextVar[float | None] = ContextVar("vlm_limiter_admitted_at", default=None)
 # Float slack so that waiting exactly the computed time is always enough.
 _EPS = 1e-9
 
@@ -96,13 +116,14 @@ class _Window:
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
+        self.hold_s = window_s  # how long a charge counts: the window plus a guard (see RateLimiter._guard)
         self.entries: deque[_Charge] = deque()
         self.requests = 0
         self.tokens = 0
         self.gone: deque[_Charge] = deque()  # expired lately: an answer's headers describe its admission time
 
     def expire(self, now: float) -> None:
-        while self.entries and self.entries[0].at + self.window_s <= now + _EPS:
+        while self.entries and self.entries[0].at + self.hold_s <= now + _EPS:
             gone = self.entries.popleft()
             self.requests -= gone.requests
             self.tokens -= gone.tokens
@@ -192,7 +213,15 @@ class Reservation:
 class RateLimiter:
     """FIFO, windowed, AIMD-paced RPM/TPM limiter (see the module docstring)."""
 
-    def __init__(self, rpm: int, tpm: int, clock: Clock | None = None, window_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        rpm: int,
+        tpm: int,
+        clock: Clock | None = None,
+        window_s: float = 60.0,
+        seed: int | None = None,
+        slow_start: bool = False,
+    ) -> None:
         if rpm < 0 or tpm < 0:
             raise ValueError("rpm and tpm must be >= 0 (0 disables a dimension)")
         if window_s <= 0:
@@ -207,10 +236,22 @@ class RateLimiter:
         self._others_tokens = _Others()
         self._queue: deque[_Waiter] = deque()
         self._paused_until = -math.inf
-        self._last_cut = -math.inf
         self._latency_s = 0.0  # running mean from admission to settle: when an answer's headers were computed
         self._call_tokens = 0.0  # running mean of a call's charge, for the AIMD step
         self._unexplained_429 = False  # the last 429 reported room: see _throttle_reports_room
+        self._in_flight = 0  # admitted, not yet settled or cancelled
+        self._server_limit: dict[str, float] = {}  # x-ratelimit-limit-* per minute, as the server last named them
+        # Our share is rarely a whole number of calls: the last, partial call is admitted with the probability
+        # of its fraction (a fresh draw after each admission), so N instances fill the window on average
+        # instead of each rounding down.
+        self._random = random.Random(seed)
+        self._dither = self._random.random()
+        self._news = (
+            not slow_start
+        )  # has any answer told us the server's remaining quota yet (one call at a time until then)
+        # Slow start, as TCP's: calls we may have in flight (one more per answer, so it doubles per latency) until the
+        # server's window is half full; None once over. Eight new instances at share 1 would each fill the window.
+        self._slow_start: float | None = 1.0 if slow_start else None
         self._acquired = 0
         self._throttles = 0
         self._total_wait_s = 0.0
@@ -280,7 +321,9 @@ class RateLimiter:
             reservation.cancel()
             raise
         finally:
-            reservation.done = True
+            if not reservation.done:
+                reservation.done = True
+                self._finished()
 
     def _ready_at(self, now: float, tokens: int) -> float:
         """The earliest time >= now at which one more call of `tokens` fits every dimension.
@@ -291,17 +334,19 @@ class RateLimiter:
         others' (decaying) figure changes, which has a closed form.
         """
         entries = list(self._window.entries)
-        expiries = [now] + [max(now, e.at + self.window_s) for e in entries]
+        expiries = [now] + [max(now, e.at + self._window.hold_s) for e in entries]
         dims = self._dims()
         for k, start in enumerate(expiries):
             end = expiries[k + 1] if k + 1 < len(expiries) else math.inf
             kept = entries[k:]
             ready = start
+            if self._news and self._slow_start is not None and self._in_flight + 1 > self._slow_start + _EPS:
+                return now + self.window_s  # slow start: calls in flight, one more per answer (woken by it)
             for capacity, others, amount_of, this in dims:
                 need = tokens if this < 0 else this
                 own = sum(amount_of(e) for e in kept)
                 mine = self.share * capacity
-                if own > 0 and own + need > mine + _EPS * max(1.0, mine):
+                if own > 0 and own + need > mine + self._dither * need + _EPS * max(1.0, mine):
                     ready = math.inf
                     break
                 room_needed = min(own + need, mine) if own == 0 else own + need
@@ -315,12 +360,16 @@ class RateLimiter:
         now = self._clock.now()
         if now < self._paused_until:
             return self._paused_until - now
+        if self.enabled and not self._news and self._in_flight > 0:
+            return self.window_s  # slow start: woken by the first answer (settle or cancel), not by this timer
         if self.enabled:
             self._window.expire(now)
             ready = self._ready_at(now, tokens)
             if ready > now + _EPS:
                 return ready - now
         charge = _Charge(now, 1, tokens)
+        self._in_flight += 1
+        self._dither = self._random.random()
         if self.enabled:
             self._window.add(charge)
         self._call_tokens = tokens if not self._call_tokens else 0.8 * self._call_tokens + 0.2 * tokens
@@ -357,21 +406,35 @@ class RateLimiter:
         self._max_wait_s = max(self._max_wait_s, waited)
         return Reservation(self, tokens, waited_s=waited, charge=charge)
 
+    def _finished(self, wake: bool = True) -> None:
+        """One admitted call is over (settled, cancelled or abandoned): in slow start the next may go."""
+        self._in_flight = max(0, self._in_flight - 1)
+        slow = not self._news or self._slow_start is not None
+        if wake and slow and self._clock.now() >= self._paused_until:
+            self._wake_head()
+
     def _give_back(self, reservation: Reservation, requests: int, tokens: int) -> None:
         """Apply a settle/cancel correction to the charge still in our window (positive = refund)."""
         now = self._clock.now()
+        self._finished(wake=False)
         if reservation.charge is not None and self.enabled:
             self._window.expire(now)
             self._window.adjust(reservation.charge, -requests, -tokens)
             if requests == 0:  # settled: the call went through; its latency dates the next answers' headers
                 lag = min(MAX_LAG_S, max(0.0, now - reservation.charge.at))
                 self._latency_s = lag if not self._latency_s else 0.8 * self._latency_s + 0.2 * lag
-        if now >= self._paused_until and (requests > 0 or tokens > 0):
+                # Our charge reached the server some time after we took it, so it leaves the server's window later
+                # than ours: replacing it the moment it leaves ours is a 429 (eight instances at load did that).
+                self._window.hold_s = self.window_s + min(GUARD_OF_WINDOW * self.window_s, 0.25 * self._latency_s)
+        slow = not self._news or self._slow_start is not None  # in slow start a finished call frees a place
+        if now >= self._paused_until and (requests > 0 or tokens > 0 or slow or self._in_flight == 0):
             self._wake_head()  # the head may be able to go earlier than it planned
 
     # --- server feedback --------------------------------------------------------------
 
-    def observe_headers(self, headers: Mapping[str, str], *, throttled: bool = False) -> None:
+    def observe_headers(
+        self, headers: Mapping[str, str], *, throttled: bool = False, admitted_at: float | None = None
+    ) -> None:
         """Learn from one answer's `x-ratelimit-*` headers (see the module docstring).
 
         Missing, malformed or negative values (Azure sends -1 on some APIs) are ignored.
@@ -379,8 +442,10 @@ class RateLimiter:
         now = self._clock.now()
         for name, attr in ((LIMIT_REQUESTS, "rpm"), (LIMIT_TOKENS, "tpm")):
             limit = _number(_header(headers, name))
-            if getattr(self, attr) == 0 and limit is not None and limit >= 1:
-                setattr(self, attr, int(limit))  # no bound configured: the server's own limit is the bound
+            if limit is not None and limit >= 1:
+                self._server_limit[attr] = limit
+                if getattr(self, attr) == 0:
+                    setattr(self, attr, int(limit))  # no bound configured: the server's own limit is the bound
         if not self.enabled:
             return
         self._window.expire(now)
@@ -389,7 +454,8 @@ class RateLimiter:
             return
         scale = self.window_s / 60.0
         seen: dict[str, float] = {}
-        own_requests, own_tokens = self._window.held_at(now - self._latency_s)
+        at = admitted_at if admitted_at is not None and 0.0 <= now - admitted_at <= MAX_LAG_S else None
+        own_requests, own_tokens = self._window.held_at(now - self._latency_s if at is None else at)
         for name, others, per_min, own in (
             (REMAINING_REQUESTS, self._others_requests, self.rpm, own_requests),
             (REMAINING_TOKENS, self._others_tokens, self.tpm, own_tokens),
@@ -400,25 +466,62 @@ class RateLimiter:
             seen[name] = remaining
             # Used by everyone minus what we held when the answered call was admitted (one latency ago;
             # calls we admitted since are in neither figure).
-            others.observe(max(0.0, per_min * scale - remaining - own), now, self.window_s, self._latency_s)
-        if throttled or not seen:
+            named = self._server_limit.get("rpm" if name == REMAINING_REQUESTS else "tpm", per_min)
+            others.observe(max(0.0, named * scale - remaining - own), now, self.window_s, self._latency_s)
+        if not seen:
+            if not throttled:
+                self._slow_start = None  # the server sends no remaining-headers: nothing to start slowly from
             return
-        call = max(1.0, self._call_tokens)
-        room_t, room_r = seen.get(REMAINING_TOKENS), seen.get(REMAINING_REQUESTS)
-        plenty = (room_t is None or room_t >= 2 * call) and (room_r is None or room_r >= 2)
-        others_t, others_r = self._others_tokens.amount, self._others_requests.amount
-        full = (room_t is not None and room_t < call and others_t >= call) or (
-            room_r is not None and room_r < 1 and others_r >= 1
-        )
-        # One call's share of a window, in this dimension's terms.
-        unit = call / (self.tpm * scale) if self.tpm else 1.0 / max(1.0, self.rpm * scale)
-        if full and now - self._last_cut >= self.window_s / 10:
-            # the window is full and not only with our calls: a gentler cut than a 429's
-            self._last_cut = now
-            self.share = max(MIN_SHARE, self.share * DECREASE_ON_FULL)
-        elif plenty and self.share < 1.0:
-            # additive increase, as TCP's 1/cwnd per ack: about one call's worth per window of our calls
-            self.share = min(1.0, self.share + unit * min(1.0, unit / self.share))
+        if not self._news:  # slow start is over: the server has told us what the others hold
+            self._news = True
+            self._wake_head()
+        if throttled:
+            return
+        # Proportional share: in the fullest dimension, what we held of what everyone held when the answered
+        # call was admitted. Each instance may grow its part of the window by the same factor, so together they
+        # fill the window without overfilling it, whatever their number; one instance alone gets all of it.
+        fullest: tuple[float, float, float, float, float] | None = None
+        for name, per_min, own, others in (
+            (REMAINING_REQUESTS, self.rpm, own_requests, self._others_requests),
+            (REMAINING_TOKENS, self.tpm, own_tokens, self._others_tokens),
+        ):
+            if name not in seen:
+                continue
+            # the server's window as it names it (a bound configured above it is not the others' calls)
+            capacity = self._server_limit.get("rpm" if name == REMAINING_REQUESTS else "tpm", per_min) * scale
+            # the others' figure is the highest of the answers of the last latency (an answer admitted early in a
+            # burst saw fewer of the others' calls)
+            used = max(capacity - seen[name], own + others.now(now, self.window_s), float(own))
+            if used > 0 and (fullest is None or used / capacity > fullest[0]):
+                held = self._window.requests if name == REMAINING_REQUESTS else self._window.tokens
+                fullest = (used / capacity, own / used, used, seen[name], held / capacity)
+        if fullest is None or fullest[1] <= 0:
+            return  # we held nothing then (an answer we cannot date): it says nothing about our part
+        _, part, used, remaining, _held_now = fullest
+        if self._slow_start is not None and remaining >= SLOW_START_EXIT * used:
+            self._slow_start += 1  # the next doubling still fits the server's window
+            self._wake_head()
+            return
+        exiting = self._slow_start is not None
+        self._slow_start = None
+        if exiting:  # the others were doubling too, since the answered call was admitted
+            part = part * used / (used + (1.0 - part) * used)
+        # headroom for what the others admitted since, none when we are alone
+        measured = min(1.0, max(MIN_SHARE, part * (1.0 - HEADROOM * (1.0 - part))))
+        if exiting or measured <= self.share:
+            self.share = measured
+        else:  # up gently (about one call's worth per window of our calls, as TCP's 1/cwnd per ack): an answer
+            # taken while others' charges had just left the window would otherwise grab their next calls' room
+            self.share += RISE * (measured - self.share)
+
+    def _held_fractions(self) -> list[tuple[float, None, None, float]]:
+        scale = self.window_s / 60.0
+        out: list[tuple[float, None, None, float]] = []
+        if self.rpm:
+            out.append((self.rpm * scale, None, None, float(self._window.requests)))
+        if self.tpm:
+            out.append((self.tpm * scale, None, None, float(self._window.tokens)))
+        return out
 
     def _throttle_reports_room(self, headers: Mapping[str, str]) -> bool:
         """True when a 429's own `x-ratelimit-remaining-*` leave room for two more calls in every
@@ -451,8 +554,12 @@ class RateLimiter:
             self._unexplained_429 = False
             self._paused_until = max(self._paused_until, now + pause)
             return
-        if now >= self._paused_until:  # one cut per congestion event, not per 429 of a burst
-            self._last_cut = now
+        if self._slow_start is not None and self.enabled:  # slow start overshot: half of what our window holds
+            self._window.expire(now)
+            held = [own / cap for cap, _, _, own in self._held_fractions()]
+            self.share = max(MIN_SHARE, min(self.share, max(held, default=1.0)))
+            self._slow_start = None
+        if now >= self._paused_until and pause >= RACE_OF_WINDOW * self.window_s:  # one cut per event
             self.share = max(MIN_SHARE, self.share * DECREASE_ON_429)
         self._paused_until = max(self._paused_until, now + pause)
         if self.enabled:
@@ -486,7 +593,7 @@ class RateLimiter:
         async def on_response(response: ResponseLike) -> None:
             headers = response.headers
             throttled = response.status_code == 429
-            self.observe_headers(headers, throttled=throttled)
+            self.observe_headers(headers, throttled=throttled, admitted_at=ADMITTED_AT.get())
             if throttled:
                 seconds = parse_retry_after(headers, wall_clock())
                 self.on_throttled(DEFAULT_RETRY_AFTER_S if seconds is None else seconds)
@@ -517,6 +624,7 @@ class RateLimiter:
             "rpm": self.rpm,
             "tpm": self.tpm,
             "share": self.share,
+            "slow_start": self._slow_start,
             "available_requests": available(self.rpm, self._others_requests, self._window.requests),
             "available_tokens": available(self.tpm, self._others_tokens, self._window.tokens),
             "waiting": len(self._queue),

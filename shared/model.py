@@ -40,8 +40,8 @@ from .errors import (
     UpstreamUnavailable,
     VlmError,
 )
-from .limiter import PACED_HEADER
-from .reservations import BudgetBook, budget_key
+from .limiter import ADMITTED_AT, PACED_HEADER
+from .reservations import BudgetBook, BudgetPolicy, budget_key
 from .settings import ModelTarget, Settings
 
 if TYPE_CHECKING:
@@ -364,7 +364,8 @@ class ModelRouter:
         # wrong, only one call pays the extra round trip, not every call of a concurrent burst.
         self._confirmed: set[str] = set()
         self._probes: dict[str, asyncio.Lock] = {}
-        self.budgets = BudgetBook()  # learned completion budgets per deployment and task
+        # learned completion budgets per deployment and task, from a prior before the first answer
+        self.budgets = BudgetBook(BudgetPolicy(prior=settings.vlm_budget_prior_tokens))
         self.retried_truncations = 0  # answers cut at a learned budget and asked again at the full one
 
     def limiter(self, target: ModelTarget) -> RateLimiter:
@@ -373,7 +374,7 @@ class ModelRouter:
         if target.label not in self._limiters:
             s = self.settings
             self._limiters[target.label] = RateLimiter(
-                s.vlm_rpm, s.vlm_tpm, clock=self.clock, window_s=s.vlm_rate_window_s
+                s.vlm_rpm, s.vlm_tpm, clock=self.clock, window_s=s.vlm_rate_window_s, slow_start=True
             )
         return self._limiters[target.label]
 
@@ -472,7 +473,8 @@ class ModelRouter:
         guess is asked again, once, at the caller's full budget, so the user never gets our truncation."""
         full = self.book.completion_budget(target, request.max_tokens, style)
         key = budget_key(target.label, request.messages, request.response_format)
-        budget = self.budgets.budget(key, full)
+        # reasoning models (a budget parameter other than max_tokens) get no guess before min_samples answers
+        budget = self.budgets.budget(key, full, guess=style.budget_param == "max_tokens")
         result = await self._send(target, request, style, budget)
         if result.finish_reason == "length" and budget < full:
             self.retried_truncations += 1
@@ -510,7 +512,11 @@ class ModelRouter:
         with tel.model_call(target, kwargs) as span:
             while True:
                 try:
-                    response = await self.client(target).chat.completions.create(**kwargs)
+                    admitted = ADMITTED_AT.set(reservation.charge.at if reservation.charge is not None else None)
+                    try:
+                        response = await self.client(target).chat.completions.create(**kwargs)
+                    finally:
+                        ADMITTED_AT.reset(admitted)
                     if not isinstance(response, ChatCompletion):  # a proxy's 200 that is JSON but not a completion
                         raise ValueError(f"the answer is a {type(response).__name__}, not a chat completion")
                     break

