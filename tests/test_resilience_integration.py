@@ -72,9 +72,12 @@ async def test_content_filter_is_final_no_retry_no_fallback(stack, admin):
     admin.faults(script=["finish_content_filter"])
     with pytest.raises(ContentFiltered):
         await analyze(AnalysisRequest(images=[png()], task="describe"), d)
-    admin.faults(script=["finish_length"])
+    # An answer cut at our guessed budget is asked again once at the caller's; cut there too, it is final.
+    admin.faults(script=["finish_length", "finish_length"])
+    before = admin.requests()
     with pytest.raises(OutputTruncated):
         await analyze(AnalysisRequest(images=[png()], task="describe"), d)
+    assert admin.requests() - before == 2
     await d.close()
 
 
@@ -82,10 +85,12 @@ async def test_the_limiter_reads_the_servers_rate_limit_headers(stack, admin):
     admin.quota(tpm=100_000, rpm=1000)
     try:
         d = deps(stack, VLM_TPM="100000", VLM_RPM="1000")
+        charged_before = admin.stats()["charged_tokens"]
         await analyze(AnalysisRequest(images=[png()], task="describe"), d)
         stats = d.model.limiter(d.settings.primary).stats()
         # the server reported what it charged; our bucket is never above what it says remains
-        assert stats["available_tokens"] <= 100_000 - 1000
+        charged = admin.stats()["charged_tokens"] - charged_before
+        assert charged > 0 and stats["available_tokens"] <= 100_000 - charged
         await d.close()
     finally:
         admin.quota(tpm=0, rpm=0)
