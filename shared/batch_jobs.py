@@ -300,9 +300,18 @@ class BatchRunner:
         await self.store.drop_job(job["key"])
 
     async def _lines(self, file_id: str | None) -> dict[str, dict[str, Any]]:
+        """A result file's lines by custom_id. A file already deleted means an earlier run finished
+        every line of this job and stopped before dropping it: its items are gone, and any that are
+        not take the unfinished path (bounded resubmits), so the job is never read again forever."""
+        import openai
+
         if not file_id:
             return {}
-        content = await self.client.files.content(file_id)
+        try:
+            content = await self.client.files.content(file_id)
+        except openai.NotFoundError:
+            log.info("batch file %s is gone: its lines were collected by an earlier run", file_id)
+            return {}
         lines: dict[str, dict[str, Any]] = {}
         for raw in content.content.splitlines():
             try:

@@ -199,9 +199,17 @@ class StopAfter:
         outer = self
 
         class Files:
+            deleted = 0
+
             async def create(self, **kw: Any) -> Any:
                 out = await client.files.create(**kw)
                 outer._maybe_stop("files.create")
+                return out
+
+            async def delete(self, file_id: str) -> Any:
+                out = await client.files.delete(file_id)
+                self.deleted += 1
+                outer._maybe_stop(f"files.delete#{self.deleted}")
                 return out
 
             def __getattr__(self, name: str) -> Any:
@@ -452,3 +460,23 @@ async def test_batch_mode_without_a_batch_deployment_is_recorded_on_the_first_at
     outcome = await stack.deliver("x/a.png")
     assert outcome.status == "failed" and "VLM_BATCH_DEPLOYMENT" in outcome.record["error"]["message"]
     assert (await admin("/stats", method="GET"))["requests"] == 0
+
+
+async def test_a_host_stopped_after_deleting_a_jobs_files_drops_the_job_on_the_next_run(
+    server: TestServer, admin: Any
+) -> None:
+    """Records written, input and output files deleted, job not yet dropped: the next collect must not
+    read the deleted output file forever (it did: a 404 on every timer run)."""
+    stack = Stack(server, FakeBlobService())
+    names = await drop_and_queue(stack)
+    await stack.runner.submit()
+    await stack.until_ended()
+    stack.runner = BatchRunner(stack.processor, StopAfter(stack.runner.client, "files.delete#2"))
+    with pytest.raises(HostStopped):
+        await stack.runner.collect()
+    stack.restart()
+    await stack.runner.collect()
+    assert all((stack.record(n) or {}).get("mode") == "batch" for n in names)
+    assert stack.pending() == 0 and stack.jobs() == []
+    stats = await admin("/stats", method="GET")
+    assert stats["batch"] == {"answered": 3, "failed": 0, "repeated_custom_ids": 0}
