@@ -61,13 +61,14 @@ def wait_handled(stack, names: list[str], timeout_s: float = 120) -> None:
     wanted = {f"{quoted_etag(images.get_blob_client(n).get_blob_properties().etag)}/images/{n}" for n in names}
     deadline = time.monotonic() + timeout_s
     while True:
-        receipts = {b.name.split("/", 3)[-1] for b in hosts.list_blobs(name_starts_with=RECEIPTS_DIRECTORY + "/")}
+        listing = hosts.list_blob_names(name_starts_with=RECEIPTS_DIRECTORY + "/")  # names only: cheap to poll
+        receipts = {name.split("/", 3)[-1] for name in listing}
         missing = sorted(wanted - receipts)
         if not missing:
             return
         if time.monotonic() > deadline:
             pytest.fail(f"the host did not finish {len(missing)} blobs within {timeout_s} s, e.g. {missing[:3]}")
-        time.sleep(0.2)
+        time.sleep(0.3)
 
 
 @pytest.fixture(scope="session")

@@ -166,7 +166,7 @@ def _results(stack):
 
 def _record_names(stack) -> list[str]:
     """Listing only: polling must not load the machine the stack runs on."""
-    return [b.name for b in _results(stack).list_blobs(name_starts_with=PREFIX)]
+    return list(_results(stack).list_blob_names(name_starts_with=PREFIX))
 
 
 def _records(stack) -> dict[str, dict]:
