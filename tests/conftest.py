@@ -91,6 +91,16 @@ def model_admin(stack) -> ModelAdmin:
     return stack.model_admin()
 
 
+@pytest.fixture
+def facts_only(model_admin):
+    """The session stack's stand-in answers from each image's measured facts, without OCR, for a test that
+    reads no text (OCR is most of the suite's CPU); images are still decoded on both sides. Restored after."""
+    was = model_admin.call("/admin/config")["config"]
+    model_admin.config(mode="facts")
+    yield
+    model_admin.config(mode=was["mode"], latency_ms=was["latency_ms"])
+
+
 # --- layers: what needs a server or OCR is `integration`; the fast layer starts nothing --------------
 
 # Fixtures that start a server or load OCR. A test that uses one (directly or through another fixture)

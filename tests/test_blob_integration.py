@@ -82,16 +82,6 @@ def drop_folder(stack, folder: Path, prefix: str, **options) -> list[str]:
     return [row.blob for row in summary.rows]
 
 
-@pytest.fixture
-def facts_only(model_admin):
-    """The stand-in answers from each image's measured facts, without OCR, for a test that reads no text:
-    OCR of the corpus photos was most of this module's CPU. Images are still decoded on both sides."""
-    was = model_admin.call("/admin/config")["config"]
-    model_admin.config(mode="facts")
-    yield
-    model_admin.config(mode=was["mode"], latency_ms=was["latency_ms"])
-
-
 @pytest.mark.long
 def test_drop_photos_and_orientations_every_blob_gets_one_record(stack, model_admin, facts_only):
     names = drop_folder(stack, corpus("photos"), "batch/photos/")

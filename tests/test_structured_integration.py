@@ -93,7 +93,7 @@ def test_too_deep_schema_is_400_naming_where(stack):
     assert "/properties/l6" in body["error"]["message"]
 
 
-def test_one_bad_answer_is_reasked_and_usage_counts_both_calls(stack, model_admin):
+def test_one_bad_answer_is_reasked_and_usage_counts_both_calls(stack, model_admin, facts_only):
     model_admin.faults(script=["bad_output"])
     before = model_admin.stats()
     png = corpus("documents", "FlipkartInvoice.png").read_bytes()
@@ -108,7 +108,7 @@ def test_one_bad_answer_is_reasked_and_usage_counts_both_calls(stack, model_admi
     assert body["usage"]["total_tokens"] == served
 
 
-def test_two_bad_answers_give_422_with_the_validation_errors(stack, model_admin):
+def test_two_bad_answers_give_422_with_the_validation_errors(stack, model_admin, facts_only):
     model_admin.faults(script=["bad_output", "bad_output"])
     png = corpus("documents", "FlipkartInvoice.png").read_bytes()
     status, body, _ = call(
@@ -144,7 +144,7 @@ def test_endpoint_without_json_schema_falls_back_to_json_object(stack, model_adm
     assert list(Draft202012Validator(INVOICE_SCHEMA).iter_errors(body["result"])) == []
 
 
-def test_compare_takes_2_to_10_images(stack):
+def test_compare_takes_2_to_10_images(stack, facts_only):
     status, body, _ = call(stack, fields=[("task", "compare"), *files(SMALL)])
     assert status == 400 and body["error"]["details"]["got"] == 1
     status, body, _ = call(stack, fields=[("task", "compare"), *files(*([SMALL] * 11))])
@@ -156,7 +156,7 @@ def test_compare_takes_2_to_10_images(stack):
     assert "[Image 1]" in body["result"] and "[Image 2]" in body["result"] and len(body["images"]) == 2
 
 
-def test_sequence_over_12_photos_gives_items_and_a_synthesis(stack):
+def test_sequence_over_12_photos_gives_items_and_a_synthesis(stack, facts_only):
     from PIL import Image
 
     photos = (PHOTOS + sorted((CORPUS / "orientation").glob("landscape_*.jpg")))[:12]
