@@ -132,7 +132,7 @@ def test_300_blobs_over_a_quota_of_a_quarter_per_window_none_poisoned_none_lost(
     stack = throttle_stack
     names = [f"{PREFIX}img{i:03d}.png" for i in range(BLOBS)]
     started = time.monotonic()
-    _upload_all(stack, names, synthetic_images(BLOBS, seed=12))
+    _upload_all(stack, names, synthetic_images(BLOBS, seed=12, size=(64, 48)))  # tiny: the quota is the point
     results = BlobServiceClient.from_connection_string(stack.connection_string).get_container_client("results")
     deadline = time.monotonic() + 360
     while True:

@@ -70,18 +70,20 @@ HTTP_ERROR_CODES = {
 RECORD_TIMEOUT_S = 360
 
 
-def synthetic_images(n: int, seed: int) -> list[bytes]:
-    """Distinct 320x240 images (PNG and JPEG alternating): random colours, shapes and a label."""
+def synthetic_images(n: int, seed: int, size: tuple[int, int] = (160, 120)) -> list[bytes]:
+    """Distinct images (PNG and JPEG alternating): random colours, shapes and a label. Small by default:
+    a model call charges the same tokens for any image under 512 px, and pixels cost CPU on every side."""
     from PIL import Image, ImageDraw
 
+    w, h = size
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        im = Image.new("RGB", (320, 240), _colour(rng))
+        im = Image.new("RGB", size, _colour(rng))
         draw = ImageDraw.Draw(im)
         for _ in range(10):
-            x, y = rng.randrange(290), rng.randrange(210)
-            box = [x, y, x + rng.randrange(8, 60), y + rng.randrange(8, 60)]
+            x, y = rng.randrange(w - w // 10), rng.randrange(h - h // 8)
+            box = [x, y, x + rng.randrange(4, w // 5), y + rng.randrange(4, h // 4)]
             (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=_colour(rng))
         draw.text((8, 8), f"SOAK {seed}-{i}", fill=(0, 0, 0))
         buf = io.BytesIO()
