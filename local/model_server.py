@@ -684,7 +684,10 @@ class ModelServer:
             body = await self.complete(req, fault)
         except RequestError as e:
             return self._request_error(e)
-        headers = self.quota.peek(req.model).headers()
+        # The rate-limit headers describe the quota as the call was admitted, as a streaming answer's must (its
+        # headers leave before the first token): what was left then, this call included. Reading them at answer
+        # time would count calls admitted during this one's latency, which the client cannot tell apart.
+        headers = decision.headers()
         if fault == "invalid_json":
             text = json.dumps(body, ensure_ascii=False)
             self.stats.by_status["200"] += 1
