@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine (Python 3.11, Node 20, git):
 #   make run   - install, start Azurite + the local model server + the local Functions host
-#   make test  - install, lint, run every test (under 5 minutes on 2 cores)
+#   make test  - install, lint, run every test (about 4 minutes on 2 cores; a first install adds about a minute)
 #   make test-fast - the unit layer only: no Azurite, no model server, no host, no OCR (under 30 s)
 PY ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
