@@ -28,6 +28,13 @@ therefore paces like congestion control, from the service's own signals only:
   near 1/N each without knowing N; one instance alone keeps 1. A share is rarely a whole number of
   calls: the last, partial call is admitted with the probability of its fraction (a fresh draw after
   each admission), so eight instances with 2.75 calls each do not all round down to 2.
+- **Probe when idle.** The share rises only on an answer, so an instance held back by its share with
+  nothing in flight learns nothing. When the queue runs dry, the instances left holding the last items
+  would wait for their own charges to leave the window while the others' part of it stands empty (at a
+  60 s window, a whole window for the last few calls). After a quarter of a window of such waiting,
+  one call goes if the room the server last showed still holds one call for each other instance
+  (about 1 / share of them) after ours; its answer updates the share as any other. Only where a
+  latency is at most 5% of the window: the room shown is a latency old when the probe lands.
 - `VLM_RPM` / `VLM_TPM` are the upper bound for one instance (set them to the deployment's
   quota), not a divisor. 0 disables a dimension until the server names its limit in
   `x-ratelimit-limit-requests|tokens`, which is then used as the bound.
@@ -81,6 +88,15 @@ HEADROOM = 0.08
 SLOW_START_EXIT = 2.0
 RISE = 0.15
 GUARD_OF_WINDOW = 0.05  # our charges count up to 5% of a window (or a quarter latency) longer
+# Probe: an idle instance (nothing in flight) whose head has waited this part of a window on its share alone may
+# send one call into the room the server last showed, if that room still holds one call for each of the others
+# (about 1 / share of them) after ours. When the queue runs dry, the instances left holding the last items would
+# otherwise wait for their own charges to leave the window while the others' part of it stands empty.
+# Only where a latency is a small part of the window: the room shown is a latency old when the probe lands, and
+# at a 10 s window the others' calls of that latency fill it (simulated: more 429s, no faster).
+PROBE_WAIT = 0.25
+PROBE_MARGIN = 1.0
+PROBE_MAX_LATENCY = 0.05
 RACE_OF_WINDOW = 0.1  # a 429 that clears within a tenth of a window is a race at its edge, not too many calls
 # How far back an answer's admission may lie (its headers were computed then); beyond, latency is ignored.
 MAX_LAG_S = 30.0
@@ -291,7 +307,7 @@ class RateLimiter:
             while True:
                 delay: float | None = None
                 if self._queue[0] is waiter:
-                    taken = self._try_take(tokens)
+                    taken = self._try_take(tokens, waited_s=self._clock.now() - start)
                     if isinstance(taken, _Charge):
                         break
                     delay = taken
@@ -325,7 +341,7 @@ class RateLimiter:
                 reservation.done = True
                 self._finished()
 
-    def _ready_at(self, now: float, tokens: int) -> float:
+    def _ready_at(self, now: float, tokens: int, probe: bool = False) -> float:
         """The earliest time >= now at which one more call of `tokens` fits every dimension.
 
         It fits when our window plus the call stays within min(share x capacity, capacity - others);
@@ -346,6 +362,10 @@ class RateLimiter:
                 need = tokens if this < 0 else this
                 own = sum(amount_of(e) for e in kept)
                 mine = self.share * capacity
+                if probe:  # our share aside: the room the server last showed, less one call per other instance
+                    margin = PROBE_MARGIN * max(1, need) / max(self.share, MIN_SHARE)
+                    ready = max(ready, others.below(capacity - own - need - margin, self.window_s))
+                    continue
                 if own > 0 and own + need > mine + self._dither * need + _EPS * max(1.0, mine):
                     ready = math.inf
                     break
@@ -355,7 +375,7 @@ class RateLimiter:
                 return max(now, ready)
         return now + self.window_s  # unreachable in practice; re-check after a window
 
-    def _try_take(self, tokens: int) -> _Charge | float:
+    def _try_take(self, tokens: int, waited_s: float = 0.0) -> _Charge | float:
         """Take one request and `tokens` now, or return the seconds to wait."""
         now = self._clock.now()
         if now < self._paused_until:
@@ -365,6 +385,12 @@ class RateLimiter:
         if self.enabled:
             self._window.expire(now)
             ready = self._ready_at(now, tokens)
+            if ready > now + _EPS and self._may_probe():
+                probe_at = now + max(0.0, PROBE_WAIT * self.window_s - waited_s)
+                if probe_at > now + _EPS:
+                    ready = min(ready, probe_at)  # look again when a probe may go
+                elif self._ready_at(now, tokens, probe=True) <= now + _EPS:
+                    ready = now
             if ready > now + _EPS:
                 return ready - now
         charge = _Charge(now, 1, tokens)
@@ -374,6 +400,15 @@ class RateLimiter:
             self._window.add(charge)
         self._call_tokens = tokens if not self._call_tokens else 0.8 * self._call_tokens + 0.2 * tokens
         return charge
+
+    def _may_probe(self) -> bool:
+        """Idle after slow start: a probe's answer is then the only way our share can learn the others left."""
+        return (
+            self._news
+            and self._slow_start is None
+            and self._in_flight == 0
+            and 0.0 < self._latency_s <= PROBE_MAX_LATENCY * self.window_s
+        )
 
     async def _park(self, waiter: _Waiter, delay: float | None) -> None:
         """Block until woken (became head, quota refunded) or, for the head, `delay` elapsed."""
