@@ -1,0 +1,137 @@
+"""N limiters sharing one quota, in virtual time: what a limiter rule does to 429s and elapsed time.
+
+`python -m bench.limiter_sim [--instances 8] [--seeds 10] [--windows 10,60]`
+
+The real bench (`bench.throughput --instances N`) takes minutes a run on 2 cores and moves with the
+machine's load; this one takes seconds and isolates the limiter. Each instance is a `RateLimiter` as
+the router builds it (slow start, `ADMITTED_AT` set around the call, 429s retried through `acquire`),
+with four callers pulling from one shared queue, against the stand-in's sliding-window quota
+(`local.model_quota`) on one FakeClock. Latency is jittered (1 s x (1 + 0.5 Exp(1)), plus up to
+0.2 s between admission and arrival), so answers come back out of order as they do under load.
+Calls are 227 tokens (describe's prompt plus its learned budget); 30,000 TPM / 180 RPM.
+
+Designs, side by side on the same seeds:
+- `ours`: the limiter as it is;
+- `no-probe`: the same with the idle probe switched off (PROBE_WAIT = inf), the rule it was
+  measured against.
+
+"elapsed / fastest" uses the bench's fastest possible run: a full window at the start and at each
+window boundary, then one latency. The last line is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import shared.limiter as limiter_module
+from local.model_quota import Quota, QuotaLimits
+from shared.limiter import ADMITTED_AT, RateLimiter
+from tests.fake_clock import FakeClock
+
+TPM = 30_000
+RPM = 180
+CALL_TOKENS = 227
+LATENCY_S = 1.0
+JITTER = 0.5
+PRE_DELAY_S = 0.2
+CALLERS_PER_INSTANCE = 4
+DESIGNS: dict[str, dict[str, float]] = {"ours": {}, "no-probe": {"PROBE_WAIT": math.inf}}
+
+
+@contextmanager
+def _constants(overrides: dict[str, float]) -> Iterator[None]:
+    saved = {name: getattr(limiter_module, name) for name in overrides}
+    try:
+        for name, value in overrides.items():
+            setattr(limiter_module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(limiter_module, name, value)
+
+
+async def simulate(instances: int, window_s: float, calls: int, seed: int) -> dict[str, float]:
+    """One run: every call admitted in the end; returns 429 share and elapsed over the fastest possible."""
+    rng = random.Random(seed)
+    clock = FakeClock()
+    quota = Quota(QuotaLimits(rpm=RPM, tpm=TPM, window_s=window_s), clock=clock.now)
+    limiters = [
+        RateLimiter(RPM, TPM, clock=clock, window_s=window_s, seed=seed * 100 + i, slow_start=True)
+        for i in range(instances)
+    ]
+    work = list(range(calls))
+    counts = {"admitted": 0, "refused": 0}
+
+    async def caller(limiter: RateLimiter) -> None:
+        hook = limiter.httpx_response_hook(wall_clock=lambda: 0.0, pace_retries=True)
+        while work:
+            work.pop()
+            while True:
+                reservation = await limiter.acquire(CALL_TOKENS)
+                await clock.sleep(rng.random() * PRE_DELAY_S)
+                decision = quota.try_acquire("d", CALL_TOKENS)
+                answered_in = LATENCY_S * (1 + JITTER * rng.expovariate(1.0)) if decision.allowed else 0.1
+                await clock.sleep(answered_in)
+                response = SimpleNamespace(status_code=200 if decision.allowed else 429, headers=decision.headers())
+                token = ADMITTED_AT.set(reservation.charge.at if reservation.charge is not None else None)
+                try:
+                    await hook(response)
+                finally:
+                    ADMITTED_AT.reset(token)
+                if decision.allowed:
+                    reservation.settle(CALL_TOKENS)
+                    counts["admitted"] += 1
+                    break
+                reservation.cancel()
+                counts["refused"] += 1
+
+    await clock.run(asyncio.gather(*(caller(lim) for lim in limiters for _ in range(CALLERS_PER_INSTANCE))))
+    windows_needed = calls * CALL_TOKENS / (TPM * window_s / 60)
+    fastest = (math.ceil(windows_needed) - 1) * window_s + LATENCY_S
+    total = counts["admitted"] + counts["refused"]
+    return {"calls_429_share": counts["refused"] / total, "elapsed_over_fastest": clock.now() / fastest}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--windows", default="10,60", help="server windows in seconds, comma-separated")
+    args = parser.parse_args()
+    calls_for = {10.0: 300, 60.0: 360}  # the real bench's runs: 13.6 and 2.7 windows of calls
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    print("| window | design | 429s per call, mean (max) | elapsed / fastest, mean (max) | runs over 1.15x |")
+    print("|---|---|---|---|---|")
+    for window_s in (float(w) for w in args.windows.split(",")):
+        calls = calls_for.get(window_s, 300)
+        for design, overrides in DESIGNS.items():
+            with _constants(overrides):
+                runs = [asyncio.run(simulate(args.instances, window_s, calls, seed)) for seed in range(args.seeds)]
+            share = [r["calls_429_share"] for r in runs]
+            over = [r["elapsed_over_fastest"] for r in runs]
+            figures = {
+                "calls_429_share_mean": statistics.mean(share),
+                "calls_429_share_max": max(share),
+                "elapsed_over_fastest_mean": statistics.mean(over),
+                "elapsed_over_fastest_max": max(over),
+                "runs_over_1_15": sum(o > 1.15 for o in over),
+            }
+            results.setdefault(f"{window_s:g}s", {})[design] = figures
+            print(
+                f"| {window_s:g} s, {calls} calls | {design} | {figures['calls_429_share_mean']:.1%} "
+                f"({figures['calls_429_share_max']:.1%}) | {figures['elapsed_over_fastest_mean']:.2f} "
+                f"({figures['elapsed_over_fastest_max']:.2f}) | {figures['runs_over_1_15']} of {args.seeds} |"
+            )
+    print(json.dumps({"instances": args.instances, "seeds": args.seeds, "windows": results}))
+
+
+if __name__ == "__main__":
+    main()
