@@ -1,6 +1,6 @@
 """N limiters sharing one quota, in virtual time: what a limiter rule does to 429s and elapsed time.
 
-`python -m bench.limiter_sim [--instances 8] [--seeds 10] [--windows 10,60]`
+`python -m bench.limiter_sim [--instances 8[,16,...]] [--seeds 10] [--windows 10,60]`
 
 The real bench (`bench.throughput --instances N`) takes minutes a run on 2 cores and moves with the
 machine's load; this one takes seconds and isolates the limiter. Each instance is a `RateLimiter` as
@@ -16,13 +16,15 @@ Designs, side by side on the same seeds:
   measured against.
 
 "elapsed / fastest" uses the bench's fastest possible run: a full window at the start and at each
-window boundary, then one latency. The last line is one JSON object with every figure.
+window boundary, then one latency. The last line is one JSON object with every figure, keyed
+"<instances>x<window>s".
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import random
@@ -102,19 +104,23 @@ async def simulate(instances: int, window_s: float, calls: int, seed: int) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instances", type=int, default=8)
+    parser.add_argument("--instances", default="8", help="instance counts, comma-separated")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--windows", default="10,60", help="server windows in seconds, comma-separated")
     args = parser.parse_args()
     calls_for = {10.0: 300, 60.0: 360}  # the real bench's runs: 13.6 and 2.7 windows of calls
     results: dict[str, dict[str, dict[str, float]]] = {}
-    print("| window | design | 429s per call, mean (max) | elapsed / fastest, mean (max) | runs over 1.15x |")
-    print("|---|---|---|---|---|")
-    for window_s in (float(w) for w in args.windows.split(",")):
+    print(
+        "| instances | window | design | 429s per call, mean (max) | elapsed / fastest, mean (max) | runs over 1.15x |"
+    )
+    print("|---|---|---|---|---|---|")
+    for instances, window_s in itertools.product(
+        (int(n) for n in args.instances.split(",")), [float(w) for w in args.windows.split(",")]
+    ):
         calls = calls_for.get(window_s, 300)
         for design, overrides in DESIGNS.items():
             with _constants(overrides):
-                runs = [asyncio.run(simulate(args.instances, window_s, calls, seed)) for seed in range(args.seeds)]
+                runs = [asyncio.run(simulate(instances, window_s, calls, seed)) for seed in range(args.seeds)]
             share = [r["calls_429_share"] for r in runs]
             over = [r["elapsed_over_fastest"] for r in runs]
             figures = {
@@ -124,13 +130,13 @@ def main() -> None:
                 "elapsed_over_fastest_max": max(over),
                 "runs_over_1_15": sum(o > 1.15 for o in over),
             }
-            results.setdefault(f"{window_s:g}s", {})[design] = figures
+            results.setdefault(f"{instances}x{window_s:g}s", {})[design] = figures
             print(
-                f"| {window_s:g} s, {calls} calls | {design} | {figures['calls_429_share_mean']:.1%} "
+                f"| {instances} | {window_s:g} s, {calls} calls | {design} | {figures['calls_429_share_mean']:.1%} "
                 f"({figures['calls_429_share_max']:.1%}) | {figures['elapsed_over_fastest_mean']:.2f} "
                 f"({figures['elapsed_over_fastest_max']:.2f}) | {figures['runs_over_1_15']} of {args.seeds} |"
             )
-    print(json.dumps({"instances": args.instances, "seeds": args.seeds, "windows": results}))
+    print(json.dumps({"seeds": args.seeds, "runs": results}))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ therefore paces like congestion control, from the service's own signals only:
   60 s window, a whole window for the last few calls). After a quarter of a window of such waiting,
   one call goes if the room the server last showed still holds one call for each other instance
   (about 1 / share of them) after ours; its answer updates the share as any other. Only where a
-  latency is at most 5% of the window: the room shown is a latency old when the probe lands.
+  latency is at most 5% of the window (the room shown is a latency old when the probe lands) and
+  that margin is at most 15% of it (beyond, the room shown is mostly the others' calls to come).
 - `VLM_RPM` / `VLM_TPM` are the upper bound for one instance (set them to the deployment's
   quota), not a divisor. 0 disables a dimension until the server names its limit in
   `x-ratelimit-limit-requests|tokens`, which is then used as the bound.
@@ -94,9 +95,13 @@ GUARD_OF_WINDOW = 0.05  # our charges count up to 5% of a window (or a quarter l
 # otherwise wait for their own charges to leave the window while the others' part of it stands empty.
 # Only where a latency is a small part of the window: the room shown is a latency old when the probe lands, and
 # at a 10 s window the others' calls of that latency fill it (simulated: more 429s, no faster).
+# Nor where one call per other instance is over 15% of the window: with that many others, the room a figure
+# shows is mostly their calls still to come (simulated at 32 instances: probes into a full window drew 429s,
+# whose halved shares cost a window).
 PROBE_WAIT = 0.25
 PROBE_MARGIN = 1.0
 PROBE_MAX_LATENCY = 0.05
+PROBE_MAX_MARGIN = 0.15
 RACE_OF_WINDOW = 0.1  # a 429 that clears within a tenth of a window is a race at its edge, not too many calls
 # How far back an answer's admission may lie (its headers were computed then); beyond, latency is ignored.
 MAX_LAG_S = 30.0
@@ -364,6 +369,8 @@ class RateLimiter:
                 mine = self.share * capacity
                 if probe:  # our share aside: the room the server last showed, less one call per other instance
                     margin = PROBE_MARGIN * max(1, need) / max(self.share, MIN_SHARE)
+                    if margin > PROBE_MAX_MARGIN * capacity:
+                        return math.inf  # so many others that the room shown is mostly their calls to come
                     ready = max(ready, others.below(capacity - own - need - margin, self.window_s))
                     continue
                 if own > 0 and own + need > mine + self._dither * need + _EPS * max(1.0, mine):

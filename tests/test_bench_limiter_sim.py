@@ -48,5 +48,5 @@ def test_the_last_line_is_json_with_every_design_per_window() -> None:
         check=True,
     ).stdout
     last = json.loads(out.strip().splitlines()[-1])
-    assert set(last["windows"]["10s"]) == set(DESIGNS)
-    assert 0.0 <= last["windows"]["10s"]["ours"]["calls_429_share_mean"] <= 1.0
+    assert set(last["runs"]["8x10s"]) == set(DESIGNS)
+    assert 0.0 <= last["runs"]["8x10s"]["ours"]["calls_429_share_mean"] <= 1.0

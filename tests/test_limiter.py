@@ -411,51 +411,53 @@ async def test_our_part_is_counted_at_the_answered_calls_admission() -> None:
 
 
 async def _held_back_by_our_share(
-    window_s: float, tpm: int, others: int, settle_all: bool = True
+    window_s: float, tpm: int, others: int, settle_all: bool = True, share: float = 0.25
 ) -> tuple[RateLimiter, FakeClock, asyncio.Future[Reservation]]:
-    """Three calls of 500 (our whole share, 0.25 of a 6000-token window) taken at 0 s, answered after 1 s with
-    the server showing `others` tokens of the others' calls; a fourth call queued at 1 s."""
+    """Calls of 100 filling our share of a 6000-token window (15 at 0.25) taken at 0 s, answered after 1 s with
+    the server showing `others` tokens of the others' calls; one more call queued at 1 s."""
     clock = FakeClock()
     limiter = RateLimiter(rpm=0, tpm=tpm, clock=clock, window_s=window_s)
-    taken = [await limiter.acquire(500) for _ in range(3)]
+    ours = round(share * 6000)
+    taken = [await limiter.acquire(100) for _ in range(ours // 100)]
     await clock.advance(1.0)
     limiter.observe_headers(
-        {"x-ratelimit-remaining-tokens": str(6000 - 1500 - others)}, admitted_at=taken[-1].charge.at
+        {"x-ratelimit-remaining-tokens": str(6000 - ours - others)}, admitted_at=taken[-1].charge.at
     )
     for reservation in taken if settle_all else taken[:-1]:
-        reservation.settle(500)
-    limiter.share = 0.25  # whatever the answer made of it: the three calls are exactly our share
-    fourth = asyncio.ensure_future(limiter.acquire(500))
-    return limiter, clock, fourth
+        reservation.settle(100)
+    limiter.share = share  # whatever the answer made of it: the calls taken are exactly our share
+    queued = asyncio.ensure_future(limiter.acquire(100))
+    return limiter, clock, queued
 
 
 async def test_an_idle_instance_held_back_by_its_share_probes_the_room_the_server_showed() -> None:
     """When the queue runs dry, the instances left holding the last items must not wait a whole window for their
     own charges to leave it while the others' part stands empty: after a quarter of a window with nothing in
-    flight, one call goes into the room the server last showed (2000 free after it, one call per other
-    instance at a 0.25 share)."""
-    limiter, clock, fourth = await _held_back_by_our_share(60.0, 6000, others=1000)
+    flight, one call goes into the room the server last showed (4000 free after it, more than one call per
+    other instance at a 0.25 share)."""
+    limiter, clock, queued = await _held_back_by_our_share(60.0, 6000, others=500)
     await clock.advance(14.9)
-    assert not fourth.done()
+    assert not queued.done()
     await clock.advance(0.2)
-    assert fourth.done()  # at 16 s (queued at 1 s), not at 60 s
+    assert queued.done()  # at 16 s (queued at 1 s), not at 60 s
     assert limiter.share == pytest.approx(0.25)  # a probe takes one call, not a bigger share
 
 
 @pytest.mark.parametrize(
-    ("window_s", "tpm", "others", "settle_all", "why"),
+    ("window_s", "tpm", "others", "settle_all", "share", "why"),
     [
-        (60.0, 6000, 2500, True, "the room shown would not leave one call per other instance"),
-        (60.0, 6000, 1000, False, "a call of ours is in flight: its answer will tell"),
-        (15.0, 24000, 1000, True, "a latency (1 s) is over 5% of the window: the room shown is stale"),
+        (60.0, 6000, 4200, True, 0.25, "the room shown (300) would not leave one call per other instance (400)"),
+        (60.0, 6000, 500, False, 0.25, "a call of ours is in flight: its answer will tell"),
+        (15.0, 24000, 500, True, 0.25, "a latency (1 s) is over 5% of the window: the room shown is stale"),
+        (60.0, 6000, 500, True, 0.05, "one call per other instance (2000) is over 15% of the window"),
     ],
 )
-async def test_no_probe_when(window_s: float, tpm: int, others: int, settle_all: bool, why: str) -> None:
-    _limiter, clock, fourth = await _held_back_by_our_share(window_s, tpm, others, settle_all)
+async def test_no_probe_when(window_s: float, tpm: int, others: int, settle_all: bool, share: float, why: str) -> None:
+    _limiter, clock, queued = await _held_back_by_our_share(window_s, tpm, others, settle_all, share)
     await clock.advance(window_s - 1.5)
-    assert not fourth.done(), why
+    assert not queued.done(), why
     await clock.advance(1.0)  # our first charges leave the window (plus its guard of a quarter latency)
-    assert fourth.done(), why
+    assert queued.done(), why
 
 
 async def test_slow_start_one_call_until_the_server_speaks_then_one_more_per_answer() -> None:
