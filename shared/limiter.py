@@ -259,7 +259,6 @@ class RateLimiter:
         self._paused_until = -math.inf
         self._latency_s = 0.0  # running mean from admission to settle: when an answer's headers were computed
         self._call_tokens = 0.0  # running mean of a call's charge, for the AIMD step
-        self._unexplained_429 = False  # the last 429 reported room: see _throttle_reports_room
         self._in_flight = 0  # admitted, not yet settled or cancelled
         self._server_limit: dict[str, float] = {}  # x-ratelimit-limit-* per minute, as the server last named them
         # Our share is rarely a whole number of calls: the last, partial call is admitted with the probability
@@ -492,8 +491,7 @@ class RateLimiter:
             return
         self._window.expire(now)
         if throttled and self._throttle_reports_room(headers):
-            self._unexplained_429 = True  # on_throttled pauses for retry-after, without a cut or a full window
-            return
+            return  # not the quota's doing: it says nothing about the window (the hook pauses without a cut)
         scale = self.window_s / 60.0
         seen: dict[str, float] = {}
         at = admitted_at if admitted_at is not None and 0.0 <= now - admitted_at <= MAX_LAG_S else None
@@ -580,8 +578,11 @@ class RateLimiter:
             checks += 1
         return checks > 0
 
-    def on_throttled(self, retry_after_s: float) -> None:
+    def on_throttled(self, retry_after_s: float, *, congestion: bool = True) -> None:
         """A 429: pause every caller until now + retry_after_s and halve the share (once per pause).
+
+        With `congestion=False` (a 429 whose own headers report room: `_throttle_reports_room`) the pause
+        is all: no cut, and the window is not taken to be full.
 
         No one probes the server during the pause; the server's window is then taken to be full
         (the others hold what we do not) until our next answer says otherwise or a window has
@@ -592,8 +593,7 @@ class RateLimiter:
         now = self._clock.now()
         pause = DEFAULT_RETRY_AFTER_S if math.isnan(retry_after_s) else min(max(0.0, retry_after_s), MAX_PAUSE_S)
         self._throttles += 1
-        if self._unexplained_429:  # see _throttle_reports_room: wait as told, nothing more
-            self._unexplained_429 = False
+        if not congestion:  # see _throttle_reports_room: wait as told, nothing more
             self._paused_until = max(self._paused_until, now + pause)
             return
         if self._slow_start is not None and self.enabled:  # slow start overshot: half of what our window holds
@@ -638,7 +638,8 @@ class RateLimiter:
             self.observe_headers(headers, throttled=throttled, admitted_at=ADMITTED_AT.get())
             if throttled:
                 seconds = parse_retry_after(headers, wall_clock())
-                self.on_throttled(DEFAULT_RETRY_AFTER_S if seconds is None else seconds)
+                congestion = not (self.enabled and self._throttle_reports_room(headers))
+                self.on_throttled(DEFAULT_RETRY_AFTER_S if seconds is None else seconds, congestion=congestion)
                 if pace_retries and _header(headers, SHOULD_RETRY) != "false":
                     try:
                         headers[SHOULD_RETRY] = "false"  # type: ignore[index]

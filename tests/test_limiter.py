@@ -755,17 +755,16 @@ async def test_a_429_that_reports_room_pauses_as_told_without_a_cut_or_a_full_wi
         "x-ratelimit-remaining-requests": "500",
         "retry-after-ms": "300",
     }
+    hook = limiter.httpx_response_hook(wall_clock=lambda: 0.0)
     for _ in range(20):
-        limiter.observe_headers(not_quota, throttled=True)
-        limiter.on_throttled(0.3)
+        await hook(SimpleNamespace(status_code=429, headers=not_quota))
         await clock.run(limiter.acquire(1000))  # each goes when its pause ends, not a window later
     assert limiter.share == 1.0
     assert clock.now() == pytest.approx(20 * 0.3)
 
     # A 429 whose headers show the window full is the quota: a cut, and a wait past the pause.
     quota = {"x-ratelimit-remaining-tokens": "500", "x-ratelimit-remaining-requests": "500", "retry-after-ms": "20000"}
-    limiter.observe_headers(quota, throttled=True)
-    limiter.on_throttled(20.0)
+    await hook(SimpleNamespace(status_code=429, headers=quota))
     assert limiter.share == pytest.approx(0.5)
     started = clock.now()
     await clock.run(limiter.acquire(1000))
