@@ -214,7 +214,7 @@ class Settings:
             max_image_pixels=r.integer("MAX_IMAGE_PIXELS", 50_000_000, minimum=1),
             max_images_per_request=r.integer("MAX_IMAGES_PER_REQUEST", 10, minimum=1),
             max_pdf_pages=r.integer("MAX_PDF_PAGES", 20, minimum=1),
-            default_task=r.optional("DEFAULT_TASK") or "describe",
+            default_task=_default_task(r),
             default_detail=default_detail,
             cache_memory_items=r.integer("CACHE_MEMORY_ITEMS", 256),
             sequence_concurrency=r.integer("SEQUENCE_CONCURRENCY", 4, minimum=1),
@@ -324,6 +324,19 @@ class _Reader:
                 f"setting {name} must be one of {', '.join(allowed)}, got {value!r}", details={"variable": name}
             )
         return value
+
+
+def _default_task(r: _Reader) -> str:
+    """DEFAULT_TASK, checked at start: a typo would otherwise turn every request that names no task into an error."""
+    from .tasks import TASKS  # lazily: the task registry pulls in the model layer, which reads these settings
+
+    value = (r.optional("DEFAULT_TASK") or "describe").lower()
+    if value not in TASKS:
+        raise ConfigurationError(
+            f"setting DEFAULT_TASK must be one of {', '.join(TASKS)}, got {value!r}",
+            details={"variable": "DEFAULT_TASK"},
+        )
+    return value
 
 
 def _parse_fallbacks(raw: str | None, endpoint: str, api_key: str | None) -> tuple[ModelTarget, ...]:

@@ -58,12 +58,23 @@ def test_identity_based_storage_is_enough():
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("VLM_RPM", "many"), ("VLM_TIMEOUT_S", "-1"), ("MAX_IMAGE_BYTES", "0"), ("DEFAULT_DETAIL", "ultra")],
+    [
+        ("VLM_RPM", "many"),
+        ("VLM_TIMEOUT_S", "-1"),
+        ("MAX_IMAGE_BYTES", "0"),
+        ("DEFAULT_DETAIL", "ultra"),
+        ("DEFAULT_TASK", "descibe"),
+    ],
 )
 def test_malformed_setting_names_the_variable(name, value):
     with pytest.raises(ConfigurationError) as info:
         Settings.from_env({**BASE, name: value})
     assert name in info.value.message
+
+
+def test_default_task_is_normalised_like_a_requests_task():
+    assert Settings.from_env({**BASE, "DEFAULT_TASK": " OCR "}).default_task == "ocr"
+    assert Settings.from_env(BASE).default_task == "describe"
 
 
 def test_fallback_chain_parsing():
