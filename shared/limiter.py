@@ -7,13 +7,14 @@ therefore paces like congestion control, from the service's own signals only:
 
 - **Windows, as Azure counts.** Our own admissions are kept for `window_s` (a sliding log of
   charges, settled to what the quota charged); a call is admitted when it fits the window's
-  capacity: `share x VLM_RPM|VLM_TPM x window_s / 60`. Nothing refills early, as a token bucket
-  would (it admits more than a window allows right after a burst).
+  capacity: `share x capacity`, never above our bound `VLM_RPM|VLM_TPM x window_s / 60`, where
+  capacity is the server's window as `x-ratelimit-limit-*` names it (else our bound). Nothing
+  refills early, as a token bucket would (it admits more than a window allows right after a burst).
 - **The server's remaining quota.** `x-ratelimit-remaining-requests|tokens` is what is left for
   everyone in the server's window when the answered call was admitted. Minus what our window held
   then, it is what the others hold; that figure holds for one window (a higher one at once, a lower
   one only after a latency: answers of one burst arrive in any order). A call is admitted when our
-  window plus the call fits `min(share x capacity, capacity - others)`. A 429 (`retry-after-ms`,
+  window plus the call fits `min(share x capacity, bound, capacity - others)`. A 429 (`retry-after-ms`,
   else `retry-after`) pauses every caller until then and halves `share`.
 - **Slow start** (the router's limiters): a new instance sends one call until an answer's
   remaining-headers tell it what the others hold, then one more per answer (doubling per latency,
@@ -281,14 +282,22 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.rpm > 0 or self.tpm > 0
 
-    def _dims(self) -> list[tuple[float, _Others, Callable[[_Charge], int], int]]:
-        """(window capacity of the quota, others' charge, a charge's amount, the amount of this call) per dimension."""
+    def _server_capacity(self, attr: str) -> float:
+        """The server's window in one dimension ("rpm" or "tpm"): as it names it, else our configured bound."""
+        return self._server_limit.get(attr, getattr(self, attr)) * self.window_s / 60.0
+
+    def _dims(self) -> list[tuple[float, float, _Others, Callable[[_Charge], int], int]]:
+        """Per dimension: (our bound's window capacity, the server's, the others' charge, a charge's amount, the
+        amount of this call). A bound below the server's limit (VLM_TPM set to a part of the quota) caps our
+        window; the share and the others' calls are parts of the server's window."""
         scale = self.window_s / 60.0
-        dims: list[tuple[float, _Others, Callable[[_Charge], int], int]] = []
+        dims: list[tuple[float, float, _Others, Callable[[_Charge], int], int]] = []
         if self.rpm:
-            dims.append((self.rpm * scale, self._others_requests, lambda c: c.requests, 1))
+            dims.append(
+                (self.rpm * scale, self._server_capacity("rpm"), self._others_requests, lambda c: c.requests, 1)
+            )
         if self.tpm:
-            dims.append((self.tpm * scale, self._others_tokens, lambda c: c.tokens, -1))
+            dims.append((self.tpm * scale, self._server_capacity("tpm"), self._others_tokens, lambda c: c.tokens, -1))
         return dims
 
     # --- acquiring --------------------------------------------------------------------
@@ -362,10 +371,12 @@ class RateLimiter:
             ready = start
             if self._news and self._slow_start is not None and self._in_flight + 1 > self._slow_start + _EPS:
                 return now + self.window_s  # slow start: calls in flight, one more per answer (woken by it)
-            for capacity, others, amount_of, this in dims:
+            for bound, capacity, others, amount_of, this in dims:
                 need = tokens if this < 0 else this
                 own = sum(amount_of(e) for e in kept)
-                mine = self.share * capacity
+                mine = min(self.share * capacity, bound)
+                if probe and own + need > bound + _EPS * max(1.0, bound):
+                    return math.inf  # a probe never goes past our configured bound
                 if probe:  # our share aside: the room the server last showed, less one call per other instance
                     margin = PROBE_MARGIN * max(1, need) / max(self.share, MIN_SHARE)
                     if margin > PROBE_MAX_MARGIN * capacity:
@@ -606,13 +617,12 @@ class RateLimiter:
         self._paused_until = max(self._paused_until, now + pause)
         if self.enabled:
             self._window.expire(now)
-            scale = self.window_s / 60.0
-            for others, per_min, own in (
-                (self._others_requests, self.rpm, self._window.requests),
-                (self._others_tokens, self.tpm, self._window.tokens),
+            for others, attr, own in (
+                (self._others_requests, "rpm", self._window.requests),
+                (self._others_tokens, "tpm", self._window.tokens),
             ):
-                if per_min:
-                    full = max(0.0, per_min * scale - own)
+                if getattr(self, attr):
+                    full = max(0.0, self._server_capacity(attr) - own)
                     if others.now(self._paused_until, self.window_s) < full:
                         others.amount, others.at = full, self._paused_until
 
@@ -657,19 +667,20 @@ class RateLimiter:
         self._window.expire(now)
         scale = self.window_s / 60.0
 
-        def available(per_min: int, others: _Others, own: int) -> float | None:
-            if not per_min:
+        def available(attr: str, others: _Others, own: int) -> float | None:
+            bound = getattr(self, attr)
+            if not bound:
                 return None
-            capacity = per_min * scale
-            return min(self.share * capacity, capacity - others.now(now, self.window_s)) - own
+            capacity = self._server_capacity(attr)
+            return min(self.share * capacity, bound * scale, capacity - others.now(now, self.window_s)) - own
 
         return {
             "rpm": self.rpm,
             "tpm": self.tpm,
             "share": self.share,
             "slow_start": self._slow_start,
-            "available_requests": available(self.rpm, self._others_requests, self._window.requests),
-            "available_tokens": available(self.tpm, self._others_tokens, self._window.tokens),
+            "available_requests": available("rpm", self._others_requests, self._window.requests),
+            "available_tokens": available("tpm", self._others_tokens, self._window.tokens),
             "waiting": len(self._queue),
             "acquired": self._acquired,
             "throttles": self._throttles,

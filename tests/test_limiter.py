@@ -371,6 +371,28 @@ async def test_our_part_is_of_the_window_the_server_names_not_of_a_bound_configu
     assert limiter.share == pytest.approx(1.0)  # alone: 1 of the 1 the server holds, not 1 of 37
 
 
+async def test_a_bound_below_the_servers_limit_caps_our_window_and_the_others_fill_the_servers() -> None:
+    """VLM_TPM set to a part of the quota (the old advice, or room kept for another app): the others' 20000
+    tokens are of the server's 30000, not of our 4000. Counted against our bound they blocked every call until
+    their figure lapsed (the bench's static split ran at a quarter of the quota)."""
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=4000, clock=clock)
+    first = await limiter.acquire(500)
+    limiter.observe_headers(
+        {"x-ratelimit-limit-tokens": "30000", "x-ratelimit-remaining-tokens": str(30000 - 20000 - 500)},
+        admitted_at=first.charge.at,
+    )
+    first.settle(500)
+    limiter.share = 1.0  # whatever the answer made of it: here the bound is what holds us
+    assert limiter.stats()["available_tokens"] == pytest.approx(4000 - 500)
+    for _ in range(7):
+        await asyncio.wait_for(limiter.acquire(500), 0.1)  # 4000 of our 4000: no wait
+    blocked = asyncio.ensure_future(limiter.acquire(500))
+    await clock.advance(1.0)
+    assert not blocked.done()  # 4500 would pass our bound, though the server has room
+    blocked.cancel()
+
+
 async def test_the_share_is_our_part_of_the_servers_window_down_at_once_up_gently() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
