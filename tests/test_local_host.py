@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from azure.core.exceptions import ResourceNotFoundError
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob.aio import BlobServiceClient
 from azure.storage.queue.aio import QueueServiceClient
 
@@ -325,7 +325,13 @@ async def host(app: tuple[Path, Path], values: dict[str, str]) -> AsyncIterator[
 
 @pytest_asyncio.fixture(scope="module")
 async def blob_service(azurite: azurite_mod.Azurite) -> AsyncIterator[BlobServiceClient]:
+    """The toy app's container exists before any test drops into it, as a deployment's does. The host
+    creates it on its first poll too, but a test that ran first (and stopped that host) raced it."""
     async with BlobServiceClient.from_connection_string(azurite.connection_string) as svc:
+        try:
+            await svc.create_container(CONTAINER)
+        except ResourceExistsError:
+            pass
         yield svc
 
 
