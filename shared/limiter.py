@@ -375,12 +375,10 @@ class RateLimiter:
                 need = tokens if this < 0 else this
                 own = sum(amount_of(e) for e in kept)
                 mine = min(self.share * capacity, bound)
-                if probe and own + need > bound + _EPS * max(1.0, bound):
-                    return math.inf  # a probe never goes past our configured bound
                 if probe:  # our share aside: the room the server last showed, less one call per other instance
                     margin = PROBE_MARGIN * max(1, need) / max(self.share, MIN_SHARE)
-                    if margin > PROBE_MAX_MARGIN * capacity:
-                        return math.inf  # so many others that the room shown is mostly their calls to come
+                    if own + need > bound + _EPS * max(1.0, bound) or margin > PROBE_MAX_MARGIN * capacity:
+                        return math.inf  # never past our bound; nor among so many others that the room is theirs
                     ready = max(ready, others.below(capacity - own - need - margin, self.window_s))
                     continue
                 if own > 0 and own + need > mine + self._dither * need + _EPS * max(1.0, mine):
@@ -503,7 +501,6 @@ class RateLimiter:
         self._window.expire(now)
         if throttled and self._throttle_reports_room(headers):
             return  # not the quota's doing: it says nothing about the window (the hook pauses without a cut)
-        scale = self.window_s / 60.0
         seen: dict[str, float] = {}
         at = admitted_at if admitted_at is not None and 0.0 <= now - admitted_at <= MAX_LAG_S else None
         own_requests, own_tokens = self._window.held_at(now - self._latency_s if at is None else at)
@@ -517,8 +514,8 @@ class RateLimiter:
             seen[name] = remaining
             # Used by everyone minus what we held when the answered call was admitted (one latency ago;
             # calls we admitted since are in neither figure).
-            named = self._server_limit.get("rpm" if name == REMAINING_REQUESTS else "tpm", per_min)
-            others.observe(max(0.0, named * scale - remaining - own), now, self.window_s, self._latency_s)
+            capacity = self._server_capacity("rpm" if name == REMAINING_REQUESTS else "tpm")
+            others.observe(max(0.0, capacity - remaining - own), now, self.window_s, self._latency_s)
         if not seen:
             if not throttled:
                 self._slow_start = None  # the server sends no remaining-headers: nothing to start slowly from
@@ -532,14 +529,14 @@ class RateLimiter:
         # call was admitted. Each instance may grow its part of the window by the same factor, so together they
         # fill the window without overfilling it, whatever their number; one instance alone gets all of it.
         fullest: tuple[float, float, float, float, float] | None = None
-        for name, per_min, own, others in (
-            (REMAINING_REQUESTS, self.rpm, own_requests, self._others_requests),
-            (REMAINING_TOKENS, self.tpm, own_tokens, self._others_tokens),
+        for name, own, others in (
+            (REMAINING_REQUESTS, own_requests, self._others_requests),
+            (REMAINING_TOKENS, own_tokens, self._others_tokens),
         ):
             if name not in seen:
                 continue
             # the server's window as it names it (a bound configured above it is not the others' calls)
-            capacity = self._server_limit.get("rpm" if name == REMAINING_REQUESTS else "tpm", per_min) * scale
+            capacity = self._server_capacity("rpm" if name == REMAINING_REQUESTS else "tpm")
             # the others' figure is the highest of the answers of the last latency (an answer admitted early in a
             # burst saw fewer of the others' calls)
             used = max(capacity - seen[name], own + others.now(now, self.window_s), float(own))
