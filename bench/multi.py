@@ -62,6 +62,8 @@ class PathRun:
     redeliveries: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     server: dict[str, Any] = field(default_factory=dict)
+    timeline: list[list[Any]] = field(default_factory=list)  # the server's quota decisions: [s, tokens, admitted]
+    instances: list[dict[str, Any]] = field(default_factory=list)  # each worker's report
 
     @property
     def requests(self) -> int:
@@ -115,6 +117,66 @@ def figures(runs: list[PathRun], q: Quota) -> dict[str, Any]:
     }
 
 
+def where_time_went(r: PathRun, q: Quota) -> dict[str, Any]:
+    """What the server's timeline and the instances' reports say about a run's elapsed time.
+
+    Per server window (from the common start): calls admitted, the part of the window's tokens they
+    charged, when 90% of them and the last one were admitted (seconds into the window), and 429s. A run
+    that needs k windows and spills into a k+1st is slow by a window; this shows which calls spilled and
+    whether the windows before were full. Per instance: its limiter's share at the end (an equal split is
+    1 / instances) and when it settled its last item: an instance left with a small share and a few items
+    is the usual straggler.
+    """
+    windows: list[dict[str, Any]] = []
+    for at_s, tokens, allowed in r.timeline:
+        k = max(0, math.floor(float(at_s) / q.window_s))
+        while len(windows) <= k:
+            windows.append({"admitted": 0, "tokens": 0, "refused": 0, "times": []})
+        w = windows[k]
+        if allowed:
+            w["admitted"] += 1
+            w["tokens"] += int(tokens)
+            w["times"].append(float(at_s) - k * q.window_s)
+        else:
+            w["refused"] += 1
+    out_windows = []
+    for w in windows:
+        times = sorted(w.pop("times"))
+        out_windows.append(
+            {
+                **w,
+                "of_window": round(w["tokens"] / q.tokens_per_window, 3) if q.tpm else None,
+                "p90_s": round(times[math.ceil(0.9 * len(times)) - 1], 1) if times else None,
+                "last_s": round(times[-1], 1) if times else None,
+            }
+        )
+    shares = [float(i["share"]) for i in r.instances if i.get("share") is not None]
+    last = [float(i.get("last_settled_s", 0.0)) for i in r.instances]
+    return {
+        "windows": out_windows,
+        "share_min": round(min(shares), 4) if shares else None,
+        "share_max": round(max(shares), 4) if shares else None,
+        "last_settled_s": [round(min(last), 1), round(max(last), 1)] if last else None,
+    }
+
+
+def describe_time(r: PathRun, q: Quota, instances: int) -> str:
+    """Two printed lines from where_time_went."""
+    t = where_time_went(r, q)
+    parts = []
+    for k, w in enumerate(t["windows"]):
+        filled = f", {w['of_window']:.0%} of its tokens" if w["of_window"] is not None else ""
+        timing = f", 90% by {w['p90_s']} s, last at {w['last_s']} s" if w["last_s"] is not None else ""
+        parts.append(f"{k}: {w['admitted']} calls{filled}{timing}, {w['refused']} 429s")
+    lines = ["  windows: " + "; ".join(parts)]
+    if t["share_min"] is not None:
+        lines.append(
+            f"  instances: shares {t['share_min']:.3f}-{t['share_max']:.3f} (an equal split is {1 / instances:.3f}); "
+            f"last items settled at {t['last_settled_s'][0]}-{t['last_settled_s'][1]} s"
+        )
+    return "\n".join(lines)
+
+
 def instance_quota(design: str, instances: int, q: Quota) -> tuple[int, int]:
     """(rpm, tpm) of one instance's client-side limiter."""
     if design == "ours-static-split":
@@ -159,10 +221,12 @@ def run_path(
             time.sleep(0.05)
         run.elapsed_s = time.perf_counter() - t0
         run.server = admin.stats()
+        run.timeline = admin.quota_timeline()
         for _ in procs:
             report = results.get(timeout=120)
             if "error" in report:
                 raise RuntimeError(f"{design}/{path}: instance {report['index']} failed: {report['error']}")
+            run.instances.append(report)
             run.done += report["done"]
             run.failed += report["failed"]
             run.poisoned += report["poisoned"]
@@ -219,6 +283,7 @@ def run(
                 f"{r.throttled} 429s of {r.requests} calls",
                 flush=True,
             )
+            print(describe_time(r, quota, instances), flush=True)
     print()
     print(table(runs, quota))
     print()
@@ -233,7 +298,10 @@ def run(
     }
     for design in designs:
         mine = [r for r in runs if r.design == design]
-        doc["designs"][design] = {**figures(mine, quota), "paths": {r.path: figures([r], quota) for r in mine}}
+        doc["designs"][design] = {
+            **figures(mine, quota),
+            "paths": {r.path: {**figures([r], quota), "time": where_time_went(r, quota)} for r in mine},
+        }
     return doc
 
 

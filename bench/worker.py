@@ -49,6 +49,8 @@ class WorkerReport:
     redeliveries: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     limiter_pauses: int = 0
+    share: float | None = None  # the limiter's share of the quota when the run ended (ours only)
+    last_settled_s: float = 0.0  # from the common start to this instance's last settled item
 
 
 def build_pipeline(settings: Any, blobs: Any = None) -> Any:
@@ -141,6 +143,7 @@ class Worker:
         if self.app is not None:
             limiter = self.app.model.limiter(self.app.settings.primary).stats()
             self.report.limiter_pauses = int(limiter.get("throttles", 0))
+            self.report.share = float(limiter["share"])
             await self.app.close()
 
     async def handle(self, name: str, data: bytes) -> bool:
@@ -185,8 +188,10 @@ async def _serve(
     with ready.get_lock():
         ready.value += 1
     await asyncio.to_thread(go.wait)  # every instance starts together: start-up is not timed
+    started = time.perf_counter()
 
     def settle(ok: bool) -> None:
+        report.last_settled_s = time.perf_counter() - started
         if ok:
             report.done += 1
         else:

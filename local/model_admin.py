@@ -142,6 +142,10 @@ class ModelAdmin:
     def quota(self, **body: Any) -> None:
         self.call("/admin/quota", body)
 
+    def quota_timeline(self) -> list[list[Any]]:
+        """Every quota decision since the last reset: [seconds, tokens, admitted]."""
+        return list(self.call("/admin/quota/timeline")["timeline"])
+
     def config(self, **body: Any) -> None:
         self.call("/admin/config", body)
 

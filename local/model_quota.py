@@ -94,6 +94,20 @@ class SlidingWindow:
             self.tokens -= tok
 
 
+# Decisions kept for the timeline (bench.multi reads it to show where a run's time went); a bench run makes a few
+# thousand, and older ones fall off.
+TIMELINE_MAX = 100_000
+
+
+@dataclass(frozen=True)
+class Decided:
+    """One quota decision, for the timeline: seconds since the last reset, the tokens asked, admitted or not."""
+
+    at_s: float
+    tokens: int
+    allowed: bool
+
+
 class Quota:
     """Per-deployment sliding windows under one set of limits."""
 
@@ -101,14 +115,19 @@ class Quota:
         self.limits = limits or QuotaLimits()
         self.clock = clock
         self._windows: dict[str, SlidingWindow] = {}
+        self.timeline: deque[Decided] = deque(maxlen=TIMELINE_MAX)
+        self._since = clock()
 
     def configure(self, limits: QuotaLimits) -> None:
         """New limits start from an empty window, so a test that sets them knows where it stands."""
         self.limits = limits
-        self._windows.clear()
+        self.reset()
 
     def reset(self) -> None:
+        """An empty window and timeline; the timeline counts seconds from now."""
         self._windows.clear()
+        self.timeline.clear()
+        self._since = self.clock()
 
     def _applies(self, model: str) -> bool:
         return self.limits.active and (self.limits.model is None or self.limits.model == model)
@@ -135,6 +154,12 @@ class Quota:
 
     def try_acquire(self, model: str, tokens: int) -> QuotaDecision:
         """Admit and charge `tokens`, or refuse with the exact wait until the request would fit."""
+        decision = self._decide(model, tokens)
+        if self._applies(model):
+            self.timeline.append(Decided(self.clock() - self._since, tokens, decision.allowed))
+        return decision
+
+    def _decide(self, model: str, tokens: int) -> QuotaDecision:
         if not self._applies(model):
             return QuotaDecision(True, "", 0.0, None, None, None, None)
         lim = self.limits

@@ -875,6 +875,11 @@ class ModelServer:
         self.quota.configure(limits)
         return web.json_response({"quota": self.quota_state()})
 
+    async def admin_quota_timeline(self, _request: web.Request) -> web.Response:
+        """Every quota decision since the last reset, oldest first: [seconds, tokens, admitted]."""
+        rows = [[round(d.at_s, 3), d.tokens, d.allowed] for d in self.quota.timeline]
+        return web.json_response({"timeline": rows, "window_s": self.quota.limits.window_s})
+
     async def admin_config(self, request: web.Request) -> web.Response:
         if request.method == "GET":
             return web.json_response({"config": self.config_state()})
@@ -986,6 +991,7 @@ def build_app(config: ModelServerConfig | None = None, *, ocr: OcrEngine | None 
         app.router.add_get(path, handler)
         app.router.add_post(path, handler)
     app.router.add_post("/admin/reset", server.admin_reset)
+    app.router.add_get("/admin/quota/timeline", server.admin_quota_timeline)
     app.router.add_get("/admin/model", server.admin_model)
     app.router.add_post("/admin/model", server.admin_model)
 

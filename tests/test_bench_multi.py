@@ -77,3 +77,24 @@ def test_fastest_possible_counts_a_window_per_windows_worth_of_charges():
     assert run.fastest_s(q) == 10 * 2 + 1  # three windows' worth: two boundaries to wait for, then one call
     many = PathRun("ours", "http", 100, server={"completed": 100, "tokens": {"prompt": 0}})
     assert many.fastest_s(Quota(tpm=10**9, rpm=180, window_s=10, latency_s=1)) == 10 * 3 + 1  # requests bind
+
+
+def test_where_time_went_shows_a_spilled_call_and_the_straggler_that_sent_it():
+    from bench.multi import PathRun, Quota, describe_time, where_time_went
+
+    q = Quota(tpm=6_000, rpm=0, window_s=60, latency_s=1)  # 6,000 tokens a window
+    run = PathRun("ours", "blob", 12)
+    run.timeline = [[0.5 + i / 10, 500, True] for i in range(10)]  # window 0: 10 calls by 1.4 s
+    run.timeline += [[59.9, 500, False], [60.2, 500, True], [121.0, 500, True]]  # one 429, then one spilled call
+    run.instances = [
+        {"share": 0.45, "last_settled_s": 61.3},
+        {"share": 0.05, "last_settled_s": 122.1},  # the straggler
+    ]
+    t = where_time_went(run, q)
+    assert [(w["admitted"], w["refused"]) for w in t["windows"]] == [(10, 1), (1, 0), (1, 0)]
+    first = t["windows"][0]
+    assert first["of_window"] == round(5_000 / 6_000, 3) and first["p90_s"] == 1.3 and first["last_s"] == 1.4
+    assert t["windows"][2]["last_s"] == 1.0
+    assert (t["share_min"], t["share_max"], t["last_settled_s"]) == (0.05, 0.45, [61.3, 122.1])
+    text = describe_time(run, q, instances=2)
+    assert "2: 1 calls, 8% of its tokens" in text and "shares 0.050-0.450 (an equal split is 0.500)" in text

@@ -323,6 +323,22 @@ def test_quota_too_large_and_per_model() -> None:
     assert q.try_acquire("fallback", 10**6).allowed  # the quota applies to one deployment only
 
 
+def test_quota_timeline_keeps_every_decision_since_the_last_reset() -> None:
+    """bench.multi reads it to show where a run's time went: when each call was admitted or refused."""
+    clock = FakeClock()
+    q = Quota(QuotaLimits(tpm=1000, window_s=60, model="primary"), clock)
+    clock.now += 5
+    q.reset()
+    clock.now += 2
+    assert q.try_acquire("primary", 600).allowed
+    clock.now += 1.5
+    assert not q.try_acquire("primary", 500).allowed
+    assert q.try_acquire("fallback", 10).allowed  # no quota applies to it: nothing to show
+    assert [(d.at_s, d.tokens, d.allowed) for d in q.timeline] == [(2.0, 600, True), (3.5, 500, False)]
+    q.configure(QuotaLimits(tpm=1000, window_s=60))
+    assert not q.timeline
+
+
 # ------------------------------------------------------------------------- answers over HTTP
 
 
@@ -727,6 +743,9 @@ async def test_quota_over_http(client: openai.AsyncOpenAI, admin: Any, tiny: byt
     assert err.value.code == "429" and "Please retry after 60 seconds" in err.value.message
     other = await client.chat.completions.create(model="other-deployment", messages=user("x", (tiny, "low")))
     assert other.choices  # quota windows are per deployment
+    timeline = (await admin("/admin/quota/timeline", method="GET"))["timeline"]
+    assert [row[2] for row in timeline] == [True, False, True]  # the refusal is on it, then the other deployment
+    assert 0 <= timeline[0][0] <= timeline[1][0] <= timeline[2][0]
 
     await admin("/admin/quota", {"tpm": 2000, "window_s": 60})
     first = await client.chat.completions.with_raw_response.create(
