@@ -4,7 +4,8 @@
 
 The real bench (`bench.throughput --instances N`) takes minutes a run on 2 cores and moves with the
 machine's load; this one takes seconds and isolates the limiter. Each instance is a `RateLimiter` as
-the router builds it (slow start, `ADMITTED_AT` set around the call, 429s retried through `acquire`),
+the router builds it (slow start, `CALL` set around the call and its request and response hooks, 429s
+retried through `acquire`),
 with four callers pulling from one shared queue, against the stand-in's sliding-window quota
 (`local.model_quota`) on one FakeClock. Latency is jittered (1 s x (1 + 0.5 Exp(1)), plus up to
 0.2 s between admission and arrival), so answers come back out of order as they do under load.
@@ -12,8 +13,11 @@ Calls are 227 tokens (describe's prompt plus its learned budget); 30,000 TPM / 1
 
 Designs, side by side on the same seeds:
 - `ours`: the limiter as it is;
-- `no-probe`: the same with the idle probe switched off (PROBE_WAIT = inf), the rule it was
-  measured against.
+- `no-follow`: the same without following fresh readings (FOLLOW_FRESH = 0: the share drops to a
+  lower reading at once and rises by RISE of the gap, as at a 10 s window);
+- `no-probe`: the same with the idle probe switched off (PROBE_WAIT = inf);
+- `neither`: no following, and the probe after a quarter of a window, as session 5 left them (but with
+  charges counted from when their request left, which cannot be switched off).
 
 "elapsed / fastest" uses the bench's fastest possible run: a full window at the start and at each
 window boundary, then one latency. The last line is one JSON object with every figure, keyed
@@ -35,7 +39,7 @@ from types import SimpleNamespace
 
 import shared.limiter as limiter_module
 from local.model_quota import Quota, QuotaLimits
-from shared.limiter import ADMITTED_AT, RateLimiter
+from shared.limiter import CALL, RateLimiter
 from tests.fake_clock import FakeClock
 
 TPM = 30_000
@@ -45,7 +49,12 @@ LATENCY_S = 1.0
 JITTER = 0.5
 PRE_DELAY_S = 0.2
 CALLERS_PER_INSTANCE = 4
-DESIGNS: dict[str, dict[str, float]] = {"ours": {}, "no-probe": {"PROBE_WAIT": math.inf}}
+DESIGNS: dict[str, dict[str, float]] = {
+    "ours": {},
+    "no-follow": {"FOLLOW_FRESH": 0.0},
+    "no-probe": {"PROBE_WAIT": math.inf},
+    "neither": {"FOLLOW_FRESH": 0.0, "PROBE_WAIT": 0.25},
+}
 
 
 @contextmanager
@@ -74,20 +83,22 @@ async def simulate(instances: int, window_s: float, calls: int, seed: int) -> di
 
     async def caller(limiter: RateLimiter) -> None:
         hook = limiter.httpx_response_hook(wall_clock=lambda: 0.0, pace_retries=True)
+        sending = limiter.httpx_request_hook()
         while work:
             work.pop()
             while True:
                 reservation = await limiter.acquire(CALL_TOKENS)
-                await clock.sleep(rng.random() * PRE_DELAY_S)
-                decision = quota.try_acquire("d", CALL_TOKENS)
-                answered_in = LATENCY_S * (1 + JITTER * rng.expovariate(1.0)) if decision.allowed else 0.1
-                await clock.sleep(answered_in)
-                response = SimpleNamespace(status_code=200 if decision.allowed else 429, headers=decision.headers())
-                token = ADMITTED_AT.set(reservation.charge.at if reservation.charge is not None else None)
+                token = CALL.set(reservation)
                 try:
-                    await hook(response)
+                    await clock.sleep(rng.random() * PRE_DELAY_S)
+                    await sending(None)
+                    decision = quota.try_acquire("d", CALL_TOKENS)
+                    answered_in = LATENCY_S * (1 + JITTER * rng.expovariate(1.0)) if decision.allowed else 0.1
+                    await clock.sleep(answered_in)
+                    status = 200 if decision.allowed else 429
+                    await hook(SimpleNamespace(status_code=status, headers=decision.headers()))
                 finally:
-                    ADMITTED_AT.reset(token)
+                    CALL.reset(token)
                 if decision.allowed:
                     reservation.settle(CALL_TOKENS)
                     counts["admitted"] += 1

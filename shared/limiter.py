@@ -6,7 +6,8 @@ knows how many others share the quota, so no fixed per-instance figure is right.
 therefore paces like congestion control, from the service's own signals only:
 
 - **Windows, as Azure counts.** Our own admissions are kept for `window_s` (a sliding log of
-  charges, settled to what the quota charged); a call is admitted when it fits the window's
+  charges, settled to what the quota charged), counted from when each request left (the router's
+  request hook stamps it: `CALL`), as the server counts them; a call is admitted when it fits the window's
   capacity: `share x capacity`, never above our bound `VLM_RPM|VLM_TPM x window_s / 60`, where
   capacity is the server's window as `x-ratelimit-limit-*` names it (else our bound). Nothing
   refills early, as a token bucket would (it admits more than a window allows right after a burst).
@@ -24,7 +25,11 @@ therefore paces like congestion control, from the service's own signals only:
   server's window was ours (in its fullest dimension): `part = own / (own + others)`. The share becomes
   that part less a headroom for the others' calls since (`HEADROOM x (1 - part)`, none when alone): at
   once when lower, by 15% of the gap per answer when higher (an answer taken just as the others'
-  charges left the window would otherwise take their next calls' room). Every instance may grow its
+  charges left the window would otherwise take their next calls' room). Where a latency is at most 5%
+  of the window (fresh figures: the room shown is a moment old and `capacity - others` catches a share
+  briefly too high), it moves half-way to each reading instead, both ways, once our slow start is
+  over: it takes up the room the others leave within a few answers, and one noisy low reading (a
+  part is a handful of calls) no longer cuts it at once. Every instance may grow its
   part by the same factor, so together they fill the window without overfilling it, and converge
   near 1/N each without knowing N; one instance alone keeps 1. A share is rarely a whole number of
   calls: the last, partial call is admitted with the probability of its fraction (a fresh draw after
@@ -32,7 +37,7 @@ therefore paces like congestion control, from the service's own signals only:
 - **Probe when idle.** The share rises only on an answer, so an instance held back by its share with
   nothing in flight learns nothing. When the queue runs dry, the instances left holding the last items
   would wait for their own charges to leave the window while the others' part of it stands empty (at a
-  60 s window, a whole window for the last few calls). After a quarter of a window of such waiting,
+  60 s window, a whole window for the last few calls). After a tenth of a window of such waiting,
   one call goes if the room the server last showed still holds one call for each other instance
   (about 1 / share of them) after ours; its answer updates the share as any other. Only where a
   latency is at most 5% of the window (the room shown is a latency old when the probe lands) and
@@ -89,27 +94,39 @@ DECREASE_ON_429 = 0.5
 HEADROOM = 0.08
 SLOW_START_EXIT = 2.0
 RISE = 0.15
+# Where a latency is a small part of the window (FRESH_LATENCY), an answer's figures are fresh: the room they show is
+# what the others left a moment ago, and the `capacity - others` check catches a share that is briefly too high.
+# There, after our slow start, the share moves this part of the way to each reading, up or down: it follows the room
+# left by the others' last calls within a few answers (RISE alone took a window's worth of answers, and the first
+# window's last calls, echoed in every later window, made the run's tail), and one low reading (a part is a handful
+# of calls, so its readings are noisy) no longer cuts it at once. Answers to calls admitted during our slow start
+# describe a window everyone was still doubling into, and keep the rules above.
+FOLLOW_FRESH = 0.5
+FRESH_LATENCY = 0.05
 GUARD_OF_WINDOW = 0.05  # our charges count up to 5% of a window (or a quarter latency) longer
 # Probe: an idle instance (nothing in flight) whose head has waited this part of a window on its share alone may
 # send one call into the room the server last showed, if that room still holds one call for each of the others
 # (about 1 / share of them) after ours. When the queue runs dry, the instances left holding the last items would
 # otherwise wait for their own charges to leave the window while the others' part of it stands empty.
-# Only where a latency is a small part of the window: the room shown is a latency old when the probe lands, and
+# Only where the figures are fresh (FRESH_LATENCY): the room shown is a latency old when the probe lands, and
 # at a 10 s window the others' calls of that latency fill it (simulated: more 429s, no faster).
 # Nor where one call per other instance is over 15% of the window: with that many others, the room a figure
 # shows is mostly their calls still to come (simulated at 32 instances: probes into a full window drew 429s,
 # whose halved shares cost a window).
-PROBE_WAIT = 0.25
+PROBE_WAIT = 0.1
 PROBE_MARGIN = 1.0
-PROBE_MAX_LATENCY = 0.05
 PROBE_MAX_MARGIN = 0.15
 RACE_OF_WINDOW = 0.1  # a 429 that clears within a tenth of a window is a race at its edge, not too many calls
 # How far back an answer's admission may lie (its headers were computed then); beyond, latency is ignored.
 MAX_LAG_S = 30.0
-# When the call being answered was admitted: the router sets it around the SDK call, and the response hook
-# (same task) reads it, so "what we held when the server computed these headers" is exact, not a latency
-# estimate (an estimate that missed our own calls counted them as the others' and stalled us for a window).
-ADMITTED_AT: ContextVar[float | None] = ContextVar("vlm_limiter_admitted_at", default=None)
+# The reservation whose model call is being made: the router sets it around the SDK call, and the hooks (same
+# task) read it. The request hook stamps when the request left, which is when the server's window starts counting
+# it: the pipeline's work between admission and sending (the first call of an instance: 0.45 s on the bench, more
+# than the guard) otherwise let our charge leave our window before the server's, and every instance's first calls
+# were replaced into a full window, a burst of 429s at the first window's end. The response hook reads it to know
+# "what we held when the server computed these headers" exactly, not from a latency estimate (an estimate that
+# missed our own calls counted them as the others' and stalled us for a window).
+CALL: ContextVar[Reservation | None] = ContextVar("vlm_limiter_call", default=None)
 # Float slack so that waiting exactly the computed time is always enough.
 _EPS = 1e-9
 
@@ -131,6 +148,12 @@ class _Charge:
     at: float
     requests: int
     tokens: int
+    sent: float | None = None  # when its request left (the request hook); the server counts it from then
+
+    @property
+    def start(self) -> float:
+        """When the server's window began to count it (as near as we can tell)."""
+        return self.at if self.sent is None else self.sent
 
 
 class _Window:
@@ -145,12 +168,18 @@ class _Window:
         self.gone: deque[_Charge] = deque()  # expired lately: an answer's headers describe its admission time
 
     def expire(self, now: float) -> None:
-        while self.entries and self.entries[0].at + self.hold_s <= now + _EPS:
-            gone = self.entries.popleft()
-            self.requests -= gone.requests
-            self.tokens -= gone.tokens
-            self.gone.append(gone)
-        while self.gone and self.gone[0].at + self.window_s + MAX_LAG_S < now:
+        # in admission order, but a later admission's request may leave first: any charge whose time is up goes
+        while self.entries and any(c.start + self.hold_s <= now + _EPS for c in self.entries):
+            kept: deque[_Charge] = deque()
+            for charge in self.entries:
+                if charge.start + self.hold_s <= now + _EPS:
+                    self.requests -= charge.requests
+                    self.tokens -= charge.tokens
+                    self.gone.append(charge)
+                else:
+                    kept.append(charge)
+            self.entries = kept
+        while self.gone and self.gone[0].start + self.window_s + MAX_LAG_S < now:
             self.gone.popleft()
 
     def held_at(self, t: float) -> tuple[int, int]:
@@ -273,6 +302,7 @@ class RateLimiter:
         # Slow start, as TCP's: calls we may have in flight (one more per answer, so it doubles per latency) until the
         # server's window is half full; None once over. Eight new instances at share 1 would each fill the window.
         self._slow_start: float | None = 1.0 if slow_start else None
+        self._slow_start_ended = -math.inf if not slow_start else math.inf  # when our slow start ended
         self._acquired = 0
         self._throttles = 0
         self._total_wait_s = 0.0
@@ -362,8 +392,8 @@ class RateLimiter:
         Candidate times are now and each expiry of one of our charges; between two expiries only the
         others' (decaying) figure changes, which has a closed form.
         """
-        entries = list(self._window.entries)
-        expiries = [now] + [max(now, e.at + self._window.hold_s) for e in entries]
+        entries = sorted(self._window.entries, key=lambda e: e.start)  # in the order they leave
+        expiries = [now] + [max(now, e.start + self._window.hold_s) for e in entries]
         dims = self._dims()
         for k, start in enumerate(expiries):
             end = expiries[k + 1] if k + 1 < len(expiries) else math.inf
@@ -418,12 +448,11 @@ class RateLimiter:
 
     def _may_probe(self) -> bool:
         """Idle after slow start: a probe's answer is then the only way our share can learn the others left."""
-        return (
-            self._news
-            and self._slow_start is None
-            and self._in_flight == 0
-            and 0.0 < self._latency_s <= PROBE_MAX_LATENCY * self.window_s
-        )
+        return self._news and self._slow_start is None and self._in_flight == 0 and self._fresh()
+
+    def _fresh(self) -> bool:
+        """An answer's figures are a small part of a window old (see FRESH_LATENCY)."""
+        return 0.0 < self._latency_s <= FRESH_LATENCY * self.window_s
 
     async def _park(self, waiter: _Waiter, delay: float | None) -> None:
         """Block until woken (became head, quota refunded) or, for the head, `delay` elapsed."""
@@ -552,11 +581,17 @@ class RateLimiter:
             return
         exiting = self._slow_start is not None
         self._slow_start = None
+        if exiting:
+            self._slow_start_ended = now
         if exiting:  # the others were doubling too, since the answered call was admitted
             part = part * used / (used + (1.0 - part) * used)
         # headroom for what the others admitted since, none when we are alone
         measured = min(1.0, max(MIN_SHARE, part * (1.0 - HEADROOM * (1.0 - part))))
-        if exiting or measured <= self.share:
+        if exiting:
+            self.share = measured
+        elif FOLLOW_FRESH and self._fresh() and at is not None and at >= self._slow_start_ended:
+            self.share += FOLLOW_FRESH * (measured - self.share)  # see FOLLOW_FRESH
+        elif measured <= self.share:
             self.share = measured
         else:  # up gently (about one call's worth per window of our calls, as TCP's 1/cwnd per ack): an answer
             # taken while others' charges had just left the window would otherwise grab their next calls' room
@@ -642,7 +677,9 @@ class RateLimiter:
         async def on_response(response: ResponseLike) -> None:
             headers = response.headers
             throttled = response.status_code == 429
-            self.observe_headers(headers, throttled=throttled, admitted_at=ADMITTED_AT.get())
+            call = CALL.get()
+            admitted_at = call.charge.at if call is not None and call.charge is not None else None
+            self.observe_headers(headers, throttled=throttled, admitted_at=admitted_at)
             if throttled:
                 seconds = parse_retry_after(headers, wall_clock())
                 congestion = not (self.enabled and self._throttle_reports_room(headers))
@@ -655,6 +692,21 @@ class RateLimiter:
                         pass
 
         return on_response
+
+    def httpx_request_hook(self) -> Callable[[Any], Awaitable[None]]:
+        """An async request event hook: stamps the current call's charge (`CALL`) with when its request left.
+
+        Our window then holds the charge as long as the server's does (see `CALL`). It runs for every attempt
+        (an SDK retry after a connection error re-stamps it later, which only holds the charge longer) and
+        never raises.
+        """
+
+        async def on_request(_request: Any) -> None:
+            call = CALL.get()
+            if call is not None and call.charge is not None and call.limiter is self:
+                call.charge.sent = self._clock.now()
+
+        return on_request
 
     # --- reporting --------------------------------------------------------------------
 

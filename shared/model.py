@@ -40,7 +40,7 @@ from .errors import (
     UpstreamUnavailable,
     VlmError,
 )
-from .limiter import ADMITTED_AT, PACED_HEADER
+from .limiter import CALL, PACED_HEADER
 from .reservations import BudgetBook, BudgetPolicy, budget_key
 from .settings import ModelTarget, Settings
 
@@ -380,10 +380,13 @@ class ModelRouter:
 
     def client(self, target: ModelTarget) -> AsyncOpenAI:
         if target.label not in self._clients:
-            hooks = [self.limiter(target).httpx_response_hook(pace_retries=True)]
+            limiter = self.limiter(target)
+            hooks = [limiter.httpx_response_hook(pace_retries=True)]
             counter = telemetry.current(self.settings).http_hook(target.deployment)  # None: telemetry off
             hooks += [counter] if counter is not None else []
-            self._clients[target.label] = self._client_factory(target, {"response": hooks})
+            self._clients[target.label] = self._client_factory(
+                target, {"request": [limiter.httpx_request_hook()], "response": hooks}
+            )
         return self._clients[target.label]
 
     async def complete(self, request: ChatRequest) -> ChatResult:
@@ -512,11 +515,11 @@ class ModelRouter:
         with tel.model_call(target, kwargs) as span:
             while True:
                 try:
-                    admitted = ADMITTED_AT.set(reservation.charge.at if reservation.charge is not None else None)
+                    calling = CALL.set(reservation)
                     try:
                         response = await self.client(target).chat.completions.create(**kwargs)
                     finally:
-                        ADMITTED_AT.reset(admitted)
+                        CALL.reset(calling)
                     if not isinstance(response, ChatCompletion):  # a proxy's 200 that is JSON but not a completion
                         raise ValueError(f"the answer is a {type(response).__name__}, not a chat completion")
                     break

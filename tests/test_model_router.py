@@ -11,6 +11,7 @@ from shared.errors import (
     UpstreamThrottled,
     UpstreamUnavailable,
 )
+from shared.limiter import CALL
 from shared.model import ChatRequest, ModelRouter, ResponseFormatRejected, base_url_for
 from shared.settings import ModelTarget, Settings
 from tests.constants import TEST_DEPLOYMENT, TEST_MODEL_VERSION
@@ -142,6 +143,20 @@ async def test_the_limiter_is_settled_to_what_the_quota_charged():
     await r.complete(REQ)  # the server reports 100 prompt tokens; max_tokens is 50
     target = r.settings.primary
     assert r.limiter(target).stats()["available_tokens"] == 10000 - (100 + 50)
+
+
+async def test_the_limiter_counts_a_call_from_when_its_request_left():
+    """The router's client stamps the call's charge as its request goes out (the server's window counts it from
+    then), and the stamp is the call's own: the charge in the window is the one the router reserved."""
+    from tests.fake_clock import FakeClock
+
+    model = ScriptedModel()
+    clock = FakeClock(start=100.0)
+    r = ModelRouter(Settings.from_env({**ENV, "VLM_TPM": "10000"}), clock=clock, client_factory=model.client_factory())
+    await r.complete(REQ)
+    (charge,) = r.limiter(r.settings.primary)._window.entries
+    assert charge.sent == 100.0 and charge.start == charge.sent
+    assert CALL.get() is None  # the router puts it back
 
 
 # --- adaptive parameters, missing deployments, shared state (issues 10 and 11) -------------------
