@@ -169,16 +169,15 @@ class _Window:
 
     def expire(self, now: float) -> None:
         # in admission order, but a later admission's request may leave first: any charge whose time is up goes
-        while self.entries and any(c.start + self.hold_s <= now + _EPS for c in self.entries):
-            kept: deque[_Charge] = deque()
-            for charge in self.entries:
-                if charge.start + self.hold_s <= now + _EPS:
-                    self.requests -= charge.requests
-                    self.tokens -= charge.tokens
-                    self.gone.append(charge)
-                else:
-                    kept.append(charge)
-            self.entries = kept
+        kept: deque[_Charge] = deque()
+        for charge in self.entries:
+            if charge.start + self.hold_s <= now + _EPS:
+                self.requests -= charge.requests
+                self.tokens -= charge.tokens
+                self.gone.append(charge)
+            else:
+                kept.append(charge)
+        self.entries = kept
         while self.gone and self.gone[0].start + self.window_s + MAX_LAG_S < now:
             self.gone.popleft()
 
