@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.worker import WorkerConfig, run_worker
+from shared.limiter import FRESH_LATENCY
 
 DESIGNS = ("ours", "ours-static-split", "seed")
 PATHS = ("blob", "http")
@@ -152,11 +153,15 @@ def where_time_went(r: PathRun, q: Quota) -> dict[str, Any]:
         )
     shares = [float(i["share"]) for i in r.instances if i.get("share") is not None]
     last = [float(i.get("last_settled_s", 0.0)) for i in r.instances]
+    latency = [float(i["latency_s"]) for i in r.instances if i.get("latency_s") is not None]
     return {
         "windows": out_windows,
         "share_min": round(min(shares), 4) if shares else None,
         "share_max": round(max(shares), 4) if shares else None,
         "last_settled_s": [round(min(last), 1), round(max(last), 1)] if last else None,
+        # the limiters' latency (admission to answer): their fresh-figure rules apply up to 5% of the window
+        "latency_s": [round(min(latency), 2), round(max(latency), 2)] if latency else None,
+        "probes": sum(int(i.get("probes", 0)) for i in r.instances),
     }
 
 
@@ -173,6 +178,25 @@ def describe_time(r: PathRun, q: Quota, instances: int) -> str:
         lines.append(
             f"  instances: shares {t['share_min']:.3f}-{t['share_max']:.3f} (an equal split is {1 / instances:.3f}); "
             f"last items settled at {t['last_settled_s'][0]}-{t['last_settled_s'][1]} s"
+        )
+    if t["latency_s"] is not None:
+        lines.append(
+            f"  limiters: latency {t['latency_s'][0]}-{t['latency_s'][1]} s (fresh figures up to "
+            f"{FRESH_LATENCY * q.window_s:g} s); {t['probes']} idle probes"
+        )
+    last = max(r.instances, key=lambda i: float(i.get("last_settled_s", 0.0)), default=None)
+    if last is not None and last.get("trace"):
+        end = float(last["last_settled_s"])
+        step = max(1.0, q.window_s / 12)
+        shown: list[str] = []
+        next_at = end - q.window_s
+        for at, share, waiting, in_flight, probes in last["trace"]:
+            if at >= next_at:
+                shown.append(f"{at:g} s {share:.3f} {waiting}/{in_flight}/{probes}")
+                next_at = at + step
+        lines.append(
+            f"  the last instance ({last['index']}), its last window: seconds, share, calls waiting/in flight/probes "
+            "so far: " + "; ".join(shown)
         )
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 BLOB_ATTEMPTS = 5  # host.json extensions.blobs.poisonBlobThreshold
 POLL_S = 0.05
+TRACE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class WorkerReport:
     limiter_pauses: int = 0
     share: float | None = None  # the limiter's share of the quota when the run ended (ours only)
     last_settled_s: float = 0.0  # from the common start to this instance's last settled item
+    latency_s: float | None = None  # the limiter's running mean from admission to answer (ours only)
+    probes: int = 0  # calls its limiter sent as idle probes
+    # (seconds from the common start, share, calls waiting, calls in flight, probes so far), once a second (ours)
+    trace: list[tuple[float, float, int, int, int]] = field(default_factory=list)
 
 
 def build_pipeline(settings: Any, blobs: Any = None) -> Any:
@@ -144,6 +149,8 @@ class Worker:
             limiter = self.app.model.limiter(self.app.settings.primary).stats()
             self.report.limiter_pauses = int(limiter.get("throttles", 0))
             self.report.share = float(limiter["share"])
+            self.report.latency_s = float(limiter["latency_s"])
+            self.report.probes = int(limiter["probes"])
             await self.app.close()
 
     async def handle(self, name: str, data: bytes) -> bool:
@@ -218,8 +225,17 @@ async def _serve(
                     report.redeliveries += 1
                     work.put((item, attempt + 1))
 
+    async def sample() -> None:  # the limiter over time: which instance fell behind, and when
+        limiter = worker.app.model.limiter(worker.app.settings.primary)
+        while settled.value < cfg.total:
+            s = limiter.stats()
+            at = round(time.perf_counter() - started, 1)
+            report.trace.append((at, round(s["share"], 4), s["waiting"], s["in_flight"], s["probes"]))
+            await asyncio.sleep(TRACE_S)
+
+    tasks = [lane() for _ in range(cfg.concurrency)] + ([sample()] if worker.app is not None else [])
     try:
-        await asyncio.gather(*(lane() for _ in range(cfg.concurrency)))
+        await asyncio.gather(*tasks)
     finally:
         await worker.close()
     return report

@@ -303,6 +303,7 @@ class RateLimiter:
         self._slow_start: float | None = 1.0 if slow_start else None
         self._slow_start_ended = -math.inf if not slow_start else math.inf  # when our slow start ended
         self._acquired = 0
+        self._probes = 0  # calls admitted as idle probes (see PROBE_WAIT)
         self._throttles = 0
         self._total_wait_s = 0.0
         self._max_wait_s = 0.0
@@ -435,6 +436,7 @@ class RateLimiter:
                     ready = min(ready, probe_at)  # look again when a probe may go
                 elif self._ready_at(now, tokens, probe=True) <= now + _EPS:
                     ready = now
+                    self._probes += 1
             if ready > now + _EPS:
                 return ready - now
         charge = _Charge(now, 1, tokens)
@@ -730,8 +732,14 @@ class RateLimiter:
             "available_requests": available("rpm", self._others_requests, self._window.requests),
             "available_tokens": available("tpm", self._others_tokens, self._window.tokens),
             "waiting": len(self._queue),
+            "in_flight": self._in_flight,
             "acquired": self._acquired,
             "throttles": self._throttles,
+            "probes": self._probes,
+            # admission to answer, running mean: figures are fresh (the following and the probe apply) up to
+            # FRESH_LATENCY of the window
+            "latency_s": self._latency_s,
+            "fresh_up_to_s": FRESH_LATENCY * self.window_s,
             "paused_for_s": max(0.0, self._paused_until - now),
             "total_wait_s": self._total_wait_s,
             "max_wait_s": self._max_wait_s,

@@ -87,8 +87,15 @@ def test_where_time_went_shows_a_spilled_call_and_the_straggler_that_sent_it():
     run.timeline = [[0.5 + i / 10, 500, True] for i in range(10)]  # window 0: 10 calls by 1.4 s
     run.timeline += [[59.9, 500, False], [60.2, 500, True], [121.0, 500, True]]  # one 429, then one spilled call
     run.instances = [
-        {"share": 0.45, "last_settled_s": 61.3},
-        {"share": 0.05, "last_settled_s": 122.1},  # the straggler
+        {"share": 0.45, "last_settled_s": 61.3, "latency_s": 1.2, "probes": 0},
+        {
+            "share": 0.05,
+            "last_settled_s": 122.1,
+            "latency_s": 3.4,
+            "probes": 2,
+            "index": 1,  # the straggler
+            "trace": [[1.0, 0.5, 0, 1, 0], [62.5, 0.05, 1, 0, 0], [63.0, 0.05, 1, 0, 1], [70.0, 0.04, 1, 0, 2]],
+        },
     ]
     t = where_time_went(run, q)
     assert [(w["admitted"], w["refused"]) for w in t["windows"]] == [(10, 1), (1, 0), (1, 0)]
@@ -98,3 +105,6 @@ def test_where_time_went_shows_a_spilled_call_and_the_straggler_that_sent_it():
     assert (t["share_min"], t["share_max"], t["last_settled_s"]) == (0.05, 0.45, [61.3, 122.1])
     text = describe_time(run, q, instances=2)
     assert "2: 1 calls, 8% of its tokens" in text and "shares 0.050-0.450 (an equal split is 0.500)" in text
+    assert (t["latency_s"], t["probes"]) == ([1.2, 3.4], 2)
+    assert "latency 1.2-3.4 s (fresh figures up to 3 s); 2 idle probes" in text
+    assert "the last instance (1), its last window" in text and "62.5 s 0.050 1/0/0; 70 s 0.040 1/0/2" in text

@@ -552,6 +552,7 @@ async def test_an_idle_instance_held_back_by_its_share_probes_the_room_the_serve
     await clock.advance(0.2)
     assert queued.done()  # at 7 s (queued at 1 s), not at 60 s
     assert limiter.share == pytest.approx(0.25)  # a probe takes one call, not a bigger share
+    assert limiter.stats()["probes"] == 1
 
 
 @pytest.mark.parametrize(
@@ -564,11 +565,12 @@ async def test_an_idle_instance_held_back_by_its_share_probes_the_room_the_serve
     ],
 )
 async def test_no_probe_when(window_s: float, tpm: int, others: int, settle_all: bool, share: float, why: str) -> None:
-    _limiter, clock, queued = await _held_back_by_our_share(window_s, tpm, others, settle_all, share)
+    limiter, clock, queued = await _held_back_by_our_share(window_s, tpm, others, settle_all, share)
     await clock.advance(window_s - 1.5)
     assert not queued.done(), why
     await clock.advance(1.0)  # our first charges leave the window (plus its guard of a quarter latency)
     assert queued.done(), why
+    assert limiter.stats()["probes"] == 0, why
 
 
 async def test_slow_start_one_call_until_the_server_speaks_then_one_more_per_answer() -> None:
