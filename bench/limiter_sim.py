@@ -1,19 +1,18 @@
 """N limiters sharing one quota, in virtual time: what a limiter rule does to 429s and elapsed time.
 
-`python -m bench.limiter_sim [--instances 8[,16,...]] [--seeds 10] [--windows 10,60] [--callers 4]`
+`python -m bench.limiter_sim [--instances 8[,16,...]] [--seeds 10] [--windows 10,60]`
 
 The real bench (`bench.throughput --instances N`) takes minutes a run on 2 cores and moves with the
 machine's load; this one takes seconds and isolates the limiter. Each instance is a `RateLimiter` as
 the router builds it (slow start, `CALL` set around the call and its request and response hooks, 429s
 retried through `acquire`),
-with `--callers` callers each (4, as the bench's `--per-instance`) pulling from one shared queue, against the stand-in's sliding-window quota
+with four callers pulling from one shared queue, against the stand-in's sliding-window quota
 (`local.model_quota`) on one FakeClock. Latency is jittered (1 s x (1 + 0.5 Exp(1)), plus up to
 0.2 s between admission and arrival), so answers come back out of order as they do under load.
 Calls are 227 tokens (describe's prompt plus its learned budget); 30,000 TPM / 180 RPM.
 
 Designs, side by side on the same seeds:
 - `ours`: the limiter as it is;
-- `down-half`: fresh readings followed half-way down as well as up (FOLLOW_FRESH_DOWN = 0.5, session 6);
 - `no-follow`: the same without following fresh readings (FOLLOW_FRESH = 0: the share drops to a
   lower reading at once and rises by RISE of the gap, as at a 10 s window);
 - `no-probe`: the same with the idle probe switched off (PROBE_WAIT = inf);
@@ -52,7 +51,6 @@ PRE_DELAY_S = 0.2
 CALLERS_PER_INSTANCE = 4
 DESIGNS: dict[str, dict[str, float]] = {
     "ours": {},
-    "down-half": {"FOLLOW_FRESH_DOWN": 0.5},
     "no-follow": {"FOLLOW_FRESH": 0.0},
     "no-probe": {"PROBE_WAIT": math.inf},
     "neither": {"FOLLOW_FRESH": 0.0, "PROBE_WAIT": 0.25},
@@ -71,9 +69,7 @@ def _constants(overrides: dict[str, float]) -> Iterator[None]:
             setattr(limiter_module, name, value)
 
 
-async def simulate(
-    instances: int, window_s: float, calls: int, seed: int, callers: int = CALLERS_PER_INSTANCE
-) -> dict[str, float]:
+async def simulate(instances: int, window_s: float, calls: int, seed: int) -> dict[str, float]:
     """One run: every call admitted in the end; returns 429 share and elapsed over the fastest possible."""
     rng = random.Random(seed)
     clock = FakeClock()
@@ -110,7 +106,7 @@ async def simulate(
                 reservation.cancel()
                 counts["refused"] += 1
 
-    await clock.run(asyncio.gather(*(caller(lim) for lim in limiters for _ in range(callers))))
+    await clock.run(asyncio.gather(*(caller(lim) for lim in limiters for _ in range(CALLERS_PER_INSTANCE))))
     windows_needed = calls * CALL_TOKENS / (TPM * window_s / 60)
     fastest = (math.ceil(windows_needed) - 1) * window_s + LATENCY_S
     total = counts["admitted"] + counts["refused"]
@@ -122,9 +118,6 @@ def main() -> None:
     parser.add_argument("--instances", default="8", help="instance counts, comma-separated")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--windows", default="10,60", help="server windows in seconds, comma-separated")
-    parser.add_argument(
-        "--callers", type=int, default=CALLERS_PER_INSTANCE, help="calls in flight per instance (the bench's 4)"
-    )
     args = parser.parse_args()
     calls_for = {10.0: 300, 60.0: 360}  # the real bench's runs: 13.6 and 2.7 windows of calls
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -138,9 +131,7 @@ def main() -> None:
         calls = calls_for.get(window_s, 300)
         for design, overrides in DESIGNS.items():
             with _constants(overrides):
-                runs = [
-                    asyncio.run(simulate(instances, window_s, calls, seed, args.callers)) for seed in range(args.seeds)
-                ]
+                runs = [asyncio.run(simulate(instances, window_s, calls, seed)) for seed in range(args.seeds)]
             share = [r["calls_429_share"] for r in runs]
             over = [r["elapsed_over_fastest"] for r in runs]
             figures = {

@@ -27,10 +27,9 @@ therefore paces like congestion control, from the service's own signals only:
   once when lower, by 15% of the gap per answer when higher (an answer taken just as the others'
   charges left the window would otherwise take their next calls' room). Where a latency is at most 5%
   of the window (fresh figures: the room shown is a moment old and `capacity - others` catches a share
-  briefly too high), once our slow start is over, it moves half-way up to a higher reading and a
-  tenth of the way down to a lower one: it takes up the room the others leave within a few answers,
-  and the low readings of a moment when our next calls were not yet sent (a part is a handful of
-  calls) do not pull it apart from the others' shares. Every instance may grow its
+  briefly too high), it moves half-way to each reading instead, both ways, once our slow start is
+  over: it takes up the room the others leave within a few answers, and one noisy low reading (a
+  part is a handful of calls) no longer cuts it at once. Every instance may grow its
   part by the same factor, so together they fill the window without overfilling it, and converge
   near 1/N each without knowing N; one instance alone keeps 1. A share is rarely a whole number of
   calls: the last, partial call is admitted with the probability of its fraction (a fresh draw after
@@ -103,13 +102,6 @@ RISE = 0.15
 # of calls, so its readings are noisy) no longer cuts it at once. Answers to calls admitted during our slow start
 # describe a window everyone was still doubling into, and keep the rules above.
 FOLLOW_FRESH = 0.5
-# Down, it follows a tenth of the way. A reading is low whenever our own window is short of our share at that
-# moment (our next calls not yet sent), and cutting half-way on each such reading, while the others' rise took the
-# room, let the shares of equal instances drift apart (on the bench, to a third of a fair share in two windows). The
-# instance left with the lowest then held the last items and sent them a window late. Simulated at 8 instances with
-# 4 calls in flight each, 60 s window, 20 seeds: 5 runs over 1.15x with half-way, 3 with this. A share that is truly
-# too high is still cut at once by a 429, and by the `capacity - others` check meanwhile.
-FOLLOW_FRESH_DOWN = 0.1
 FRESH_LATENCY = 0.05
 GUARD_OF_WINDOW = 0.05  # our charges count up to 5% of a window (or a quarter latency) longer
 # Probe: an idle instance (nothing in flight) whose head has waited this part of a window on its share alone may
@@ -599,8 +591,7 @@ class RateLimiter:
         if exiting:
             self.share = measured
         elif FOLLOW_FRESH and self._fresh() and at is not None and at >= self._slow_start_ended:
-            gain = FOLLOW_FRESH if measured >= self.share else FOLLOW_FRESH_DOWN
-            self.share += gain * (measured - self.share)  # see FOLLOW_FRESH and FOLLOW_FRESH_DOWN
+            self.share += FOLLOW_FRESH * (measured - self.share)  # see FOLLOW_FRESH
         elif measured <= self.share:
             self.share = measured
         else:  # up gently (about one call's worth per window of our calls, as TCP's 1/cwnd per ack): an answer

@@ -22,7 +22,6 @@ from shared.clock import Clock, MonotonicClock
 from shared.limiter import (
     CALL,
     DEFAULT_RETRY_AFTER_S,
-    FOLLOW_FRESH_DOWN,
     HEADROOM,
     MAX_PAUSE_S,
     MIN_SHARE,
@@ -474,13 +473,10 @@ def _reading(part: float) -> float:
     ("window_s", "fresh"),
     [(60.0, True), (10.0, False)],  # an answer 1 s after admission: 1.7% of the window, or 10% of it
 )
-async def test_with_fresh_figures_the_share_follows_a_reading_half_way_up_and_a_tenth_down(
-    window_s: float, fresh: bool
-) -> None:
-    """Fresh figures (a latency at most 5% of the window): the share moves half-way up to a higher reading and a
-    tenth of the way down to a lower one, since a part of a handful of calls reads low whenever our next calls are
-    not yet sent, and the `capacity - others` check covers a share briefly too high. Staler figures keep the old
-    rules: down to a lower reading at once, up by 15% of the gap."""
+async def test_with_fresh_figures_the_share_follows_each_reading_half_way(window_s: float, fresh: bool) -> None:
+    """Fresh figures (a latency at most 5% of the window): the share moves half-way to each reading, down as well as
+    up, since a part of a handful of calls reads noisily and the `capacity - others` check covers a share briefly too
+    high. Staler figures keep the old rules: down to a lower reading at once, up by 15% of the gap."""
     clock = FakeClock()
     limiter = RateLimiter(rpm=0, tpm=round(6000 * 60 / window_s), clock=clock, window_s=window_s)  # 6000 a window
     first = await limiter.acquire(1000)
@@ -488,7 +484,7 @@ async def test_with_fresh_figures_the_share_follows_a_reading_half_way_up_and_a_
     first.settle(1000)
     limiter.observe_headers({"x-ratelimit-remaining-tokens": "2000"}, admitted_at=first.charge.at)
     down = _reading(1000 / 4000)  # everyone held 4000 when `first` was admitted, we 1000 of it
-    assert limiter.share == pytest.approx(1.0 + FOLLOW_FRESH_DOWN * (down - 1.0) if fresh else down)
+    assert limiter.share == pytest.approx(1.0 + 0.5 * (down - 1.0) if fresh else down)
     second = await limiter.acquire(100)
     limiter.share = 0.1  # lower than the next reading, however it got there
     await clock.advance(1.0)
@@ -500,8 +496,7 @@ async def test_with_fresh_figures_the_share_follows_a_reading_half_way_up_and_a_
 
 async def test_answers_to_calls_admitted_in_our_slow_start_keep_the_old_rules() -> None:
     """Calls admitted while everyone was still doubling describe a window in flux: their answers cut the share at
-    once, even with fresh figures; answers to calls admitted after our slow start ended follow, a tenth of the way
-    down."""
+    once, even with fresh figures; answers to calls admitted after our slow start ended follow half-way."""
     clock = FakeClock()
     limiter = RateLimiter(rpm=0, tpm=6000, clock=clock, slow_start=True)  # 6000 a 60 s window
     first = await limiter.acquire(100)
@@ -523,7 +518,7 @@ async def test_answers_to_calls_admitted_in_our_slow_start_keep_the_old_rules() 
     await clock.advance(1.0)
     late.settle(100)
     limiter.observe_headers({"x-ratelimit-remaining-tokens": "500"}, admitted_at=late.charge.at)
-    assert limiter.share == pytest.approx(0.5 + FOLLOW_FRESH_DOWN * (_reading(400 / 5500) - 0.5))  # a tenth down
+    assert limiter.share == pytest.approx(0.5 + 0.5 * (_reading(400 / 5500) - 0.5))  # half-way
 
 
 async def _held_back_by_our_share(
