@@ -159,7 +159,7 @@ def where_time_went(r: PathRun, q: Quota) -> dict[str, Any]:
         "share_min": round(min(shares), 4) if shares else None,
         "share_max": round(max(shares), 4) if shares else None,
         "last_settled_s": [round(min(last), 1), round(max(last), 1)] if last else None,
-        # the limiters' latency (admission to answer): their fresh-figure rules apply up to 5% of the window
+        # the limiters' latency (admission to answer): their fresh-figure rules apply up to FRESH_LATENCY of the window
         "latency_s": [round(min(latency), 2), round(max(latency), 2)] if latency else None,
         "probes": sum(int(i.get("probes", 0)) for i in r.instances),
     }

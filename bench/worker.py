@@ -146,12 +146,16 @@ class Worker:
         if self.seed is not None:
             await self.seed.close()
         if self.app is not None:
-            limiter = self.app.model.limiter(self.app.settings.primary).stats()
+            limiter = self.limiter().stats()
             self.report.limiter_pauses = int(limiter.get("throttles", 0))
             self.report.share = float(limiter["share"])
             self.report.latency_s = float(limiter["latency_s"])
             self.report.probes = int(limiter["probes"])
             await self.app.close()
+
+    def limiter(self) -> Any:
+        """The instance's limiter for its primary deployment (ours and the static split only)."""
+        return self.app.model.limiter(self.app.settings.primary)
 
     async def handle(self, name: str, data: bytes) -> bool:
         """Blob path: raises what the host would retry. HTTP path: True for a 200."""
@@ -226,7 +230,7 @@ async def _serve(
                     work.put((item, attempt + 1))
 
     async def sample() -> None:  # the limiter over time: which instance fell behind, and when
-        limiter = worker.app.model.limiter(worker.app.settings.primary)
+        limiter = worker.limiter()
         while settled.value < cfg.total:
             s = limiter.stats()
             at = round(time.perf_counter() - started, 1)

@@ -739,7 +739,6 @@ class RateLimiter:
             # admission to answer, running mean: figures are fresh (the following and the probe apply) up to
             # FRESH_LATENCY of the window
             "latency_s": self._latency_s,
-            "fresh_up_to_s": FRESH_LATENCY * self.window_s,
             "paused_for_s": max(0.0, self._paused_until - now),
             "total_wait_s": self._total_wait_s,
             "max_wait_s": self._max_wait_s,
