@@ -1,6 +1,7 @@
 """N limiters sharing one quota, in virtual time: what a limiter rule does to 429s and elapsed time.
 
-`python -m bench.limiter_sim [--instances 8[,16,...]] [--seeds 10] [--windows 10,60] [--callers 4] [--call-tokens 232]`
+`python -m bench.limiter_sim [--instances 8[,16,...]] [--seeds 10] [--windows 10,60] [--callers 4] [--call-tokens 232]
+[--join K]`
 
 The real bench (`bench.throughput --instances N`) takes minutes a run on 2 cores and moves with the
 machine's load; this one takes seconds and isolates the limiter. Each instance is a `RateLimiter` as
@@ -22,11 +23,21 @@ Designs, side by side on the same seeds:
   lower reading at once and rises by RISE of the gap, as at a 10 s window);
 - `no-probe`: the same with the idle probe switched off (PROBE_WAIT = inf);
 - `neither`: no following, and the probe after a quarter of a window, as session 5 left them (but with
-  charges counted from when their request left, which cannot be switched off).
+  charges counted from when their request left, which cannot be switched off);
+- `equal-split`, a reference rather than a rule: each instance paces to exactly quota / N and reads
+  nothing from the answers but the server's limit and retry-after, the split an operator who knew N
+  would set. Where ours falls short of it, the shares cost the time, not the window accounting
+  (docs/throughput.md, session 8).
+
+`--join K`: K of the N instances start only after JOIN_AFTER_WINDOWS windows, into a quota the others
+already use in full, as Flex Consumption adds instances under load; every caller sends for JOIN_WINDOWS
+windows, with no end of work. It prints what each group sent per window over the last
+JOIN_MEASURED_WINDOWS windows and Jain's fairness index over every instance (1 = equal, 1/N = one
+instance has it all).
 
 "elapsed / fastest" uses the bench's fastest possible run: a full window at the start and at each
 window boundary, then one latency. The last line is one JSON object with every figure, keyed
-"<instances>x<window>s".
+"<instances>x<window>s" under "runs" (under "joins", "<instances>x<window>s+<K>", with `--join`).
 """
 
 from __future__ import annotations
@@ -38,13 +49,17 @@ import json
 import math
 import random
 import statistics
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from types import SimpleNamespace
+from typing import Any
 
 import shared.limiter as limiter_module
 from local.model_quota import Quota, QuotaLimits
-from shared.limiter import CALL, RateLimiter
+from shared.limiter import CALL, LIMIT_REQUESTS, LIMIT_TOKENS, RETRY_AFTER_MS, RateLimiter
 from tests.fake_clock import FakeClock
 
 TPM = 30_000
@@ -60,6 +75,10 @@ DESIGNS: dict[str, dict[str, float]] = {
     "no-probe": {"PROBE_WAIT": math.inf},
     "neither": {"FOLLOW_FRESH": 0.0, "PROBE_WAIT": 0.25},
 }
+EQUAL_SPLIT = "equal-split"  # a reference: quota / N per instance, nothing read from the answers (see above)
+JOIN_AFTER_WINDOWS = 3
+JOIN_WINDOWS = 15
+JOIN_MEASURED_WINDOWS = 3
 
 
 @contextmanager
@@ -74,6 +93,70 @@ def _constants(overrides: dict[str, float]) -> Iterator[None]:
             setattr(limiter_module, name, value)
 
 
+@dataclass
+class _Run:
+    """One simulated run: the server's quota on a virtual clock, and what each instance got admitted."""
+
+    window_s: float
+    seed: int
+    call_tokens: int
+    clock: FakeClock = field(default_factory=FakeClock)
+    admitted: Counter[tuple[int, int]] = field(default_factory=Counter)  # (instance, window) -> calls
+    refused: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.quota = Quota(QuotaLimits(rpm=RPM, tpm=TPM, window_s=self.window_s), clock=self.clock.now)
+
+    def limiter(self, index: int, instances: int, split: bool) -> tuple[RateLimiter, Callable[[Any], Awaitable[None]]]:
+        """An instance's limiter as the router builds it, and the hook its answers go through."""
+        if not split:
+            limiter = RateLimiter(
+                RPM, TPM, clock=self.clock, window_s=self.window_s, seed=self.seed * 100 + index, slow_start=True
+            )
+            return limiter, limiter.httpx_response_hook(wall_clock=lambda: 0.0, pace_retries=True)
+        limiter = RateLimiter(
+            RPM // instances, TPM // instances, clock=self.clock, window_s=self.window_s, seed=self.seed * 100 + index
+        )
+
+        async def split_hook(response: Any) -> None:  # the server's limit and retry-after, nothing else
+            limits = {k: v for k, v in response.headers.items() if k in (LIMIT_REQUESTS, LIMIT_TOKENS)}
+            limiter.observe_headers(limits)
+            if response.status_code == 429:
+                limiter.on_throttled(int(response.headers[RETRY_AFTER_MS]) / 1000, congestion=False)
+
+        return limiter, split_hook
+
+    async def call(self, index: int, limiter: RateLimiter, hook: Callable[[Any], Awaitable[None]]) -> None:
+        """One call, retried through the limiter until the quota admits it."""
+        sending = limiter.httpx_request_hook()
+        while True:
+            reservation = await limiter.acquire(self.call_tokens)
+            token = CALL.set(reservation)
+            try:
+                await self.clock.sleep(self.rng.random() * PRE_DELAY_S)
+                await sending(None)
+                decision = self.quota.try_acquire("d", self.call_tokens)
+                answered_in = LATENCY_S * (1 + JITTER * self.rng.expovariate(1.0)) if decision.allowed else 0.1
+                if decision.allowed:
+                    self.admitted[(index, int(self.clock.now() // self.window_s))] += 1
+                await self.clock.sleep(answered_in)
+                status = 200 if decision.allowed else 429
+                await hook(SimpleNamespace(status_code=status, headers=decision.headers()))
+            finally:
+                CALL.reset(token)
+            if decision.allowed:
+                reservation.settle(self.call_tokens)
+                return
+            reservation.cancel()
+            self.refused += 1
+
+    @property
+    def calls_429_share(self) -> float:
+        total = sum(self.admitted.values()) + self.refused
+        return self.refused / total if total else 0.0
+
+
 async def simulate(
     instances: int,
     window_s: float,
@@ -81,48 +164,82 @@ async def simulate(
     seed: int,
     callers: int = CALLERS_PER_INSTANCE,
     call_tokens: int = CALL_TOKENS,
+    split: bool = False,
 ) -> dict[str, float]:
-    """One run: every call admitted in the end; returns 429 share and elapsed over the fastest possible."""
-    rng = random.Random(seed)
-    clock = FakeClock()
-    quota = Quota(QuotaLimits(rpm=RPM, tpm=TPM, window_s=window_s), clock=clock.now)
-    limiters = [
-        RateLimiter(RPM, TPM, clock=clock, window_s=window_s, seed=seed * 100 + i, slow_start=True)
-        for i in range(instances)
-    ]
+    """One run: every call admitted in the end; returns 429 share and elapsed over the fastest possible.
+    `split`: the equal-split reference instead of the limiter as the router builds it."""
+    run = _Run(window_s, seed, call_tokens)
     work = list(range(calls))
-    counts = {"admitted": 0, "refused": 0}
 
-    async def caller(limiter: RateLimiter) -> None:
-        hook = limiter.httpx_response_hook(wall_clock=lambda: 0.0, pace_retries=True)
-        sending = limiter.httpx_request_hook()
+    async def caller(index: int, limiter: RateLimiter, hook: Callable[[Any], Awaitable[None]]) -> None:
         while work:
             work.pop()
-            while True:
-                reservation = await limiter.acquire(call_tokens)
-                token = CALL.set(reservation)
-                try:
-                    await clock.sleep(rng.random() * PRE_DELAY_S)
-                    await sending(None)
-                    decision = quota.try_acquire("d", call_tokens)
-                    answered_in = LATENCY_S * (1 + JITTER * rng.expovariate(1.0)) if decision.allowed else 0.1
-                    await clock.sleep(answered_in)
-                    status = 200 if decision.allowed else 429
-                    await hook(SimpleNamespace(status_code=status, headers=decision.headers()))
-                finally:
-                    CALL.reset(token)
-                if decision.allowed:
-                    reservation.settle(call_tokens)
-                    counts["admitted"] += 1
-                    break
-                reservation.cancel()
-                counts["refused"] += 1
+            await run.call(index, limiter, hook)
 
-    await clock.run(asyncio.gather(*(caller(lim) for lim in limiters for _ in range(callers))))
+    limiters = [run.limiter(i, instances, split) for i in range(instances)]
+    await run.clock.run(asyncio.gather(*(caller(i, *limiters[i]) for i in range(instances) for _ in range(callers))))
     windows_needed = calls * call_tokens / (TPM * window_s / 60)
     fastest = (math.ceil(windows_needed) - 1) * window_s + LATENCY_S
-    total = counts["admitted"] + counts["refused"]
-    return {"calls_429_share": counts["refused"] / total, "elapsed_over_fastest": clock.now() / fastest}
+    return {"calls_429_share": run.calls_429_share, "elapsed_over_fastest": run.clock.now() / fastest}
+
+
+async def simulate_join(
+    instances: int,
+    joiners: int,
+    window_s: float,
+    seed: int,
+    callers: int = CALLERS_PER_INSTANCE,
+    call_tokens: int = CALL_TOKENS,
+    split: bool = False,
+) -> dict[str, float]:
+    """`joiners` of `instances` start after JOIN_AFTER_WINDOWS windows; every caller sends until JOIN_WINDOWS
+    windows have passed. Returns the calls per window per instance of each group over the last
+    JOIN_MEASURED_WINDOWS windows, Jain's index over all instances, and the 429 share."""
+    run = _Run(window_s, seed, call_tokens)
+    end = JOIN_WINDOWS * window_s
+    first = instances - joiners
+
+    async def caller(index: int, limiter: RateLimiter, hook: Callable[[Any], Awaitable[None]]) -> None:
+        if index >= first:
+            await run.clock.sleep(JOIN_AFTER_WINDOWS * window_s)
+        while run.clock.now() < end:
+            await run.call(index, limiter, hook)
+
+    limiters = [run.limiter(i, instances, split) for i in range(instances)]
+    await run.clock.run(asyncio.gather(*(caller(i, *limiters[i]) for i in range(instances) for _ in range(callers))))
+    measured = range(JOIN_WINDOWS - JOIN_MEASURED_WINDOWS, JOIN_WINDOWS)
+    per_window = [sum(run.admitted[(i, w)] for w in measured) / len(measured) for i in range(instances)]
+    squares = sum(x * x for x in per_window)
+    return {
+        "incumbents_calls_per_window": statistics.mean(per_window[:first]) if first else 0.0,
+        "joiners_calls_per_window": statistics.mean(per_window[first:]) if joiners else 0.0,
+        "jain_index": sum(per_window) ** 2 / (instances * squares) if squares else 0.0,
+        "calls_429_share": run.calls_429_share,
+    }
+
+
+def _runs(design: str, seeds: int, one_run: Callable[..., Awaitable[dict[str, float]]]) -> list[dict[str, float]]:
+    """Every seed of one design: a rule variant (its constants overridden) or the equal-split reference."""
+    with _constants(DESIGNS.get(design, {})):
+        return [asyncio.run(one_run(seed=seed, split=design == EQUAL_SPLIT)) for seed in range(seeds)]
+
+
+def _bench_figures(runs: list[dict[str, float]]) -> dict[str, float]:
+    share = [r["calls_429_share"] for r in runs]
+    over = [r["elapsed_over_fastest"] for r in runs]
+    return {
+        "calls_429_share_mean": statistics.mean(share),
+        "calls_429_share_max": max(share),
+        "elapsed_over_fastest_mean": statistics.mean(over),
+        "elapsed_over_fastest_max": max(over),
+        "runs_over_1_15": sum(o > 1.15 for o in over),
+    }
+
+
+def _join_figures(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {name: statistics.mean(r[name] for r in runs) for name in runs[0]} | {
+        "jain_index_min": min(r["jain_index"] for r in runs)
+    }
 
 
 def main() -> None:
@@ -132,39 +249,64 @@ def main() -> None:
     parser.add_argument("--windows", default="10,60", help="server windows in seconds, comma-separated")
     parser.add_argument("--callers", type=int, default=CALLERS_PER_INSTANCE, help="calls in flight per instance")
     parser.add_argument("--call-tokens", type=int, default=CALL_TOKENS, help="what the quota charges a call")
+    parser.add_argument("--join", type=int, default=0, help="this many of the instances start late (see above)")
     args = parser.parse_args()
     calls_for = {10.0: 300, 60.0: 360}  # the real bench's runs: 13.6 and 2.7 windows of calls
+    designs = [*DESIGNS, EQUAL_SPLIT]
     results: dict[str, dict[str, dict[str, float]]] = {}
-    print(
-        "| instances | window | design | 429s per call, mean (max) | elapsed / fastest, mean (max) | runs over 1.15x |"
-    )
-    print("|---|---|---|---|---|---|")
+    if args.join:
+        print(
+            f"| instances | window | design | calls / window, the {args.join} joiners "
+            "| calls / window, the others | Jain's index, mean (min) | 429s per call |"
+        )
+    else:
+        print(
+            "| instances | window | design | 429s per call, mean (max) | elapsed / fastest, mean (max) "
+            "| runs over 1.15x |"
+        )
+    print("|---|---|---|---|---|---|---|" if args.join else "|---|---|---|---|---|---|")
     for instances, window_s in itertools.product(
         (int(n) for n in args.instances.split(",")), [float(w) for w in args.windows.split(",")]
     ):
         calls = calls_for.get(window_s, 300)
-        for design, overrides in DESIGNS.items():
-            with _constants(overrides):
-                runs = [
-                    asyncio.run(simulate(instances, window_s, calls, seed, args.callers, args.call_tokens))
-                    for seed in range(args.seeds)
-                ]
-            share = [r["calls_429_share"] for r in runs]
-            over = [r["elapsed_over_fastest"] for r in runs]
-            figures = {
-                "calls_429_share_mean": statistics.mean(share),
-                "calls_429_share_max": max(share),
-                "elapsed_over_fastest_mean": statistics.mean(over),
-                "elapsed_over_fastest_max": max(over),
-                "runs_over_1_15": sum(o > 1.15 for o in over),
-            }
+        for design in designs:
+            if args.join:
+                joiners = min(args.join, instances - 1)
+                figures = _join_figures(
+                    _runs(
+                        design,
+                        args.seeds,
+                        partial(
+                            simulate_join,
+                            instances,
+                            joiners,
+                            window_s,
+                            callers=args.callers,
+                            call_tokens=args.call_tokens,
+                        ),
+                    )
+                )
+                results.setdefault(f"{instances}x{window_s:g}s+{joiners}", {})[design] = figures
+                print(
+                    f"| {instances} | {window_s:g} s | {design} | {figures['joiners_calls_per_window']:.1f} "
+                    f"| {figures['incumbents_calls_per_window']:.1f} | {figures['jain_index']:.2f} "
+                    f"({figures['jain_index_min']:.2f}) | {figures['calls_429_share']:.1%} |"
+                )
+                continue
+            figures = _bench_figures(
+                _runs(
+                    design,
+                    args.seeds,
+                    partial(simulate, instances, window_s, calls, callers=args.callers, call_tokens=args.call_tokens),
+                )
+            )
             results.setdefault(f"{instances}x{window_s:g}s", {})[design] = figures
             print(
                 f"| {instances} | {window_s:g} s, {calls} calls | {design} | {figures['calls_429_share_mean']:.1%} "
                 f"({figures['calls_429_share_max']:.1%}) | {figures['elapsed_over_fastest_mean']:.2f} "
                 f"({figures['elapsed_over_fastest_max']:.2f}) | {figures['runs_over_1_15']} of {args.seeds} |"
             )
-    print(json.dumps({"seeds": args.seeds, "runs": results}))
+    print(json.dumps({"seeds": args.seeds, "joins" if args.join else "runs": results}))
 
 
 if __name__ == "__main__":
