@@ -513,9 +513,17 @@ class RateLimiter:
     # --- server feedback --------------------------------------------------------------
 
     def observe_headers(
-        self, headers: Mapping[str, str], *, throttled: bool = False, admitted_at: float | None = None
+        self,
+        headers: Mapping[str, str],
+        *,
+        throttled: bool = False,
+        admitted_at: float | None = None,
+        answered: bool = True,
     ) -> None:
         """Learn from one answer's `x-ratelimit-*` headers (see the module docstring).
+
+        `answered=False` for an error other than a 429: its missing remaining-headers do not mean the
+        server never sends them.
 
         Missing, malformed or negative values (Azure sends -1 on some APIs) are ignored.
         """
@@ -547,8 +555,10 @@ class RateLimiter:
             capacity = self._server_capacity("rpm" if name == REMAINING_REQUESTS else "tpm")
             others.observe(max(0.0, capacity - remaining - own), now, self.window_s, self._latency_s)
         if not seen:
-            if not throttled:
-                self._slow_start = None  # the server sends no remaining-headers: nothing to start slowly from
+            if answered and not throttled and not self._news:  # no remaining-headers: nothing to start slowly
+                self._slow_start = None  # from; our bound paces alone (waiting for news would keep one call going)
+                self._news = True
+                self._wake_head()
             return
         if not self._news:  # slow start is over: the server has told us what the others hold
             self._news = True
@@ -680,7 +690,8 @@ class RateLimiter:
             throttled = response.status_code == 429
             call = CALL.get()
             admitted_at = call.charge.at if call is not None and call.charge is not None else None
-            self.observe_headers(headers, throttled=throttled, admitted_at=admitted_at)
+            answered = 200 <= response.status_code < 300
+            self.observe_headers(headers, throttled=throttled, admitted_at=admitted_at, answered=answered)
             if throttled:
                 seconds = parse_retry_after(headers, wall_clock())
                 congestion = not (self.enabled and self._throttle_reports_room(headers))

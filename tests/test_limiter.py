@@ -599,6 +599,29 @@ async def test_slow_start_one_call_until_the_server_speaks_then_one_more_per_ans
     assert limiter.stats()["slow_start"] is None
 
 
+async def test_an_endpoint_without_remaining_headers_ends_slow_start_and_paces_by_our_bound() -> None:
+    """A proxy or OpenAI-compatible server that names no x-ratelimit-remaining-*: slow start has nothing to
+    learn from, so it ends at the first answer and our bound paces alone (it used to keep one call in flight
+    for good, waiting for news that never came)."""
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=600, tpm=100_000, clock=clock, slow_start=True)
+    first = await limiter.acquire(100)
+    waiting = asyncio.ensure_future(limiter.acquire(100))
+    await clock.advance(0.5)
+    assert not waiting.done()  # slow start: one call until the first answer
+    limiter.observe_headers({"x-ratelimit-limit-tokens": "100000"}, answered=False)  # a 500: says nothing
+    await clock.advance(0.0)
+    assert not waiting.done()
+    limiter.observe_headers({"x-ratelimit-limit-tokens": "100000"})  # an answer: no remaining-headers
+    first.settle(100)
+    await clock.advance(0.0)
+    assert waiting.done()
+    more = [asyncio.ensure_future(limiter.acquire(100)) for _ in range(5)]
+    await clock.advance(0.0)
+    assert all(call.done() for call in more)  # six in flight: the bound is far away
+    assert limiter.stats()["slow_start"] is None
+
+
 async def test_throttle_pauses_all_callers_halves_the_share_then_releases_them_at_it() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=60, tpm=0, clock=clock, window_s=10)  # 10 per 10 s window
