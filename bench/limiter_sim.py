@@ -24,6 +24,9 @@ Designs, side by side on the same seeds:
 - `no-probe`: the same with the idle probe switched off (PROBE_WAIT = inf);
 - `neither`: no following, and the probe after a quarter of a window, as session 5 left them (but with
   charges counted from when their request left, which cannot be switched off);
+- `static-split`: the limiter with its bound at quota / N (`VLM_TPM` / `VLM_RPM` divided, the bench's
+  `ours-static-split`);
+- `fixed-split`: the limiter's fixed split (`VLM_RATE_SPLIT` = N: quota / N each, no share learned);
 - `equal-split`, a reference rather than a rule: each instance paces to exactly quota / N and reads
   nothing from the answers but the server's limit and retry-after, the split an operator who knew N
   would set. Where ours falls short of it, the shares cost the time, not the window accounting
@@ -75,7 +78,10 @@ DESIGNS: dict[str, dict[str, float]] = {
     "no-probe": {"PROBE_WAIT": math.inf},
     "neither": {"FOLLOW_FRESH": 0.0, "PROBE_WAIT": 0.25},
 }
+STATIC_SPLIT = "static-split"  # the limiter with its bound at quota / N
+FIXED_SPLIT = "fixed-split"  # the limiter with VLM_RATE_SPLIT = N
 EQUAL_SPLIT = "equal-split"  # a reference: quota / N per instance, nothing read from the answers (see above)
+SPLITS = (STATIC_SPLIT, FIXED_SPLIT, EQUAL_SPLIT)
 JOIN_AFTER_WINDOWS = 3
 JOIN_WINDOWS = 15
 JOIN_MEASURED_WINDOWS = 3
@@ -108,11 +114,21 @@ class _Run:
         self.rng = random.Random(self.seed)
         self.quota = Quota(QuotaLimits(rpm=RPM, tpm=TPM, window_s=self.window_s), clock=self.clock.now)
 
-    def limiter(self, index: int, instances: int, split: bool) -> tuple[RateLimiter, Callable[[Any], Awaitable[None]]]:
-        """An instance's limiter as the router builds it, and the hook its answers go through."""
-        if not split:
+    def limiter(
+        self, index: int, instances: int, split: str | None
+    ) -> tuple[RateLimiter, Callable[[Any], Awaitable[None]]]:
+        """An instance's limiter as the router builds it (its bound at quota / N for `STATIC_SPLIT`, its split at N
+        for `FIXED_SPLIT`), and the hook its answers go through; `EQUAL_SPLIT`: the reference."""
+        if split != EQUAL_SPLIT:
+            divisor = instances if split == STATIC_SPLIT else 1
             limiter = RateLimiter(
-                RPM, TPM, clock=self.clock, window_s=self.window_s, seed=self.seed * 100 + index, slow_start=True
+                RPM // divisor,
+                TPM // divisor,
+                clock=self.clock,
+                window_s=self.window_s,
+                seed=self.seed * 100 + index,
+                slow_start=True,
+                split=instances if split == FIXED_SPLIT else 0,
             )
             return limiter, limiter.httpx_response_hook(wall_clock=lambda: 0.0, pace_retries=True)
         limiter = RateLimiter(
@@ -164,10 +180,10 @@ async def simulate(
     seed: int,
     callers: int = CALLERS_PER_INSTANCE,
     call_tokens: int = CALL_TOKENS,
-    split: bool = False,
+    split: str | None = None,
 ) -> dict[str, float]:
     """One run: every call admitted in the end; returns 429 share and elapsed over the fastest possible.
-    `split`: the equal-split reference instead of the limiter as the router builds it."""
+    `split`: one of SPLITS instead of the limiter at the quota."""
     run = _Run(window_s, seed, call_tokens)
     work = list(range(calls))
 
@@ -190,7 +206,7 @@ async def simulate_join(
     seed: int,
     callers: int = CALLERS_PER_INSTANCE,
     call_tokens: int = CALL_TOKENS,
-    split: bool = False,
+    split: str | None = None,
 ) -> dict[str, float]:
     """`joiners` of `instances` start after JOIN_AFTER_WINDOWS windows; every caller sends until JOIN_WINDOWS
     windows have passed. Returns the calls per window per instance of each group over the last
@@ -219,9 +235,10 @@ async def simulate_join(
 
 
 def _runs(design: str, seeds: int, one_run: Callable[..., Awaitable[dict[str, float]]]) -> list[dict[str, float]]:
-    """Every seed of one design: a rule variant (its constants overridden) or the equal-split reference."""
+    """Every seed of one design: a rule variant (its constants overridden) or a split."""
     with _constants(DESIGNS.get(design, {})):
-        return [asyncio.run(one_run(seed=seed, split=design == EQUAL_SPLIT)) for seed in range(seeds)]
+        split = design if design in SPLITS else None
+        return [asyncio.run(one_run(seed=seed, split=split)) for seed in range(seeds)]
 
 
 def _bench_figures(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -252,7 +269,7 @@ def main() -> None:
     parser.add_argument("--join", type=int, default=0, help="this many of the instances start late (see above)")
     args = parser.parse_args()
     calls_for = {10.0: 300, 60.0: 360}  # the real bench's runs: 13.6 and 2.7 windows of calls
-    designs = [*DESIGNS, EQUAL_SPLIT]
+    designs = [*DESIGNS, *SPLITS]
     results: dict[str, dict[str, dict[str, float]]] = {}
     if args.join:
         print(

@@ -67,6 +67,11 @@ param vlmRpm int = 0
 @description('Client-side tokens-per-minute limit per instance (VLM_TPM); 0 = off.')
 param vlmTpm int = 0
 
+@minValue(0)
+@maxValue(1000)
+@description('Split the quota evenly and fixed among this many instances (VLM_RATE_SPLIT): set it to maximumInstanceCount when the instance count is pinned and instances added under load must get their part at once; 0 = each instance learns its share from the service.')
+param vlmRateSplit int = 0
+
 // ---- Monitoring ----
 
 @description('Action group resource id the alerts (sustained 429s, poison records) notify; empty: they show in the portal only.')
@@ -380,6 +385,7 @@ module functionApp 'modules/functionapp.bicep' = {
     batchCollectSchedule: batchCollectSchedule
     vlmRpm: vlmRpm
     vlmTpm: vlmTpm
+    vlmRateSplit: vlmRateSplit
     imagesContainerName: imagesContainerName
     resultsContainerName: resultsContainerName
     cacheContainerName: cacheContainerName

@@ -45,6 +45,13 @@ therefore paces like congestion control, from the service's own signals only:
 - `VLM_RPM` / `VLM_TPM` are the upper bound for one instance (set them to the deployment's
   quota), not a divisor. 0 disables a dimension until the server names its limit in
   `x-ratelimit-limit-requests|tokens`, which is then used as the bound.
+- **Fixed split** (`split` = N, `VLM_RATE_SPLIT`), opt-in for apps whose instance count is pinned: each
+  instance paces to its bound / N, fixed. No slow start, no share, no probe; the remaining-headers still
+  keep it out of a window the others have filled, and a 429 pauses it without a cut. The proportional
+  share is efficient but keeps whatever split the instances settle on, so an instance that starts
+  while the others fill the quota keeps one call per window (`python -m bench.limiter_sim --join`);
+  a fixed split gives it its 1/N at once, and leaves (N - running) / N of the quota unused while fewer
+  instances run.
 
 `acquire()` is strictly FIFO: only the head of the queue may take quota, so a big image request is
 never starved by small ones. A request bigger than the window's capacity is let through when our
@@ -271,13 +278,18 @@ class RateLimiter:
         window_s: float = 60.0,
         seed: int | None = None,
         slow_start: bool = False,
+        split: int = 0,
     ) -> None:
         if rpm < 0 or tpm < 0:
             raise ValueError("rpm and tpm must be >= 0 (0 disables a dimension)")
         if window_s <= 0:
             raise ValueError("window_s must be > 0")
+        if split < 0:
+            raise ValueError("split must be >= 0 (0: the adaptive share)")
+        slow_start = slow_start and not split
         self.rpm = rpm
         self.tpm = tpm
+        self.split = split  # N > 0: a fixed 1/N of the bound (see the module docstring); 0: the adaptive share
         self.window_s = window_s
         self.share = 1.0
         self._clock: Clock = clock or MonotonicClock()
@@ -316,18 +328,22 @@ class RateLimiter:
         """The server's window in one dimension ("rpm" or "tpm"): as it names it, else our configured bound."""
         return self._server_limit.get(attr, getattr(self, attr)) * self.window_s / 60.0
 
+    def _bound(self, attr: str) -> float:
+        """Our bound's window capacity in one dimension ("rpm" or "tpm"): VLM_RPM|VLM_TPM scaled to the window,
+        over the split when there is one."""
+        return getattr(self, attr) * self.window_s / 60.0 / max(1, self.split)
+
     def _dims(self) -> list[tuple[float, float, _Others, Callable[[_Charge], int], int]]:
         """Per dimension: (our bound's window capacity, the server's, the others' charge, a charge's amount, the
-        amount of this call). A bound below the server's limit (VLM_TPM set to a part of the quota) caps our
-        window; the share and the others' calls are parts of the server's window."""
-        scale = self.window_s / 60.0
+        amount of this call). A bound below the server's limit (VLM_TPM set to a part of the quota, or a split)
+        caps our window; the share and the others' calls are parts of the server's window."""
         dims: list[tuple[float, float, _Others, Callable[[_Charge], int], int]] = []
         if self.rpm:
             dims.append(
-                (self.rpm * scale, self._server_capacity("rpm"), self._others_requests, lambda c: c.requests, 1)
+                (self._bound("rpm"), self._server_capacity("rpm"), self._others_requests, lambda c: c.requests, 1)
             )
         if self.tpm:
-            dims.append((self.tpm * scale, self._server_capacity("tpm"), self._others_tokens, lambda c: c.tokens, -1))
+            dims.append((self._bound("tpm"), self._server_capacity("tpm"), self._others_tokens, lambda c: c.tokens, -1))
         return dims
 
     # --- acquiring --------------------------------------------------------------------
@@ -449,7 +465,7 @@ class RateLimiter:
 
     def _may_probe(self) -> bool:
         """Idle after slow start: a probe's answer is then the only way our share can learn the others left."""
-        return self._news and self._slow_start is None and self._in_flight == 0 and self._fresh()
+        return not self.split and self._news and self._slow_start is None and self._in_flight == 0 and self._fresh()
 
     def _fresh(self) -> bool:
         """An answer's figures are a small part of a window old (see FRESH_LATENCY)."""
@@ -563,8 +579,8 @@ class RateLimiter:
         if not self._news:  # slow start is over: the server has told us what the others hold
             self._news = True
             self._wake_head()
-        if throttled:
-            return
+        if throttled or self.split:
+            return  # a split is fixed: the others' figure (the room) was all this answer could change
         # Proportional share: in the fullest dimension, what we held of what everyone held when the answered
         # call was admitted. Each instance may grow its part of the window by the same factor, so together they
         # fill the window without overfilling it, whatever their number; one instance alone gets all of it.
@@ -647,7 +663,7 @@ class RateLimiter:
         now = self._clock.now()
         pause = DEFAULT_RETRY_AFTER_S if math.isnan(retry_after_s) else min(max(0.0, retry_after_s), MAX_PAUSE_S)
         self._throttles += 1
-        if not congestion:  # see _throttle_reports_room: wait as told, nothing more
+        if not congestion or self.split:  # see _throttle_reports_room (a split is fixed): wait as told, no more
             self._paused_until = max(self._paused_until, now + pause)
             return
         if self._slow_start is not None and self.enabled:  # slow start overshot: half of what our window holds
@@ -726,19 +742,18 @@ class RateLimiter:
         """A snapshot for logs and benchmarks (available = what one more call could take now; None = off)."""
         now = self._clock.now()
         self._window.expire(now)
-        scale = self.window_s / 60.0
 
         def available(attr: str, others: _Others, own: int) -> float | None:
-            bound = getattr(self, attr)
-            if not bound:
+            if not getattr(self, attr):
                 return None
             capacity = self._server_capacity(attr)
-            return min(self.share * capacity, bound * scale, capacity - others.now(now, self.window_s)) - own
+            return min(self.share * capacity, self._bound(attr), capacity - others.now(now, self.window_s)) - own
 
         return {
             "rpm": self.rpm,
             "tpm": self.tpm,
             "share": self.share,
+            "split": self.split,
             "slow_start": self._slow_start,
             "available_requests": available("rpm", self._others_requests, self._window.requests),
             "available_tokens": available("tpm", self._others_tokens, self._window.tokens),

@@ -374,7 +374,12 @@ class ModelRouter:
         if target.label not in self._limiters:
             s = self.settings
             self._limiters[target.label] = RateLimiter(
-                s.vlm_rpm, s.vlm_tpm, clock=self.clock, window_s=s.vlm_rate_window_s, slow_start=True
+                s.vlm_rpm,
+                s.vlm_tpm,
+                clock=self.clock,
+                window_s=s.vlm_rate_window_s,
+                slow_start=True,
+                split=s.vlm_rate_split,
             )
         return self._limiters[target.label]
 

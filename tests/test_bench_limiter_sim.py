@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.limiter_sim import DESIGNS, EQUAL_SPLIT, _constants, simulate, simulate_join
+from bench.limiter_sim import DESIGNS, EQUAL_SPLIT, FIXED_SPLIT, SPLITS, _constants, simulate, simulate_join
 from shared import limiter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,12 +43,14 @@ async def test_following_fresh_readings_and_the_probe_keep_a_60_s_run_in_its_thr
         assert spills(without) > spills(ours) and mean(without) > mean(ours) + 0.05, design
 
 
-async def test_an_equal_split_keeps_the_60_s_run_in_its_three_windows() -> None:
+@pytest.mark.parametrize("split", [EQUAL_SPLIT, FIXED_SPLIT])
+async def test_an_equal_split_keeps_the_60_s_run_in_its_three_windows(split: str) -> None:
     """The reference an operator who knew N would set (quota / N each, nothing read from the answers but
-    the limit and retry-after): at the bench's load it needs no fourth window. Where ours does, the shares
-    cost the time, not the window accounting (docs/throughput.md, session 8)."""
+    the limit and retry-after), and the limiter's own fixed split (VLM_RATE_SPLIT = N): at the bench's load
+    neither needs a fourth window. Where ours does, the shares cost the time, not the window accounting
+    (docs/throughput.md, session 8)."""
     for seed in range(3):
-        run = await simulate(8, 60.0, 360, seed, split=True)
+        run = await simulate(8, 60.0, 360, seed, split=split)
         assert run["elapsed_over_fastest"] < 1.1, seed
         assert run["calls_429_share"] < 0.02, seed
 
@@ -56,9 +58,10 @@ async def test_an_equal_split_keeps_the_60_s_run_in_its_three_windows() -> None:
 async def test_the_join_scenario_counts_what_each_group_sends() -> None:
     """Instances that join after a few windows: the equal split gives them what it gives the others, so the
     measurement can tell a fair design from an unfair one (ours, today: docs/throughput.md, session 8)."""
-    split = await simulate_join(4, 2, 10.0, seed=1, split=True)
-    assert split["jain_index"] > 0.95
-    assert split["joiners_calls_per_window"] > 0.8 * split["incumbents_calls_per_window"] > 0
+    for design in (EQUAL_SPLIT, FIXED_SPLIT):
+        split = await simulate_join(4, 2, 60.0, seed=1, split=design)
+        assert split["jain_index"] > 0.95, design
+        assert split["joiners_calls_per_window"] > 0.8 * split["incumbents_calls_per_window"] > 0, design
 
 
 def test_the_overrides_are_put_back() -> None:
@@ -79,7 +82,7 @@ def test_the_last_line_is_json_with_every_design_per_window() -> None:
         check=True,
     ).stdout
     last = json.loads(out.strip().splitlines()[-1])
-    assert set(last["runs"]["8x10s"]) == {*DESIGNS, EQUAL_SPLIT}
+    assert set(last["runs"]["8x10s"]) == {*DESIGNS, *SPLITS}
     assert 0.0 <= last["runs"]["8x10s"]["ours"]["calls_429_share_mean"] <= 1.0
 
 
@@ -107,6 +110,6 @@ def test_join_prints_each_group_per_design() -> None:
     ).stdout
     last = json.loads(out.strip().splitlines()[-1])
     figures = last["joins"]["2x10s+1"]
-    assert set(figures) == {*DESIGNS, EQUAL_SPLIT}
+    assert set(figures) == {*DESIGNS, *SPLITS}
     assert figures[EQUAL_SPLIT]["jain_index"] > 0.9
     assert "| 2 | 10 s | ours |" in out

@@ -1004,6 +1004,12 @@ def test_model_parameters_have_azd_defaults_equal_to_the_bicep_defaults():
     assert "openAiDeploymentCapacity" in params(MAIN) and "fallbackDeploymentCapacity" in params(MAIN)
 
 
+def test_the_rate_split_is_an_app_setting_from_its_parameter():
+    app_module = next(b for _, source, b in modules(MAIN) if source.endswith("functionapp.bicep"))
+    assert text(get(app_module, "params.vlmRateSplit")) == "vlmRateSplit"
+    assert {"VLM_TPM", "VLM_RPM", "VLM_RATE_SPLIT"} <= set(app_settings())
+
+
 def test_vlm_model_and_fallback_model_are_wired_from_the_parameters():
     settings = app_settings()
     assert text(settings["VLM_MODEL"].value) == "vlmModel"

@@ -396,6 +396,43 @@ async def test_a_bound_below_the_servers_limit_caps_our_window_and_the_others_fi
     blocked.cancel()
 
 
+async def test_a_fixed_split_paces_to_its_part_of_the_bound_from_the_first_call() -> None:
+    """VLM_RATE_SPLIT = 4: a quarter of 6000 tokens a window, at once (no slow start: the split is known), and
+    the answers' parts never move it: a late instance gets its quarter as the others do (the adaptive share
+    keeps whatever split the instances settle on)."""
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock, slow_start=True, split=4)
+    calls = [await asyncio.wait_for(limiter.acquire(100), 0.1) for _ in range(15)]  # 1500 of 6000 / 4
+    over = asyncio.ensure_future(limiter.acquire(100))
+    await clock.advance(1.0)
+    assert not over.done()
+    # An answer that shows us holding all of a part-empty window: the adaptive share would follow it.
+    limiter.observe_headers(
+        {"x-ratelimit-limit-tokens": "6000", "x-ratelimit-remaining-tokens": "4500"}, admitted_at=calls[-1].charge.at
+    )
+    assert limiter.share == 1.0 and limiter.stats()["split"] == 4
+    assert limiter.stats()["available_tokens"] == pytest.approx(0)  # still 1500 of our 1500
+    await clock.advance(60.0)
+    assert over.done()  # our own charges left the window
+    over.cancel()
+
+
+async def test_a_fixed_split_keeps_out_of_a_window_the_others_filled_and_a_429_only_pauses_it() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=0, tpm=6000, clock=clock, split=4)
+    first = await limiter.acquire(100)
+    limiter.observe_headers(
+        {"x-ratelimit-limit-tokens": "6000", "x-ratelimit-remaining-tokens": "0"}, admitted_at=first.charge.at
+    )
+    first.settle(100)
+    blocked = asyncio.ensure_future(limiter.acquire(100))
+    await clock.advance(10.0)
+    assert not blocked.done()  # within our quarter, but the others hold the rest of the server's window
+    blocked.cancel()
+    limiter.on_throttled(5.0)
+    assert limiter.share == 1.0 and limiter.stats()["paused_for_s"] == pytest.approx(5.0)
+
+
 async def test_the_share_is_our_part_of_the_servers_window_down_at_once_up_gently() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=0, tpm=6000, clock=clock)
@@ -692,6 +729,8 @@ def test_rejects_bad_arguments() -> None:
         RateLimiter(rpm=-1, tpm=0)
     with pytest.raises(ValueError):
         RateLimiter(rpm=1, tpm=1, window_s=0)
+    with pytest.raises(ValueError):
+        RateLimiter(rpm=1, tpm=1, split=-2)
 
 
 async def test_stats_report_waiting_and_wait_time() -> None:

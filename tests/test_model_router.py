@@ -159,6 +159,26 @@ async def test_the_limiter_counts_a_call_from_when_its_request_left():
     assert CALL.get() is None  # the router puts it back
 
 
+def test_the_router_builds_its_limiters_with_the_fixed_split_when_one_is_set():
+    from tests.fake_clock import FakeClock
+
+    model = ScriptedModel()
+    settings = Settings.from_env({**ENV, "VLM_TPM": "8000", "VLM_RATE_SPLIT": "8"})
+    stats = (
+        ModelRouter(settings, clock=FakeClock(), client_factory=model.client_factory())
+        .limiter(settings.primary)
+        .stats()
+    )
+    assert stats["split"] == 8 and stats["slow_start"] is None and stats["available_tokens"] == pytest.approx(1000)
+    adaptive = Settings.from_env({**ENV, "VLM_TPM": "8000"})
+    stats = (
+        ModelRouter(adaptive, clock=FakeClock(), client_factory=model.client_factory())
+        .limiter(adaptive.primary)
+        .stats()
+    )
+    assert stats["split"] == 0 and stats["slow_start"] == 1.0
+
+
 # --- adaptive parameters, missing deployments, shared state (issues 10 and 11) -------------------
 
 UNSUPPORTED_MAX_TOKENS = {

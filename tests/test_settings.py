@@ -64,6 +64,8 @@ def test_identity_based_storage_is_enough():
         ("MAX_IMAGE_BYTES", "0"),
         ("DEFAULT_DETAIL", "ultra"),
         ("DEFAULT_TASK", "descibe"),
+        ("VLM_RATE_SPLIT", "-1"),
+        ("VLM_RATE_SPLIT", "eight"),
     ],
 )
 def test_malformed_setting_names_the_variable(name, value):
