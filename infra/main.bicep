@@ -60,11 +60,11 @@ param instanceMemoryMB int = 2048
 param maximumInstanceCount int = 40
 
 @minValue(0)
-@description('Client-side requests-per-minute limit per instance (VLM_RPM); 0 = off.')
+@description('Client-side requests-per-minute bound per instance (VLM_RPM); 0 = the capacity of the deployment this template creates (6 RPM per 1000 TPM, as Azure allots it), or, with an existing endpoint, off until the service names its limit.')
 param vlmRpm int = 0
 
 @minValue(0)
-@description('Client-side tokens-per-minute limit per instance (VLM_TPM); 0 = off.')
+@description('Client-side tokens-per-minute bound per instance (VLM_TPM); 0 = the capacity of the deployment this template creates, or, with an existing endpoint, off until the service names its limit.')
 param vlmTpm int = 0
 
 @minValue(0)
@@ -383,8 +383,10 @@ module functionApp 'modules/functionapp.bicep' = {
     batchEnqueuedTokens: batchDeploymentCapacity * 1000
     batchSubmitSchedule: batchSubmitSchedule
     batchCollectSchedule: batchCollectSchedule
-    vlmRpm: vlmRpm
-    vlmTpm: vlmTpm
+    // Azure OpenAI's chat answers carry x-ratelimit-remaining-* but not always the limit itself, so the
+    // limiter is given the deployment's quota rather than left to learn it (README, "Settings").
+    vlmRpm: vlmRpm > 0 || !createOpenAi ? vlmRpm : openAiDeploymentCapacity * 6
+    vlmTpm: vlmTpm > 0 || !createOpenAi ? vlmTpm : openAiDeploymentCapacity * 1000
     vlmRateSplit: vlmRateSplit
     imagesContainerName: imagesContainerName
     resultsContainerName: resultsContainerName

@@ -1004,8 +1004,14 @@ def test_model_parameters_have_azd_defaults_equal_to_the_bicep_defaults():
     assert "openAiDeploymentCapacity" in params(MAIN) and "fallbackDeploymentCapacity" in params(MAIN)
 
 
-def test_the_rate_split_is_an_app_setting_from_its_parameter():
+def test_the_limiter_is_given_the_created_deployments_quota_unless_told_otherwise():
+    """Azure's chat answers name what remains, not always the limit: with VLM_TPM/VLM_RPM at 0 and no
+    x-ratelimit-limit-* the limiter would pace nothing. The template passes the deployment it creates
+    (capacity x 1000 TPM, 6 RPM per 1000 TPM); a value set in azd, or an existing endpoint, is passed as is."""
     app_module = next(b for _, source, b in modules(MAIN) if source.endswith("functionapp.bicep"))
+    tpm, rpm = text(get(app_module, "params.vlmTpm")), text(get(app_module, "params.vlmRpm"))
+    assert tpm == "vlmTpm > 0 || !createOpenAi ? vlmTpm : openAiDeploymentCapacity * 1000"
+    assert rpm == "vlmRpm > 0 || !createOpenAi ? vlmRpm : openAiDeploymentCapacity * 6"
     assert text(get(app_module, "params.vlmRateSplit")) == "vlmRateSplit"
     assert {"VLM_TPM", "VLM_RPM", "VLM_RATE_SPLIT"} <= set(app_settings())
 
