@@ -7,8 +7,11 @@ the image back, up to 5 deliveries, then it is poisoned) and HTTP (each worker i
 concurrent callers of the HTTP handler). Three designs:
 
 - ours: today's limiter, VLM_TPM / VLM_RPM at the deployment's quota on every instance;
-- ours-static-split: the same with the README's advice, quota / N per instance;
-- seed: bench/seed_baseline_client.py, its limiter at the deployment's quota on every instance.
+- ours-static-split: the same with the README's old advice, quota / N per instance;
+- seed: bench/seed_baseline_client.py, its limiter at the deployment's quota on every instance;
+
+and, when asked for (`--designs ...,ours-fixed-split`), ours-fixed-split: VLM_RATE_SPLIT = N, each
+instance at a fixed 1/N of the quota (the opt-in for pinned instance counts).
 
 Per design and path: images/min, share of the quota charged, 429s per call, failed items, elapsed
 against the fastest possible, tokens charged against tokens used. The last line printed is one
@@ -28,7 +31,9 @@ from typing import Any
 from bench.worker import WorkerConfig, run_worker
 from shared.limiter import FRESH_LATENCY
 
-DESIGNS = ("ours", "ours-static-split", "seed")
+DESIGNS = ("ours", "ours-static-split", "seed")  # the default run, issue 12's three
+FIXED_SPLIT = "ours-fixed-split"
+ALL_DESIGNS = (*DESIGNS, FIXED_SPLIT)
 PATHS = ("blob", "http")
 DESCRIBE_MAX_TOKENS = 1000  # what both designs reserve for describe (shared/tasks.py DEFAULT_MAX_TOKENS)
 START_TIMEOUT_S = 180.0
@@ -175,9 +180,13 @@ def describe_time(r: PathRun, q: Quota, instances: int) -> str:
         parts.append(f"{k}: {w['admitted']} calls{filled}{timing}, {w['refused']} 429s")
     lines = ["  windows: " + "; ".join(parts)]
     if t["share_min"] is not None:
+        shares = (
+            f"shares {t['share_min']:.3f}-{t['share_max']:.3f} (an equal split is {1 / instances:.3f})"
+            if r.design != FIXED_SPLIT
+            else f"a fixed split, 1/{instances} each"
+        )
         lines.append(
-            f"  instances: shares {t['share_min']:.3f}-{t['share_max']:.3f} (an equal split is {1 / instances:.3f}); "
-            f"last items settled at {t['last_settled_s'][0]}-{t['last_settled_s'][1]} s"
+            f"  instances: {shares}; last items settled at {t['last_settled_s'][0]}-{t['last_settled_s'][1]} s"
         )
     if t["latency_s"] is not None:
         lines.append(
@@ -218,7 +227,8 @@ def run_path(
     for i in range(images):
         work.put((i, 0))
     rpm, tpm = instance_quota(design, instances, q)
-    cfg = WorkerConfig(design, path, f"{url}/v1", rpm, tpm, q.window_s, per_instance, images)
+    split = instances if design == FIXED_SPLIT else 0
+    cfg = WorkerConfig(design, path, f"{url}/v1", rpm, tpm, q.window_s, per_instance, images, split)
     procs = [
         ctx.Process(
             target=run_worker,

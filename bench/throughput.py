@@ -283,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--per-instance", type=int, default=4, help="with --instances: items in flight per instance")
     p.add_argument("--paths", default="blob,http", help="with --instances: blob, http or both (default)")
-    p.add_argument("--designs", default="ours,ours-static-split,seed", help="with --instances: which designs")
+    p.add_argument(
+        "--designs",
+        default="ours,ours-static-split,seed",
+        help="with --instances: which designs (also ours-fixed-split: VLM_RATE_SPLIT = N)",
+    )
     a = p.parse_args(argv)
     if a.instances is not None and a.instances < 1:
         p.error("--instances must be at least 1")
@@ -342,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                     per_instance=a.per_instance,
                     images=a.images,
                     quota=multi.Quota(a.tpm, rpm, a.window_s, a.latency_ms / 1000),
-                    designs=_choices(a.designs, multi.DESIGNS, p),
+                    designs=_choices(a.designs, multi.ALL_DESIGNS, p),
                     paths=_choices(a.paths, multi.PATHS, p),
                 )
                 multi.print_json(doc)  # the last line printed

@@ -31,7 +31,7 @@ TRACE_S = 1.0
 class WorkerConfig:
     """What the parent tells one worker: the design, the path and its share of the quota."""
 
-    design: str  # "ours" | "ours-static-split" | "seed"
+    design: str  # "ours" | "ours-static-split" | "ours-fixed-split" | "seed"
     path: str  # "blob" | "http"
     url: str  # the model server, OpenAI-compatible base (…/v1)
     rpm: int  # this instance's client-side limiter
@@ -39,6 +39,7 @@ class WorkerConfig:
     window_s: float
     concurrency: int  # items in flight on this instance
     total: int  # items in the whole run; a worker stops when this many are settled
+    split: int = 0  # VLM_RATE_SPLIT (ours-fixed-split: the instance count)
 
 
 @dataclass
@@ -80,6 +81,7 @@ def worker_settings(cfg: WorkerConfig) -> Any:
             "VLM_TPM": str(cfg.tpm),
             "VLM_RPM": str(cfg.rpm),
             "VLM_RATE_WINDOW_S": str(cfg.window_s),
+            "VLM_RATE_SPLIT": str(cfg.split),
             "VLM_TIMEOUT_S": "60",
             "VLM_MAX_RETRIES": "3",
         }
@@ -154,7 +156,7 @@ class Worker:
             await self.app.close()
 
     def limiter(self) -> Any:
-        """The instance's limiter for its primary deployment (ours and the static split only)."""
+        """The instance's limiter for its primary deployment (ours and its splits, not the seed)."""
         return self.app.model.limiter(self.app.settings.primary)
 
     async def handle(self, name: str, data: bytes) -> bool:

@@ -68,6 +68,17 @@ def test_static_split_divides_the_quota_and_the_others_take_all_of_it():
     assert instance_quota("seed", 8, q) == (180, 30_000)
 
 
+def test_the_fixed_split_design_gives_each_worker_the_whole_quota_and_the_split():
+    from bench.multi import FIXED_SPLIT, Quota, instance_quota
+    from bench.worker import WorkerConfig, worker_settings
+
+    q = Quota(tpm=30_000, rpm=180, window_s=60, latency_s=1)
+    assert instance_quota(FIXED_SPLIT, 8, q) == (180, 30_000)  # VLM_TPM stays the quota: the split divides it
+    settings = worker_settings(WorkerConfig(FIXED_SPLIT, "blob", "http://x/v1", 180, 30_000, 60, 4, 10, split=8))
+    assert (settings.vlm_rate_split, settings.vlm_tpm) == (8, 30_000)
+    assert worker_settings(WorkerConfig("ours", "blob", "http://x/v1", 180, 30_000, 60, 4, 10)).vlm_rate_split == 0
+
+
 def test_fastest_possible_counts_a_window_per_windows_worth_of_charges():
     from bench.multi import PathRun, Quota
 
