@@ -167,6 +167,19 @@ class _Run:
             reservation.cancel()
             self.refused += 1
 
+    async def drive(
+        self,
+        instances: int,
+        split: str | None,
+        callers: int,
+        caller: Callable[[int, RateLimiter, Callable[[Any], Awaitable[None]]], Awaitable[None]],
+    ) -> None:
+        """Every instance's callers, to the end, on the virtual clock."""
+        limiters = [self.limiter(i, instances, split) for i in range(instances)]
+        await self.clock.run(
+            asyncio.gather(*(caller(i, *limiters[i]) for i in range(instances) for _ in range(callers)))
+        )
+
     @property
     def calls_429_share(self) -> float:
         total = sum(self.admitted.values()) + self.refused
@@ -192,8 +205,7 @@ async def simulate(
             work.pop()
             await run.call(index, limiter, hook)
 
-    limiters = [run.limiter(i, instances, split) for i in range(instances)]
-    await run.clock.run(asyncio.gather(*(caller(i, *limiters[i]) for i in range(instances) for _ in range(callers))))
+    await run.drive(instances, split, callers, caller)
     windows_needed = calls * call_tokens / (TPM * window_s / 60)
     fastest = (math.ceil(windows_needed) - 1) * window_s + LATENCY_S
     return {"calls_429_share": run.calls_429_share, "elapsed_over_fastest": run.clock.now() / fastest}
@@ -221,8 +233,7 @@ async def simulate_join(
         while run.clock.now() < end:
             await run.call(index, limiter, hook)
 
-    limiters = [run.limiter(i, instances, split) for i in range(instances)]
-    await run.clock.run(asyncio.gather(*(caller(i, *limiters[i]) for i in range(instances) for _ in range(callers))))
+    await run.drive(instances, split, callers, caller)
     measured = range(JOIN_WINDOWS - JOIN_MEASURED_WINDOWS, JOIN_WINDOWS)
     per_window = [sum(run.admitted[(i, w)] for w in measured) / len(measured) for i in range(instances)]
     squares = sum(x * x for x in per_window)

@@ -71,16 +71,21 @@ def test_the_overrides_are_put_back() -> None:
     assert limiter.PROBE_WAIT == before
 
 
-@pytest.mark.subprocess
-def test_the_last_line_is_json_with_every_design_per_window() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.limiter_sim", "--seeds", "1", "--windows", "10"],
+def _sim(*args: str) -> str:
+    """`python -m bench.limiter_sim` with these arguments; its standard output."""
+    return subprocess.run(
+        [sys.executable, "-m", "bench.limiter_sim", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
     ).stdout
+
+
+@pytest.mark.subprocess
+def test_the_last_line_is_json_with_every_design_per_window() -> None:
+    out = _sim("--seeds", "1", "--windows", "10")
     last = json.loads(out.strip().splitlines()[-1])
     assert set(last["runs"]["8x10s"]) == {*DESIGNS, *SPLITS}
     assert 0.0 <= last["runs"]["8x10s"]["ours"]["calls_429_share_mean"] <= 1.0
@@ -88,26 +93,7 @@ def test_the_last_line_is_json_with_every_design_per_window() -> None:
 
 @pytest.mark.subprocess
 def test_join_prints_each_group_per_design() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.limiter_sim",
-            "--seeds",
-            "1",
-            "--windows",
-            "10",
-            "--instances",
-            "2",
-            "--join",
-            "1",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    out = _sim("--seeds", "1", "--windows", "10", "--instances", "2", "--join", "1")
     last = json.loads(out.strip().splitlines()[-1])
     figures = last["joins"]["2x10s+1"]
     assert set(figures) == {*DESIGNS, *SPLITS}
