@@ -33,8 +33,8 @@ therefore paces like congestion control, from the service's own signals only:
   part by the same factor, so together they fill the window without overfilling it, without knowing
   N; one instance alone keeps 1. The same factor keeps whatever ratios the shares have: they do not
   even out (1.4-3.3x apart at 8 instances, and an instance that starts into a full window keeps one
-  call: docs/throughput.md, session 8; a fixed split below is the opt-in). A share is rarely a whole number of
-  calls: the last, partial call is admitted with the probability of its fraction (a fresh draw after
+  call: docs/throughput.md, session 8; a fixed split below is the opt-in). A share is rarely a
+  whole number of calls: the last, partial call is admitted with the probability of its fraction (a fresh draw after
   each admission), so eight instances with 2.75 calls each do not all round down to 2.
 - **Probe when idle.** The share rises only on an answer, so an instance held back by its share with
   nothing in flight learns nothing. When the queue runs dry, the instances left holding the last items
