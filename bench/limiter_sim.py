@@ -63,6 +63,8 @@ from typing import Any
 import shared.limiter as limiter_module
 from local.model_quota import Quota, QuotaLimits
 from shared.limiter import CALL, LIMIT_REQUESTS, LIMIT_TOKENS, RETRY_AFTER_MS, RateLimiter
+from shared.peers import PeerRegistry, period_for
+from tests.blob_fakes import MemoryPeerStore
 from tests.fake_clock import FakeClock
 
 TPM = 30_000
@@ -81,7 +83,8 @@ DESIGNS: dict[str, dict[str, float]] = {
 STATIC_SPLIT = "static-split"  # the limiter with its bound at quota / N
 FIXED_SPLIT = "fixed-split"  # the limiter with VLM_RATE_SPLIT = N
 EQUAL_SPLIT = "equal-split"  # a reference: quota / N per instance, nothing read from the answers (see above)
-SPLITS = (STATIC_SPLIT, FIXED_SPLIT, EQUAL_SPLIT)
+COUNTED = "counted"  # the limiter with VLM_RATE_PEERS: the live instances counted in (simulated) storage
+SPLITS = (STATIC_SPLIT, FIXED_SPLIT, EQUAL_SPLIT, COUNTED)
 JOIN_AFTER_WINDOWS = 3
 JOIN_WINDOWS = 15
 JOIN_MEASURED_WINDOWS = 3
@@ -109,16 +112,32 @@ class _Run:
     clock: FakeClock = field(default_factory=FakeClock)
     admitted: Counter[tuple[int, int]] = field(default_factory=Counter)  # (instance, window) -> calls
     refused: int = 0
+    end: float = 0.0
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.quota = Quota(QuotaLimits(rpm=RPM, tpm=TPM, window_s=self.window_s), clock=self.clock.now)
+        self.peer_store = MemoryPeerStore(self.clock)
+        self.registries: list[PeerRegistry] = []
 
     def limiter(
         self, index: int, instances: int, split: str | None
     ) -> tuple[RateLimiter, Callable[[Any], Awaitable[None]]]:
         """An instance's limiter as the router builds it (its bound at quota / N for `STATIC_SPLIT`, its split at N
         for `FIXED_SPLIT`), and the hook its answers go through; `EQUAL_SPLIT`: the reference."""
+        if split == COUNTED:
+            registry = PeerRegistry(self.peer_store, f"i{index:04d}", period_for(self.window_s), clock=self.clock)
+            self.registries.append(registry)
+            limiter = RateLimiter(
+                RPM,
+                TPM,
+                clock=self.clock,
+                window_s=self.window_s,
+                seed=self.seed * 100 + index,
+                slow_start=True,
+                peers=registry,
+            )
+            return limiter, limiter.httpx_response_hook(wall_clock=lambda: 0.0, pace_retries=True)
         if split != EQUAL_SPLIT:
             divisor = instances if split == STATIC_SPLIT else 1
             limiter = RateLimiter(
@@ -176,9 +195,14 @@ class _Run:
     ) -> None:
         """Every instance's callers, to the end, on the virtual clock."""
         limiters = [self.limiter(i, instances, split) for i in range(instances)]
-        await self.clock.run(
-            asyncio.gather(*(caller(i, *limiters[i]) for i in range(instances) for _ in range(callers)))
-        )
+
+        async def everyone() -> None:
+            await asyncio.gather(*(caller(i, *limiters[i]) for i in range(instances) for _ in range(callers)))
+            self.end = self.clock.now()
+            for registry in self.registries:
+                await registry.close()
+
+        await self.clock.run(everyone())
 
     @property
     def calls_429_share(self) -> float:
@@ -208,7 +232,7 @@ async def simulate(
     await run.drive(instances, split, callers, caller)
     windows_needed = calls * call_tokens / (TPM * window_s / 60)
     fastest = (math.ceil(windows_needed) - 1) * window_s + LATENCY_S
-    return {"calls_429_share": run.calls_429_share, "elapsed_over_fastest": run.clock.now() / fastest}
+    return {"calls_429_share": run.calls_429_share, "elapsed_over_fastest": run.end / fastest}
 
 
 async def simulate_join(

@@ -6,12 +6,15 @@ run: blob (each worker pulls images and runs the blob trigger's processor; a tra
 the image back, up to 5 deliveries, then it is poisoned) and HTTP (each worker is a set of
 concurrent callers of the HTTP handler). Three designs:
 
-- ours: today's limiter, VLM_TPM / VLM_RPM at the deployment's quota on every instance;
-- ours-static-split: the same with the README's old advice, quota / N per instance;
+- ours: today's defaults, VLM_TPM / VLM_RPM at the deployment's quota on every instance, each counting
+  the busy instances in shared storage (VLM_RATE_PEERS=storage, shared/peers.py: an Azurite the bench
+  starts, in memory, as the storage account every Flex instance of an app shares);
+- ours-static-split: the adaptive share with the README's old advice, quota / N per instance;
 - seed: bench/seed_baseline_client.py, its limiter at the deployment's quota on every instance;
 
-and, when asked for (`--designs ...,ours-fixed-split`), ours-fixed-split: VLM_RATE_SPLIT = N, each
-instance at a fixed 1/N of the quota (the opt-in for pinned instance counts).
+and, when asked for (`--designs ...`): ours-fixed-split, VLM_RATE_SPLIT = N, each instance at a fixed
+1/N of the quota (the opt-in for pinned instance counts); ours-adaptive, VLM_RATE_PEERS=off, the share
+each instance learns from the answers alone (the default until the count, session 9).
 
 Per design and path: images/min, share of the quota charged, 429s per call, failed items, elapsed
 against the fastest possible, tokens charged against tokens used. The last line printed is one
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +37,9 @@ from shared.limiter import FRESH_LATENCY
 
 DESIGNS = ("ours", "ours-static-split", "seed")  # the default run, issue 12's three
 FIXED_SPLIT = "ours-fixed-split"
-ALL_DESIGNS = (*DESIGNS, FIXED_SPLIT)
+ADAPTIVE = "ours-adaptive"
+ALL_DESIGNS = (*DESIGNS, FIXED_SPLIT, ADAPTIVE)
+COUNTED = ("ours",)  # designs whose instances count themselves in storage
 PATHS = ("blob", "http")
 DESCRIBE_MAX_TOKENS = 1000  # what both designs reserve for describe (shared/tasks.py DEFAULT_MAX_TOKENS)
 START_TIMEOUT_S = 180.0
@@ -159,6 +165,7 @@ def where_time_went(r: PathRun, q: Quota) -> dict[str, Any]:
     shares = [float(i["share"]) for i in r.instances if i.get("share") is not None]
     last = [float(i.get("last_settled_s", 0.0)) for i in r.instances]
     latency = [float(i["latency_s"]) for i in r.instances if i.get("latency_s") is not None]
+    counted = [int(i.get("split_max", 0)) for i in r.instances] if r.design in COUNTED else []
     return {
         "windows": out_windows,
         "share_min": round(min(shares), 4) if shares else None,
@@ -167,6 +174,8 @@ def where_time_went(r: PathRun, q: Quota) -> dict[str, Any]:
         # the limiters' latency (admission to answer): their fresh-figure rules apply up to FRESH_LATENCY of the window
         "latency_s": [round(min(latency), 2), round(max(latency), 2)] if latency else None,
         "probes": sum(int(i.get("probes", 0)) for i in r.instances),
+        # ours: the most instances each counted at once (VLM_RATE_PEERS), lowest and highest over the instances
+        "counted": [min(counted), max(counted)] if any(counted) else None,
     }
 
 
@@ -180,11 +189,11 @@ def describe_time(r: PathRun, q: Quota, instances: int) -> str:
         parts.append(f"{k}: {w['admitted']} calls{filled}{timing}, {w['refused']} 429s")
     lines = ["  windows: " + "; ".join(parts)]
     if t["share_min"] is not None:
-        shares = (
-            f"shares {t['share_min']:.3f}-{t['share_max']:.3f} (an equal split is {1 / instances:.3f})"
-            if r.design != FIXED_SPLIT
-            else f"a fixed split, 1/{instances} each"
-        )
+        shares = f"shares {t['share_min']:.3f}-{t['share_max']:.3f} (an equal split is {1 / instances:.3f})"
+        if r.design == FIXED_SPLIT:
+            shares = f"a fixed split, 1/{instances} each"
+        elif t.get("counted"):
+            shares = f"counted up to {t['counted'][0]}-{t['counted'][1]} busy instances in storage, 1/N each"
         lines.append(
             f"  instances: {shares}; last items settled at {t['last_settled_s'][0]}-{t['last_settled_s'][1]} s"
         )
@@ -218,7 +227,15 @@ def instance_quota(design: str, instances: int, q: Quota) -> tuple[int, int]:
 
 
 def run_path(
-    url: str, admin: Any, design: str, path: str, instances: int, per_instance: int, images: int, q: Quota
+    url: str,
+    admin: Any,
+    design: str,
+    path: str,
+    instances: int,
+    per_instance: int,
+    images: int,
+    q: Quota,
+    peers: str = "",
 ) -> PathRun:
     """One design on one path: reset the server, start N workers, time from the common start to the last item."""
     ctx = mp.get_context("spawn")  # fresh interpreters: nothing inherited, as on separate instances
@@ -228,7 +245,10 @@ def run_path(
         work.put((i, 0))
     rpm, tpm = instance_quota(design, instances, q)
     split = instances if design == FIXED_SPLIT else 0
-    cfg = WorkerConfig(design, path, f"{url}/v1", rpm, tpm, q.window_s, per_instance, images, split)
+    counted = peers if design in COUNTED else ""
+    # a container per run: the last run's instances leave the count when they close, but only best effort
+    container = f"peers-{path}-{time.time_ns() % 10**12}"
+    cfg = WorkerConfig(design, path, f"{url}/v1", rpm, tpm, q.window_s, per_instance, images, split, counted, container)
     procs = [
         ctx.Process(
             target=run_worker,
@@ -305,11 +325,43 @@ def run(
     paths: tuple[str, ...] = PATHS,
 ) -> dict[str, Any]:
     """Every design on every path; prints progress and the table; returns the JSON document."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        peers = ""
+        if any(d in COUNTED for d in designs):  # the storage account the instances count themselves in
+            from local import procs
+            from local.azurite import start_azurite
+
+            azurite = stack.enter_context(
+                start_azurite(
+                    stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-azurite-")),
+                    blob_port=procs.free_port(),
+                    queue_port=procs.free_port(),
+                    in_memory=True,
+                )
+            )
+            peers = azurite.connection_string
+        runs = _run_all(url, admin, instances, per_instance, images, quota, designs, paths, peers)
+    return _document(runs, instances, per_instance, images, quota, designs)
+
+
+def _run_all(
+    url: str,
+    admin: Any,
+    instances: int,
+    per_instance: int,
+    images: int,
+    quota: Quota,
+    designs: tuple[str, ...],
+    paths: tuple[str, ...],
+    peers: str,
+) -> list[PathRun]:
     runs: list[PathRun] = []
     for design in designs:
         for path in paths:
             print(f"running {design}, {path} path, {instances} instances x {per_instance} in flight ...", flush=True)
-            r = run_path(url, admin, design, path, instances, per_instance, images, quota)
+            r = run_path(url, admin, design, path, instances, per_instance, images, quota, peers)
             runs.append(r)
             fails = ", ".join(f"{k} {v}" for k, v in sorted(r.failures.items()))
             print(
@@ -318,6 +370,12 @@ def run(
                 flush=True,
             )
             print(describe_time(r, quota, instances), flush=True)
+    return runs
+
+
+def _document(
+    runs: list[PathRun], instances: int, per_instance: int, images: int, quota: Quota, designs: tuple[str, ...]
+) -> dict[str, Any]:
     print()
     print(table(runs, quota))
     print()

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--designs",
         default="ours,ours-static-split,seed",
-        help="with --instances: which designs (also ours-fixed-split: VLM_RATE_SPLIT = N)",
+        help="with --instances: which designs (also ours-fixed-split: VLM_RATE_SPLIT = N; ours-adaptive: VLM_RATE_PEERS=off)",
     )
     a = p.parse_args(argv)
     if a.instances is not None and a.instances < 1:

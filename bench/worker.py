@@ -40,6 +40,10 @@ class WorkerConfig:
     concurrency: int  # items in flight on this instance
     total: int  # items in the whole run; a worker stops when this many are settled
     split: int = 0  # VLM_RATE_SPLIT (ours-fixed-split: the instance count)
+    # ours: the storage every instance counts itself in (VLM_RATE_PEERS, shared/peers.py), a connection string to
+    # the bench's Azurite, and the container for this run's count; "": VLM_RATE_PEERS off (the other designs)
+    peers: str = ""
+    peers_container: str = "cache"
 
 
 @dataclass
@@ -52,6 +56,8 @@ class WorkerReport:
     failures: dict[str, int] = field(default_factory=dict)
     limiter_pauses: int = 0
     share: float | None = None  # the limiter's share of the quota when the run ended (ours only)
+    split: int = 0  # the limiter's split when the run ended: fixed, or the instances it counted (0: the share)
+    split_max: int = 0  # the most instances it counted at once (sampled once a second)
     last_settled_s: float = 0.0  # from the common start to this instance's last settled item
     latency_s: float | None = None  # the limiter's running mean from admission to answer (ours only)
     probes: int = 0  # calls its limiter sent as idle probes
@@ -59,15 +65,19 @@ class WorkerReport:
     trace: list[tuple[float, float, int, int, int]] = field(default_factory=list)
 
 
-def build_pipeline(settings: Any, blobs: Any = None) -> Any:
+def build_pipeline(settings: Any, blobs: Any = None, peer_blobs: Any = None) -> Any:
     """The one place a worker builds what the pipeline talks to: an instance's application object.
 
-    Nothing is cached (every image costs a model call); `blobs` is the instance's blob store.
+    Nothing is cached (every image costs a model call); `blobs` is the instance's blob store; `peer_blobs` the
+    storage shared by every instance, where they count themselves (VLM_RATE_PEERS; else `blobs`).
     """
-    from shared.app import App
+    from shared.app import App, peer_registry
     from shared.cache import MemoryLRU, ResultCache
+    from shared.model import ModelRouter
 
-    return App.build(settings, cache=ResultCache(MemoryLRU(0)), blobs=blobs)
+    peers = peer_registry(settings, peer_blobs if peer_blobs is not None else blobs)
+    model = ModelRouter(settings, peers=peers)
+    return App.build(settings, model=model, cache=ResultCache(MemoryLRU(0)), blobs=blobs)
 
 
 def worker_settings(cfg: WorkerConfig) -> Any:
@@ -76,7 +86,10 @@ def worker_settings(cfg: WorkerConfig) -> Any:
     return Settings.from_env(
         {
             "VLM_ENDPOINT": cfg.url,
-            "VlmStorage": "UseDevelopmentStorage=true",  # never contacted: the blob store is in memory
+            # the blob store is in memory; storage is contacted only for the instance count (ours)
+            "VlmStorage": cfg.peers or "UseDevelopmentStorage=true",
+            "VLM_RATE_PEERS": "storage" if cfg.peers else "off",
+            "CACHE_CONTAINER": cfg.peers_container,
             "VLM_DEPLOYMENT": "bench",  # the local model server takes any deployment name
             "VLM_TPM": str(cfg.tpm),
             "VLM_RPM": str(cfg.rpm),
@@ -123,6 +136,7 @@ class Worker:
         self.app: Any = None
         self.processor: Any = None
         self.seed: Any = None
+        self.peer_blobs: Any = None
 
     async def open(self) -> None:
         if self.cfg.design == "seed":
@@ -130,7 +144,12 @@ class Worker:
 
             self.seed = SeedClient(self.cfg.url, rpm=self.cfg.rpm, tpm=self.cfg.tpm, timeout_s=60)
             return
-        self.app = build_pipeline(worker_settings(self.cfg), memory_blobs())
+        settings = worker_settings(self.cfg)
+        if self.cfg.peers:
+            from shared.storage import BlobStore
+
+            self.peer_blobs = BlobStore(settings)
+        self.app = build_pipeline(settings, memory_blobs(), self.peer_blobs)
         if self.cfg.path == "blob":
             from shared.blob_job import BlobProcessor
 
@@ -151,9 +170,12 @@ class Worker:
             limiter = self.limiter().stats()
             self.report.limiter_pauses = int(limiter.get("throttles", 0))
             self.report.share = float(limiter["share"])
+            self.report.split = int(limiter["split"])
             self.report.latency_s = float(limiter["latency_s"])
             self.report.probes = int(limiter["probes"])
             await self.app.close()
+        if self.peer_blobs is not None:
+            await self.peer_blobs.close()
 
     def limiter(self) -> Any:
         """The instance's limiter for its primary deployment (ours and its splits, not the seed)."""
@@ -235,6 +257,7 @@ async def _serve(
         limiter = worker.limiter()
         while settled.value < cfg.total:
             s = limiter.stats()
+            report.split_max = max(report.split_max, int(s["split"]))
             at = round(time.perf_counter() - started, 1)
             report.trace.append((at, round(s["share"], 4), s["waiting"], s["in_flight"], s["probes"]))
             await asyncio.sleep(TRACE_S)

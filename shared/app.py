@@ -86,7 +86,7 @@ class App:
         from .storage import BlobStore
 
         blobs = blobs if blobs is not None else BlobStore(settings)
-        model = model if model is not None else ModelRouter(settings)
+        model = model if model is not None else ModelRouter(settings, peers=peer_registry(settings, blobs))
         book = getattr(model, "book", None)
         if not isinstance(book, DeploymentBook):  # a plain ChatBackend (tests): a book of its own
             book = DeploymentBook(settings)
@@ -103,7 +103,7 @@ class App:
         )
 
     async def close(self) -> None:
-        """Close the clients (on the loop they belong to)."""
+        """Close the clients (on the loop they belong to); the model first, so its instance count can leave."""
         for part in (self.model, self.blobs):
             close = getattr(part, "close", None)
             if close is not None:
@@ -141,3 +141,16 @@ async def close_app() -> None:
     old, _app = _app, None
     if old is not None and old.loop is asyncio.get_running_loop():
         await old.close()
+
+
+def peer_registry(settings: Settings, blobs: BlobContainers) -> Any:
+    """This worker's entry in the count of busy instances (shared/peers.py), or None: VLM_RATE_PEERS off, or a
+    fixed VLM_RATE_SPLIT. The id is this process's own: each worker process has its own limiter."""
+    if settings.vlm_rate_peers != "storage" or settings.vlm_rate_split:
+        return None
+    import uuid
+
+    from .peers import BlobPeerStore, PeerRegistry, period_for
+
+    store = BlobPeerStore(lambda: blobs.container(settings.cache_container))
+    return PeerRegistry(store, uuid.uuid4().hex, period_for(settings.vlm_rate_window_s))

@@ -269,6 +269,17 @@ class Reservation:
         self.limiter._give_back(self, requests=1, tokens=self.estimated_tokens)
 
 
+class Peers(Protocol):
+    """The live instance count (shared/peers.py `PeerRegistry`): read at each admission, kept current by itself."""
+
+    @property
+    def view(self) -> Any: ...  # .count (0: not read yet) and .rank
+
+    def watch(self, busy: Callable[[], bool], changed: Callable[[], None]) -> None: ...
+
+    def wake(self) -> None: ...
+
+
 class RateLimiter:
     """FIFO, windowed, AIMD-paced RPM/TPM limiter (see the module docstring)."""
 
@@ -281,6 +292,7 @@ class RateLimiter:
         seed: int | None = None,
         slow_start: bool = False,
         split: int = 0,
+        peers: Peers | None = None,
     ) -> None:
         if rpm < 0 or tpm < 0:
             raise ValueError("rpm and tpm must be >= 0 (0 disables a dimension)")
@@ -288,10 +300,13 @@ class RateLimiter:
             raise ValueError("window_s must be > 0")
         if split < 0:
             raise ValueError("split must be >= 0 (0: the adaptive share)")
+        if split and peers is not None:
+            raise ValueError("a fixed split and a counted one are exclusive")
         slow_start = slow_start and not split
         self.rpm = rpm
         self.tpm = tpm
-        self.split = split  # N > 0: a fixed 1/N of the bound (see the module docstring); 0: the adaptive share
+        self._fixed_split = split  # N > 0: a fixed 1/N of the bound (see the module docstring); 0: none
+        self._peers = peers  # the live instance count (shared/peers.py), once read: a split of that many
         self.window_s = window_s
         self.share = 1.0
         self._clock: Clock = clock or MonotonicClock()
@@ -321,6 +336,21 @@ class RateLimiter:
         self._throttles = 0
         self._total_wait_s = 0.0
         self._max_wait_s = 0.0
+        if peers is not None:
+            peers.watch(lambda: bool(self._queue) or self._in_flight > 0, self._wake_head)
+
+    @property
+    def split(self) -> int:
+        """N > 0: pace to 1/N of the bound (fixed, or the live instances counted); 0: the adaptive share."""
+        return self._fixed_split or (self._peers.view.count if self._peers is not None else 0)
+
+    def _partial_point(self) -> float:
+        """Where our partial call's fraction must reach for it to go (see `_ready_at`). Counted instances take
+        evenly spaced fixed points by rank (rank / N), so of N partial calls of fraction f, floor(N x f) go
+        in every window; a draw each (`_dither`) lets a binomial number go, over the quota about half the time."""
+        if self._peers is not None and self._peers.view.count:
+            return self._peers.view.rank / self._peers.view.count
+        return self._dither
 
     @property
     def enabled(self) -> bool:
@@ -358,6 +388,8 @@ class RateLimiter:
         """
         tokens = max(0, int(estimated_tokens))
         start = self._clock.now()
+        if self._peers is not None:
+            self._peers.wake()
         if not self._queue:
             taken = self._try_take(tokens)
             if isinstance(taken, _Charge):
@@ -417,19 +449,24 @@ class RateLimiter:
             end = expiries[k + 1] if k + 1 < len(expiries) else math.inf
             kept = entries[k:]
             ready = start
-            if self._news and self._slow_start is not None and self._in_flight + 1 > self._slow_start + _EPS:
+            if (
+                self._news
+                and self._slow_start is not None
+                and not self.split
+                and self._in_flight + 1 > self._slow_start + _EPS
+            ):
                 return now + self.window_s  # slow start: calls in flight, one more per answer (woken by it)
             for bound, capacity, others, amount_of, this in dims:
                 need = tokens if this < 0 else this
                 own = sum(amount_of(e) for e in kept)
-                mine = min(self.share * capacity, bound)
+                mine = bound if self.split else min(self.share * capacity, bound)
                 if probe:  # our share aside: the room the server last showed, less one call per other instance
                     margin = PROBE_MARGIN * max(1, need) / max(self.share, MIN_SHARE)
                     if own + need > bound + _EPS * max(1.0, bound) or margin > PROBE_MAX_MARGIN * capacity:
                         return math.inf  # never past our bound; nor among so many others that the room is theirs
                     ready = max(ready, others.below(capacity - own - need - margin, self.window_s))
                     continue
-                if own > 0 and own + need > mine + self._dither * need + _EPS * max(1.0, mine):
+                if own > 0 and own + need > mine + self._partial_point() * need + _EPS * max(1.0, mine):
                     ready = math.inf
                     break
                 room_needed = min(own + need, mine) if own == 0 else own + need
@@ -443,7 +480,7 @@ class RateLimiter:
         now = self._clock.now()
         if now < self._paused_until:
             return self._paused_until - now
-        if self.enabled and not self._news and self._in_flight > 0:
+        if self.enabled and not self._news and self._in_flight > 0 and not self.split:
             return self.window_s  # slow start: woken by the first answer (settle or cancel), not by this timer
         if self.enabled:
             self._window.expire(now)
@@ -749,7 +786,8 @@ class RateLimiter:
             if not getattr(self, attr):
                 return None
             capacity = self._server_capacity(attr)
-            return min(self.share * capacity, self._bound(attr), capacity - others.now(now, self.window_s)) - own
+            mine = self._bound(attr) if self.split else min(self.share * capacity, self._bound(attr))
+            return min(mine, capacity - others.now(now, self.window_s)) - own
 
         return {
             "rpm": self.rpm,

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from .clock import Clock
     from .deployments import DeploymentBook
     from .limiter import RateLimiter
+    from .peers import PeerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -345,12 +346,14 @@ class ModelRouter:
         clock: Clock | None = None,
         client_factory: Callable[[ModelTarget, dict[str, list[Any]]], AsyncOpenAI] | None = None,
         book: DeploymentBook | None = None,
+        peers: PeerRegistry | None = None,
     ) -> None:
         from .breaker import BreakerBoard
         from .clock import MonotonicClock
         from .deployments import DeploymentBook
 
         self.settings = settings
+        self.peers = peers  # the busy instances counted in storage (shared/peers.py); None: not counted
         self.book: DeploymentBook = book or DeploymentBook(settings)
         self.clock = clock or MonotonicClock()
         self.breakers: BreakerBoard = BreakerBoard(
@@ -380,6 +383,7 @@ class ModelRouter:
                 window_s=s.vlm_rate_window_s,
                 slow_start=True,
                 split=s.vlm_rate_split,
+                peers=self.peers,
             )
         return self._limiters[target.label]
 
@@ -599,6 +603,8 @@ class ModelRouter:
             )
 
     async def close(self) -> None:
+        if self.peers is not None:
+            await self.peers.close()
         for client in self._clients.values():
             await client.close()
         self._clients.clear()

@@ -60,6 +60,9 @@ class StorageSettings:
     client_id: str | None = None
 
 
+RATE_PEERS = ("storage", "off")
+
+
 @dataclass(frozen=True)
 class Settings:
     vlm_endpoint: str
@@ -72,6 +75,9 @@ class Settings:
     vlm_tpm: int = 0
     vlm_rate_window_s: float = 60.0  # the limiter's burst: rate x window (Azure checks over 1-10 s windows)
     vlm_rate_split: int = 0  # N > 0: each instance paces to 1/N of the bound, fixed (shared/limiter.py); 0: adaptive
+    # "storage": count the busy instances in the app's storage account and pace each to 1/N (shared/peers.py);
+    # "off": the adaptive share alone. A VLM_RATE_SPLIT above 0 takes precedence (a pinned count needs no counting).
+    vlm_rate_peers: str = "storage"
     # The completion budget of a task no answer has been seen for yet (shared/reservations.py): a cut answer is
     # asked again at the caller's full budget. 0: reserve the caller's budget until answers are seen.
     vlm_budget_prior_tokens: int = 384
@@ -199,6 +205,7 @@ class Settings:
             vlm_tpm=r.integer("VLM_TPM", 0),
             vlm_rate_window_s=r.number("VLM_RATE_WINDOW_S", 60.0),
             vlm_rate_split=r.integer("VLM_RATE_SPLIT", 0),
+            vlm_rate_peers=r.choice("VLM_RATE_PEERS", RATE_PEERS, "storage"),
             vlm_budget_prior_tokens=r.integer("VLM_BUDGET_PRIOR_TOKENS", 384),
             vlm_timeout_s=r.number("VLM_TIMEOUT_S", 60.0),
             vlm_max_retries=r.integer("VLM_MAX_RETRIES", 3),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,6 +22,7 @@ class StoredBlob:
     data: bytes
     etag: str
     metadata: dict[str, str] = field(default_factory=dict)
+    last_modified: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 class FakeBlobService:
@@ -83,7 +85,12 @@ class FakeContainer:
             _, found = self._find("properties", blob)
             return SimpleNamespace(size=len(found.data), etag=found.etag, metadata=found.metadata)
 
-        return SimpleNamespace(get_blob_properties=get_blob_properties)
+        async def upload_blob(data: bytes, *, overwrite: bool = False, **_: Any) -> dict[str, Any]:
+            await self.upload_blob(blob, data, overwrite=overwrite)
+            stored = self.service.blobs[self.service.key(self.name, blob)]
+            return {"etag": stored.etag, "last_modified": stored.last_modified}  # what BlobClient.upload_blob returns
+
+        return SimpleNamespace(get_blob_properties=get_blob_properties, upload_blob=upload_blob)
 
     async def upload_blob(self, blob: str, data: bytes, *, overwrite: bool = False, **_: Any) -> None:
         self.service.calls.append(("upload", self.service.key(self.name, blob)))
@@ -97,7 +104,10 @@ class FakeContainer:
         prefix = f"{self.name}/{name_starts_with or ''}"
         for key in sorted(self.service.blobs):
             if key.startswith(prefix):
-                yield SimpleNamespace(name=key[len(self.name) + 1 :], etag=self.service.blobs[key].etag)
+                stored = self.service.blobs[key]
+                yield SimpleNamespace(
+                    name=key[len(self.name) + 1 :], etag=stored.etag, last_modified=stored.last_modified
+                )
 
     async def walk_blobs(self, name_starts_with: str = "", delimiter: str = "/"):
         seen: set[str] = set()
@@ -110,3 +120,38 @@ class FakeContainer:
                     yield SimpleNamespace(name=sub)
             else:
                 yield blob
+
+
+class MemoryPeerStore:
+    """shared.peers.PeerStore in memory, stamped by a (fake) clock as the storage service stamps `last_modified`.
+
+    `fail` makes every operation raise, as an unreachable account does."""
+
+    EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.beats: dict[str, datetime] = {}
+        self.fail = False
+        self.writes = 0
+
+    def _stamp(self) -> datetime:
+        return self.EPOCH + timedelta(seconds=self.clock.now())
+
+    def _check(self) -> None:
+        if self.fail:
+            raise OSError("storage unreachable")
+
+    async def beat(self, name: str) -> datetime:
+        self._check()
+        self.writes += 1
+        self.beats[name] = self._stamp()
+        return self.beats[name]
+
+    async def listing(self, prefix: str) -> list[tuple[str, datetime]]:
+        self._check()
+        return [(name, at) for name, at in self.beats.items() if name.startswith(prefix)]
+
+    async def remove(self, name: str) -> None:
+        self._check()
+        self.beats.pop(name, None)
