@@ -72,6 +72,13 @@ param vlmTpm int = 0
 @description('Split the quota evenly and fixed among this many instances (VLM_RATE_SPLIT): set it to maximumInstanceCount when the instance count is pinned and instances added under load must get their part at once; 0 = each instance learns its share from the service.')
 param vlmRateSplit int = 0
 
+@allowed([
+  'storage'
+  'off'
+])
+@description('How instances share the quota (VLM_RATE_PEERS): storage = each busy instance counts itself with a small blob in the cache container (one write and one list per 2-10 s) and paces to 1/N of the quota; off = each learns a share from the rate-limit headers alone. A vlmRateSplit above 0 takes precedence.')
+param vlmRatePeers string = 'storage'
+
 // ---- Monitoring ----
 
 @description('Action group resource id the alerts (sustained 429s, poison records) notify; empty: they show in the portal only.')
@@ -388,6 +395,7 @@ module functionApp 'modules/functionapp.bicep' = {
     vlmRpm: vlmRpm > 0 || !createOpenAi ? vlmRpm : openAiDeploymentCapacity * 6
     vlmTpm: vlmTpm > 0 || !createOpenAi ? vlmTpm : openAiDeploymentCapacity * 1000
     vlmRateSplit: vlmRateSplit
+    vlmRatePeers: vlmRatePeers
     imagesContainerName: imagesContainerName
     resultsContainerName: resultsContainerName
     cacheContainerName: cacheContainerName

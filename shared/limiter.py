@@ -2,8 +2,9 @@
 
 Why client-side: every 429 costs a round trip plus a retry delay, and concurrent calls that all hit
 429 retry together. Why adaptive: Flex Consumption runs 1 to hundreds of instances, none of which
-knows how many others share the quota, so no fixed per-instance figure is right. The limiter
-therefore paces like congestion control, from the service's own signals only:
+knows how many others share the quota, so no fixed per-instance figure is right. By default the
+instances count themselves in storage (the counted split below); without a count the limiter paces
+like congestion control, from the service's own signals only:
 
 - **Windows, as Azure counts.** Our own admissions are kept for `window_s` (a sliding log of
   charges, settled to what the quota charged), counted from when each request left (the router's
@@ -47,6 +48,14 @@ therefore paces like congestion control, from the service's own signals only:
 - `VLM_RPM` / `VLM_TPM` are the upper bound for one instance (set them to the deployment's
   quota), not a divisor. 0 disables a dimension until the server names its limit in
   `x-ratelimit-limit-requests|tokens`, which is then used as the bound.
+- **Counted split** (`peers`, `VLM_RATE_PEERS=storage`, the default): the busy instances count themselves
+  in the app's storage account (shared/peers.py). Once a count N is read, the limiter paces as the fixed
+  split below with that N, and wakes a waiting call when N changes; the last, partial call of each part
+  goes by rank (rank / N, not a draw), so of N partial calls of fraction f, floor(N x f) go in a window.
+  Until the first count (a second after start) and whenever storage never answered, the adaptive share
+  above paces. Why: the headers carry no N, and the adaptive share keeps whatever split the instances
+  settle on; at 10 s windows a random draw per instance sent a binomial number of partial calls, over
+  the quota about half the time (docs/throughput.md, session 9).
 - **Fixed split** (`split` = N, `VLM_RATE_SPLIT`), opt-in for apps whose instance count is pinned: each
   instance paces to its bound / N, fixed. No slow start, no share, no probe; the remaining-headers still
   keep it out of a window the others have filled, and a 429 pauses it without a cut. The proportional
@@ -337,7 +346,16 @@ class RateLimiter:
         self._total_wait_s = 0.0
         self._max_wait_s = 0.0
         if peers is not None:
-            peers.watch(lambda: bool(self._queue) or self._in_flight > 0, self._wake_head)
+            peers.watch(self._holds_quota, self._wake_head)
+
+    def _holds_quota(self) -> bool:
+        """Calls waiting or in flight, or charges still in our window: our part of the quota is in use, so we
+        stay counted. Leaving with charges in the window let the others take our part while the service still
+        counted it (simulated at 10 s: 2-3% 429s at the end of each run, 0% when counted until they left)."""
+        if self._queue or self._in_flight:
+            return True
+        self._window.expire(self._clock.now())
+        return bool(self._window.entries)
 
     @property
     def split(self) -> int:

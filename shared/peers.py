@@ -7,11 +7,13 @@ others' part of the window stands empty. With the count N and its rank r among t
 each instance paces to 1/N of the quota, and the last, partial call of each share goes to a fixed
 part of them (`shared/limiter.py`), so N partial calls do not round up together into a 429.
 
-How: while an instance has model calls waiting or in flight, it writes an empty blob
+How: while an instance has model calls waiting or in flight, or charges still in its limiter's window,
+it writes an empty blob
 `peers/<instance id>` every `period_s` and lists the prefix. The blobs the storage service stamped
 within `ttl_s` of our own write (its clock, not ours) are the live instances; our rank is our place
-among their names. An instance with nothing to do for a whole period deletes its blob, so the ones
-still busy take its part at their next listing; one that stops without a word (a crash, a recycled
+among their names. An instance with nothing to do and nothing left in its window for a whole period
+deletes its blob, so the ones still busy take its part at their next listing (not sooner: the service
+still counts its charges until they leave); one that stops without a word (a crash, a recycled
 host) drops out after `ttl_s`. A storage fault keeps the last count: the
 remaining-headers and 429s still hold the limiter back, and a count that was never read leaves the
 adaptive share in charge. The cost is one write and one list per instance and period while busy.
@@ -116,7 +118,8 @@ class PeerRegistry:
         self._last_busy = -math.inf  # the last time a call wanted quota or a watched limiter was busy
 
     def watch(self, busy: Callable[[], bool], changed: Callable[[], None]) -> None:
-        """A limiter: its calls waiting or in flight (`busy`) keep this instance counted, and `changed` is called
+        """A limiter: its calls waiting or in flight, or charges still in its window (`busy`) keep this instance
+        counted, and `changed` is called
         when the count or our rank moves (a call parked until its own charges leave may go sooner)."""
         self._watchers.append((busy, changed))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.limiter_sim import DESIGNS, EQUAL_SPLIT, FIXED_SPLIT, SPLITS, _constants, simulate, simulate_join
+from bench.limiter_sim import COUNTED, DESIGNS, EQUAL_SPLIT, FIXED_SPLIT, SPLITS, _constants, simulate, simulate_join
 from shared import limiter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ async def test_following_fresh_readings_and_the_probe_keep_a_60_s_run_in_its_thr
         assert spills(without) > spills(ours) and mean(without) > mean(ours) + 0.05, design
 
 
-@pytest.mark.parametrize("split", [EQUAL_SPLIT, FIXED_SPLIT])
+@pytest.mark.parametrize("split", [EQUAL_SPLIT, FIXED_SPLIT, COUNTED])
 async def test_an_equal_split_keeps_the_60_s_run_in_its_three_windows(split: str) -> None:
     """The reference an operator who knew N would set (quota / N each, nothing read from the answers but
     the limit and retry-after), and the limiter's own fixed split (VLM_RATE_SPLIT = N): at the bench's load
@@ -58,10 +58,20 @@ async def test_an_equal_split_keeps_the_60_s_run_in_its_three_windows(split: str
 async def test_the_join_scenario_counts_what_each_group_sends() -> None:
     """Instances that join after a few windows: the equal split gives them what it gives the others, so the
     measurement can tell a fair design from an unfair one (ours, today: docs/throughput.md, session 8)."""
-    for design in (EQUAL_SPLIT, FIXED_SPLIT):
+    for design in (EQUAL_SPLIT, FIXED_SPLIT, COUNTED):
         split = await simulate_join(4, 2, 60.0, seed=1, split=design)
         assert split["jain_index"] > 0.95, design
         assert split["joiners_calls_per_window"] > 0.8 * split["incumbents_calls_per_window"] > 0, design
+
+
+async def test_counted_instances_keep_the_10_s_run_under_the_429_bar_where_a_draw_each_does_not() -> None:
+    """At a 10 s window each of 8 instances holds 2.7 calls: with the partial call by rank (the counted split),
+    no window is overfilled; the fixed split, told the same N but drawing each partial call, draws 429s."""
+    counted = [await simulate(8, 10.0, 300, seed, split=COUNTED) for seed in range(3)]
+    drawn = [await simulate(8, 10.0, 300, seed, split=FIXED_SPLIT) for seed in range(3)]
+    assert all(run["calls_429_share"] < 0.005 for run in counted)
+    assert min(run["calls_429_share"] for run in drawn) > 0.01
+    assert all(run["elapsed_over_fastest"] < 1.2 for run in counted)
 
 
 def test_the_overrides_are_put_back() -> None:

@@ -79,6 +79,22 @@ def test_the_fixed_split_design_gives_each_worker_the_whole_quota_and_the_split(
     assert worker_settings(WorkerConfig("ours", "blob", "http://x/v1", 180, 30_000, 60, 4, 10)).vlm_rate_split == 0
 
 
+def test_ours_counts_its_instances_in_the_shared_storage_and_the_other_designs_do_not():
+    """ours: VLM_RATE_PEERS=storage against the storage the run shares (the bench's Azurite), a container per
+    run; ours-adaptive and the splits: off, as their names say."""
+    from bench.multi import ADAPTIVE, COUNTED
+    from bench.worker import WorkerConfig, worker_settings
+
+    conn = "DefaultEndpointsProtocol=http;AccountName=a;AccountKey=a2V5;BlobEndpoint=http://127.0.0.1:1/a;"
+    ours = worker_settings(WorkerConfig("ours", "blob", "http://x/v1", 180, 30_000, 60, 4, 10, 0, conn, "peers-1"))
+    assert (ours.vlm_rate_peers, ours.cache_container, ours.storage.connection_string) == ("storage", "peers-1", conn)
+    for design in (ADAPTIVE, "ours-static-split"):
+        assert design not in COUNTED
+        assert (
+            worker_settings(WorkerConfig(design, "blob", "http://x/v1", 180, 30_000, 60, 4, 10)).vlm_rate_peers == "off"
+        )
+
+
 def test_fastest_possible_counts_a_window_per_windows_worth_of_charges():
     from bench.multi import PathRun, Quota
 

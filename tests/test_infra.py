@@ -1016,6 +1016,20 @@ def test_the_limiter_is_given_the_created_deployments_quota_unless_told_otherwis
     assert {"VLM_TPM", "VLM_RPM", "VLM_RATE_SPLIT"} <= set(app_settings())
 
 
+def test_the_instance_count_is_on_by_default_and_kept_in_the_cache_container():
+    """VLM_RATE_PEERS: the template's default is the code's, azd can turn it off, and its beats go to the cache
+    container the app already writes (Storage Blob Data Contributor) and the lifecycle rule already ages."""
+    from shared.settings import RATE_PEERS, Settings
+
+    app_module = next(b for _, source, b in modules(MAIN) if source.endswith("functionapp.bicep"))
+    assert text(get(app_module, "params.vlmRatePeers")) == "vlmRatePeers"
+    assert text(app_settings()["VLM_RATE_PEERS"].value) == "vlmRatePeers"
+    assert param_default(MAIN, "vlmRatePeers") == Settings.vlm_rate_peers == "storage"
+    assert azd_default("vlmRatePeers") == "storage" and "VLM_RATE_PEERS" in settings_reads()
+    allowed = re.search(r"@allowed\(\[([^\]]*)\]\)\s*@description\([^\n]*\)\s*param vlmRatePeers", MAIN.read_text())
+    assert allowed is not None and set(re.findall(r"'(\w+)'", allowed.group(1))) == set(RATE_PEERS)
+
+
 def test_vlm_model_and_fallback_model_are_wired_from_the_parameters():
     settings = app_settings()
     assert text(settings["VLM_MODEL"].value) == "vlmModel"

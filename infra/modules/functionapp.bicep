@@ -46,6 +46,7 @@ param batchCollectSchedule string = '30 */5 * * * *'
 param vlmRpm int = 0
 param vlmTpm int = 0
 param vlmRateSplit int = 0
+param vlmRatePeers string = 'storage'
 
 param imagesContainerName string
 param resultsContainerName string
@@ -92,6 +93,7 @@ var baseAppSettings = {
   VLM_RPM: string(vlmRpm)
   VLM_TPM: string(vlmTpm)
   VLM_RATE_SPLIT: string(vlmRateSplit)
+  VLM_RATE_PEERS: vlmRatePeers
   // The timer functions' schedules (%BATCH_SUBMIT_SCHEDULE% in their function.json): always set,
   // so the host indexes them; with no VLM_BATCH_DEPLOYMENT they find nothing to do.
   BATCH_SUBMIT_SCHEDULE: batchSubmitSchedule
