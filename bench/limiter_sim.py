@@ -18,7 +18,7 @@ and the simulation spilled into a fourth window in 1 run of 10 at 8 instances wh
 runs; at 232 it spills in 15 of 50, which is how near the bench's 60 s run is to its bar. 180 RPM.
 
 Designs, side by side on the same seeds:
-- `ours`: the limiter as it is;
+- `ours`: the limiter as it is without the count (`VLM_RATE_PEERS=off`: the adaptive share);
 - `no-follow`: the same without following fresh readings (FOLLOW_FRESH = 0: the share drops to a
   lower reading at once and rises by RISE of the gap, as at a 10 s window);
 - `no-probe`: the same with the idle probe switched off (PROBE_WAIT = inf);
@@ -27,6 +27,10 @@ Designs, side by side on the same seeds:
 - `static-split`: the limiter with its bound at quota / N (`VLM_TPM` / `VLM_RPM` divided, the bench's
   `ours-static-split`);
 - `fixed-split`: the limiter's fixed split (`VLM_RATE_SPLIT` = N: quota / N each, no share learned);
+- `counted`: the limiter with `VLM_RATE_PEERS=storage`, the default: each instance's `PeerRegistry`
+  (shared/peers.py) beats and lists in one in-memory store stamped by the virtual clock, so the count
+  comes with its real delays (the first listing a second after start, a period between listings, an
+  idle instance leaving once its charges have left), and the partial call goes by rank;
 - `equal-split`, a reference rather than a rule: each instance paces to exactly quota / N and reads
   nothing from the answers but the server's limit and retry-after, the split an operator who knew N
   would set. Where ours falls short of it, the shares cost the time, not the window accounting

@@ -213,7 +213,8 @@ def describe_time(r: PathRun, q: Quota, instances: int) -> str:
                 shown.append(f"{at:g} s {share:.3f} {waiting}/{in_flight}/{probes}")
                 next_at = at + step
         lines.append(
-            f"  the last instance ({last['index']}), its last window: seconds, share, calls waiting/in flight/probes "
+            f"  the last instance ({last['index']}), its last window: seconds, part of the quota, calls waiting/in "
+            "flight/probes "
             "so far: " + "; ".join(shown)
         )
     return "\n".join(lines)
@@ -342,40 +343,28 @@ def run(
                 )
             )
             peers = azurite.connection_string
-        runs = _run_all(url, admin, instances, per_instance, images, quota, designs, paths, peers)
+        runs: list[PathRun] = []
+        for design in designs:
+            for path in paths:
+                print(
+                    f"running {design}, {path} path, {instances} instances x {per_instance} in flight ...", flush=True
+                )
+                r = run_path(url, admin, design, path, instances, per_instance, images, quota, peers)
+                runs.append(r)
+                fails = ", ".join(f"{k} {v}" for k, v in sorted(r.failures.items()))
+                print(
+                    f"  {r.done}/{r.images} done, {r.failed} failed{f' ({fails})' if fails else ''} in {r.elapsed_s:.1f} s; "
+                    f"{r.throttled} 429s of {r.requests} calls",
+                    flush=True,
+                )
+                print(describe_time(r, quota, instances), flush=True)
     return _document(runs, instances, per_instance, images, quota, designs)
-
-
-def _run_all(
-    url: str,
-    admin: Any,
-    instances: int,
-    per_instance: int,
-    images: int,
-    quota: Quota,
-    designs: tuple[str, ...],
-    paths: tuple[str, ...],
-    peers: str,
-) -> list[PathRun]:
-    runs: list[PathRun] = []
-    for design in designs:
-        for path in paths:
-            print(f"running {design}, {path} path, {instances} instances x {per_instance} in flight ...", flush=True)
-            r = run_path(url, admin, design, path, instances, per_instance, images, quota, peers)
-            runs.append(r)
-            fails = ", ".join(f"{k} {v}" for k, v in sorted(r.failures.items()))
-            print(
-                f"  {r.done}/{r.images} done, {r.failed} failed{f' ({fails})' if fails else ''} in {r.elapsed_s:.1f} s; "
-                f"{r.throttled} 429s of {r.requests} calls",
-                flush=True,
-            )
-            print(describe_time(r, quota, instances), flush=True)
-    return runs
 
 
 def _document(
     runs: list[PathRun], instances: int, per_instance: int, images: int, quota: Quota, designs: tuple[str, ...]
 ) -> dict[str, Any]:
+    """Print the table of every run; the JSON document of every design's figures (over both paths, and per path)."""
     print()
     print(table(runs, quota))
     print()

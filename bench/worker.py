@@ -61,7 +61,8 @@ class WorkerReport:
     last_settled_s: float = 0.0  # from the common start to this instance's last settled item
     latency_s: float | None = None  # the limiter's running mean from admission to answer (ours only)
     probes: int = 0  # calls its limiter sent as idle probes
-    # (seconds from the common start, share, calls waiting, calls in flight, probes so far), once a second (ours)
+    # (seconds from the common start, part of the quota it paces to, calls waiting, calls in flight, probes so far),
+    # once a second (ours); the part is 1 / split under a split, else the learned share
     trace: list[tuple[float, float, int, int, int]] = field(default_factory=list)
 
 
@@ -259,7 +260,8 @@ async def _serve(
             s = limiter.stats()
             report.split_max = max(report.split_max, int(s["split"]))
             at = round(time.perf_counter() - started, 1)
-            report.trace.append((at, round(s["share"], 4), s["waiting"], s["in_flight"], s["probes"]))
+            part = 1 / s["split"] if s["split"] else s["share"]
+            report.trace.append((at, round(part, 4), s["waiting"], s["in_flight"], s["probes"]))
             await asyncio.sleep(TRACE_S)
 
     tasks = [lane() for _ in range(cfg.concurrency)] + ([sample()] if worker.app is not None else [])

@@ -118,9 +118,8 @@ class PeerRegistry:
         self._last_busy = -math.inf  # the last time a call wanted quota or a watched limiter was busy
 
     def watch(self, busy: Callable[[], bool], changed: Callable[[], None]) -> None:
-        """A limiter: its calls waiting or in flight, or charges still in its window (`busy`) keep this instance
-        counted, and `changed` is called
-        when the count or our rank moves (a call parked until its own charges leave may go sooner)."""
+        """A limiter: its calls waiting or in flight, or charges still in its window (`busy`), keep this instance
+        counted; `changed` is called when the count or our rank moves (a parked call may go sooner)."""
         self._watchers.append((busy, changed))
 
     def wake(self) -> None:
@@ -133,8 +132,9 @@ class PeerRegistry:
         return any(busy() for busy, _ in self._watchers)
 
     async def _beat(self) -> None:
-        """Write and list every period while busy; once idle for a whole period, leave the count at once (delete
-        our blob: at the end of a batch the instances still busy take our part within their next period).
+        """Write and list every period while busy; once not busy for a whole period (nothing waiting, in flight or
+        left in our window), leave the count at once by deleting our blob: the instances still busy take our
+        part at their next listing.
 
         The first listing waits FIRST_LIST_S after our first write: instances that start together (a scale-out,
         a drop into an idle app) would otherwise each count only the ones that wrote before them, and the first
@@ -144,7 +144,7 @@ class PeerRegistry:
                 await self._store.beat(self.name)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception:  # the first refresh() below writes again, and counts and logs a fault
                 pass
             await self._clock.sleep(min(FIRST_LIST_S, self.period_s))
         while True:
@@ -183,7 +183,7 @@ class PeerRegistry:
         try:
             await self._store.remove(name)
         except Exception as err:
-            log.info("stale instance blob %s not removed (%s)", name, type(err).__name__)
+            log.info("instance blob %s not removed (%s); it ages out", name, type(err).__name__)
 
     async def close(self) -> None:
         """Stop beating and leave the count at once (best effort: otherwise we age out after a ttl)."""
