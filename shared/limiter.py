@@ -477,7 +477,9 @@ class RateLimiter:
             for bound, capacity, others, amount_of, this in dims:
                 need = tokens if this < 0 else this
                 own = sum(amount_of(e) for e in kept)
-                mine = bound if self.split else min(self.share * capacity, bound)
+                # a split: 1/N of the bound, and never above 1/N of the server's window (a bound set above the limit
+                # the server names would otherwise ask for room the window cannot hold, and wait for ever)
+                mine = min(bound, capacity / self.split) if self.split else min(self.share * capacity, bound)
                 if probe:  # our share aside: the room the server last showed, less one call per other instance
                     margin = PROBE_MARGIN * max(1, need) / max(self.share, MIN_SHARE)
                     if own + need > bound + _EPS * max(1.0, bound) or margin > PROBE_MAX_MARGIN * capacity:
@@ -804,7 +806,8 @@ class RateLimiter:
             if not getattr(self, attr):
                 return None
             capacity = self._server_capacity(attr)
-            mine = self._bound(attr) if self.split else min(self.share * capacity, self._bound(attr))
+            bound = self._bound(attr)
+            mine = min(bound, capacity / self.split) if self.split else min(self.share * capacity, bound)
             return min(mine, capacity - others.now(now, self.window_s)) - own
 
         return {

@@ -417,6 +417,26 @@ async def test_a_fixed_split_paces_to_its_part_of_the_bound_from_the_first_call(
     over.cancel()
 
 
+@pytest.mark.parametrize("split", [1, 4])
+async def test_a_split_whose_bound_is_above_the_limit_the_server_names_paces_to_that_limit(split: int) -> None:
+    """VLM_RPM set to four times what the server names (a stale or wrong setting): the split takes 1/N of the
+    server's window, not of the bound. Taking 1/N of the bound asked for more room than the window holds, and
+    the call waited for ever (the local throttle stack stalled after its first calls)."""
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=240, tpm=0, clock=clock, window_s=1.0, split=split)  # 4 requests a 1 s window
+    # the server's window holds half a call: each instance sends one whenever its own window is empty
+    limiter.observe_headers({"x-ratelimit-limit-requests": "30", "x-ratelimit-remaining-requests": "30"})
+
+    async def calls() -> float:
+        for _ in range(3):
+            await limiter.acquire(0)
+        return clock.now()
+
+    done_at = await asyncio.wait_for(clock.run(calls()), 5)
+    assert done_at == pytest.approx(2 * limiter._window.hold_s, rel=0.01)  # one call a window
+    assert limiter.stats()["available_requests"] <= 0.5 / split
+
+
 async def test_a_fixed_split_keeps_out_of_a_window_the_others_filled_and_a_429_only_pauses_it() -> None:
     clock = FakeClock()
     limiter = RateLimiter(rpm=0, tpm=6000, clock=clock, split=4)
