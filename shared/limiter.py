@@ -383,6 +383,13 @@ class RateLimiter:
         over the split when there is one."""
         return getattr(self, attr) * self.window_s / 60.0 / max(1, self.split)
 
+    def _part(self, bound: float, capacity: float) -> float:
+        """What our window may hold in one dimension. Under a split: 1/N of the bound, never above 1/N of the
+        server's window (a bound set above the limit the server names asked for room the window cannot hold,
+        and waited for ever). Else our share of the server's window, never above the bound."""
+        split = self.split
+        return min(bound, capacity / split) if split else min(self.share * capacity, bound)
+
     def _dims(self) -> list[tuple[float, float, _Others, Callable[[_Charge], int], int]]:
         """Per dimension: (our bound's window capacity, the server's, the others' charge, a charge's amount, the
         amount of this call). A bound below the server's limit (VLM_TPM set to a part of the quota, or a split)
@@ -477,9 +484,7 @@ class RateLimiter:
             for bound, capacity, others, amount_of, this in dims:
                 need = tokens if this < 0 else this
                 own = sum(amount_of(e) for e in kept)
-                # a split: 1/N of the bound, and never above 1/N of the server's window (a bound set above the limit
-                # the server names would otherwise ask for room the window cannot hold, and wait for ever)
-                mine = min(bound, capacity / self.split) if self.split else min(self.share * capacity, bound)
+                mine = self._part(bound, capacity)
                 if probe:  # our share aside: the room the server last showed, less one call per other instance
                     margin = PROBE_MARGIN * max(1, need) / max(self.share, MIN_SHARE)
                     if own + need > bound + _EPS * max(1.0, bound) or margin > PROBE_MAX_MARGIN * capacity:
@@ -806,9 +811,7 @@ class RateLimiter:
             if not getattr(self, attr):
                 return None
             capacity = self._server_capacity(attr)
-            bound = self._bound(attr)
-            mine = min(bound, capacity / self.split) if self.split else min(self.share * capacity, bound)
-            return min(mine, capacity - others.now(now, self.window_s)) - own
+            return min(self._part(self._bound(attr), capacity), capacity - others.now(now, self.window_s)) - own
 
         return {
             "rpm": self.rpm,
